@@ -1,0 +1,65 @@
+"""Errors hotspare raises on purpose.
+
+Every expected fault is a :class:`HotspareError`: its message names the object (a store key,
+a file, a machine) and the reason, and the CLI prints it in one line without a traceback.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class HotspareError(Exception):
+    """An expected fault, reported to the user as one clear line."""
+
+
+class UsageError(HotspareError):
+    """A bad argument or configuration given by the user."""
+
+
+class StoreError(HotspareError):
+    """A store operation failed. ``transient`` says whether retrying may help."""
+
+    transient = False
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")
+
+
+class TransientStoreError(StoreError):
+    """Throttling, a timeout, a 5xx: the same call may succeed later."""
+
+    transient = True
+
+
+class NotFound(StoreError):
+    def __init__(self, key: str, reason: str = "no such object") -> None:
+        super().__init__(key, reason)
+
+
+class AlreadyExists(StoreError):
+    """A create-only write found the key taken (another writer won the race)."""
+
+    def __init__(self, key: str, reason: str = "already exists (create-only write refused)") -> None:
+        super().__init__(key, reason)
+
+
+class InvalidLog(HotspareError):
+    """An extent log that breaks a rule of the format; it goes to quarantine."""
+
+    def __init__(self, key: str, reason: str, row: int | None = None) -> None:
+        self.key = key
+        self.reason = reason
+        self.row = row
+        where = f" row {row}" if row is not None else ""
+        super().__init__(f"{key}{where}: {reason}")
+
+
+class InvalidObject(HotspareError):
+    """A catalog, machine or state file in the store that does not parse or validate."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")

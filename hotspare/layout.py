@@ -1,0 +1,101 @@
+"""Object keys of the store, exactly as DESIGN.md lays them out.
+
+Numbers in keys are zero-padded to 20 digits so that a lexical listing is numeric order.
+"""
+
+from __future__ import annotations
+
+import re
+
+PAD = 20
+QUARANTINE = "quarantine/"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Machine and disk names become key segments: keep them plain."""
+    if not _NAME.match(name):
+        from hotspare.errors import UsageError
+
+        raise UsageError(
+            f"{kind} name {name!r} is invalid: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def num(n: int) -> str:
+    return f"{n:0{PAD}d}"
+
+
+def machine_prefix(machine: str) -> str:
+    return f"machines/{machine}/"
+
+
+def machine_key(machine: str) -> str:
+    return f"machines/{machine}/machine.json"
+
+
+def heartbeat_key(machine: str) -> str:
+    return f"machines/{machine}/heartbeat.json"
+
+
+def state_prefix(machine: str) -> str:
+    return f"machines/{machine}/state/"
+
+
+def state_key(machine: str, version: int) -> str:
+    return f"{state_prefix(machine)}{num(version)}.json"
+
+
+def disk_prefix(machine: str, disk: str) -> str:
+    return f"machines/{machine}/disks/{disk}/"
+
+
+def logs_prefix(machine: str, disk: str, epoch: int) -> str:
+    return f"{disk_prefix(machine, disk)}epochs/{num(epoch)}/logs/"
+
+
+def log_key(machine: str, disk: str, epoch: int, first_seq: int, last_seq: int) -> str:
+    return f"{logs_prefix(machine, disk, epoch)}{num(first_seq)}-{num(last_seq)}.parquet"
+
+
+_LOG_NAME = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
+
+
+def parse_log_name(key: str) -> tuple[int, int] | None:
+    """(first_seq, last_seq) from a log key, or None when the name is not a log's."""
+    m = _LOG_NAME.match(key.rsplit("/", 1)[-1])
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def catalog_prefix(machine: str, disk: str) -> str:
+    return f"{disk_prefix(machine, disk)}catalog/"
+
+
+def catalog_key(machine: str, disk: str, version: int) -> str:
+    return f"{catalog_prefix(machine, disk)}{num(version)}.json"
+
+
+def vhd_prefix(machine: str, disk: str) -> str:
+    return f"{disk_prefix(machine, disk)}vhd/"
+
+
+def vhd_key(machine: str, disk: str, name: str) -> str:
+    return f"{vhd_prefix(machine, disk)}{name}.vhd"
+
+
+def quarantine_key(key: str) -> str:
+    return QUARANTINE + key
+
+
+def quarantine_reason_key(key: str) -> str:
+    return QUARANTINE + key + ".reason.json"
+
+
+def version_of(key: str) -> int | None:
+    """The version number of a ``<version>.json`` key (catalog, state), or None."""
+    name = key.rsplit("/", 1)[-1]
+    if len(name) == PAD + 5 and name.endswith(".json") and name[:PAD].isdigit():
+        return int(name[:PAD])
+    return None

@@ -1,0 +1,158 @@
+"""The store interface: one small set of operations, two backends (local directory, S3).
+
+Terms:
+- key: a ``/``-separated object name under the store's root, never starting with ``/``
+  and never containing ``.`` or ``..`` segments.
+- create-only put: succeeds only if the key does not exist (S3 ``If-None-Match: *``,
+  local ``link``); the loser of a race gets :class:`~hotspare.errors.AlreadyExists`.
+- compose: build a new object from byte ranges of existing objects plus new bytes,
+  without moving the copied bytes through this process where the backend can avoid it
+  (S3 multipart upload with ``UploadPartCopy``).
+"""
+
+from __future__ import annotations
+
+import io
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from hotspare.errors import StoreError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class CopyRange:
+    """``length`` bytes of object ``key`` starting at ``offset``, copied into a compose."""
+
+    key: str
+    offset: int
+    length: int
+
+
+# A compose is a sequence of segments, written one after the other.
+Segment = CopyRange | bytes | memoryview
+
+
+def check_key(key: str) -> str:
+    if (
+        not key
+        or key.startswith("/")
+        or key.endswith("/")
+        or "\\" in key
+        or any(part in ("", ".", "..") for part in key.split("/"))
+    ):
+        raise StoreError(key or "<empty key>", "invalid key")
+    return key
+
+
+class Store(ABC):
+    """An object store rooted at :attr:`url`."""
+
+    url: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
+        """Write a whole object atomically (readers see the old or the new, never a mix)."""
+
+    @abstractmethod
+    def put_file(self, key: str, path: str, *, create_only: bool = False) -> None:
+        """Upload a local file as one object, streaming; atomic like :meth:`put`."""
+
+    @abstractmethod
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer only at the object's end)."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The whole object. Use for small objects (catalogs, JSON) only."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes; raises NotFound."""
+
+    @abstractmethod
+    def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, in lexical key order, paginated lazily."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; removing a missing one is not an error."""
+
+    @abstractmethod
+    def compose(self, key: str, segments: Sequence[Segment], *, create_only: bool = False) -> int:
+        """Write ``key`` as the concatenation of ``segments``; returns the bytes uploaded
+        (new bytes plus any copied bytes the backend had to move through this process)."""
+
+    def download(self, key: str, path: str, *, chunk: int = 64 << 20) -> int:
+        """Stream an object into a local file; returns its size."""
+        total = self.size(key)
+        with open(path, "wb") as out:
+            offset = 0
+            while offset < total:
+                data = self.get_range(key, offset, min(chunk, total - offset))
+                if not data:
+                    raise StoreError(key, f"object ended at {offset} bytes, expected {total}")
+                out.write(data)
+                offset += len(data)
+        return total
+
+    def exists(self, key: str) -> bool:
+        from hotspare.errors import NotFound
+
+        try:
+            self.size(key)
+        except NotFound:
+            return False
+        return True
+
+    def open(self, key: str, *, buffer_size: int = 8 << 20) -> BinaryIO:
+        """A seekable, read-only file over the object; reads become ranged gets, so
+        reading a Parquet footer never downloads the whole object."""
+        return io.BufferedReader(_RangeReader(self, key), buffer_size=buffer_size)  # type: ignore[arg-type]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+class _RangeReader(io.RawIOBase):
+    def __init__(self, store: Store, key: str) -> None:
+        self._store = store
+        self._key = key
+        self._size = store.size(key)
+        self._pos = 0
+
+    @property
+    def name(self) -> str:
+        return self._key
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        n = min(len(buf), self._size - self._pos)
+        if n <= 0:
+            return 0
+        data = self._store.get_range(self._key, self._pos, n)
+        if len(data) != n:
+            raise StoreError(self._key, f"short read at {self._pos}: got {len(data)} of {n} bytes")
+        buf[:n] = data
+        self._pos += n
+        return n

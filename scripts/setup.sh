@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything hotspare and its tests need on a fresh Debian machine, idempotently:
+# system tools with apt-get where missing, then a virtualenv in .venv with the project.
+# Fast when everything is already there (one dpkg query, one pip check).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages and the command each one gives us (a package is installed only when its
+# command is missing, so a second run costs nothing).
+declare -A need=(
+  [qemu-img]=qemu-utils
+  [qemu-io]=qemu-utils
+  [qemu-system-x86_64]=qemu-system-x86
+  [xxhsum]=xxhash
+  [vhdiinfo]=libvhdi-utils
+)
+missing=()
+for cmd in "${!need[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+done
+/usr/bin/python3 -c 'import pyvhdi' 2>/dev/null || missing+=(python3-libvhdi)
+if [ ${#missing[@]} -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "setup: apt-get install ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_=sudo
+  $sudo_ apt-get update -qq
+  $sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$py" -m venv .venv
+fi
+stamp=.venv/.hotspare-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: pip install -e .[test]" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi

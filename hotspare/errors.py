@@ -52,8 +52,8 @@ class InvalidLog(HotspareError):
         self.key = key
         self.reason = reason
         self.row = row
-        where = f" row {row}" if row is not None else ""
-        super().__init__(f"{key}{where}: {reason}")
+        self.detail = f"row {row}: {reason}" if row is not None else reason
+        super().__init__(f"{key}: {self.detail}")
 
 
 class InvalidObject(HotspareError):

@@ -1,0 +1,1 @@
+"""Prefect flows, one per file: ingest, consolidate, failover, failback."""

@@ -1,0 +1,106 @@
+"""The ingest flow: accept the new extent logs of every disk of a machine.
+
+Validation runs as mapped tasks (concurrency from the task runner, retries on store I/O);
+bad logs go to quarantine; each disk's next catalog version is committed create-only, and
+a lost race re-plans from the winner's catalog.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_table_artifact
+
+from hotspare import ingest as engine
+from hotspare.catalog import load_catalog
+from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.machine import DiskSpec, load_machine
+from hotspare.store import Store
+from tasks.common import resolve_store
+from tasks.ingest import commit, quarantine_log, validate_log
+
+MAX_RACES = 8
+
+
+class Outcome(BaseModel):
+    key: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.detail}"
+
+
+class DiskIngest(BaseModel):
+    disk: str
+    catalog_version: int
+    applied_seq: int
+    accepted: list[Outcome] = []
+    accepted_bytes: int = 0
+    rejected: list[Outcome] = []
+    waiting: list[Outcome] = []
+    resync_from: int | None = None
+
+
+class IngestResult(BaseModel):
+    machine: str
+    disks: list[DiskIngest]
+
+    @property
+    def rejected(self) -> list[Outcome]:
+        return [r for d in self.disks for r in d.rejected]
+
+
+def ingest_disk(store: Store, machine: str, disk: DiskSpec) -> DiskIngest:
+    logger = get_run_logger()
+    rejected: list[tuple[str, str]] = []  # carried across lost races: those logs are gone
+    for _ in range(MAX_RACES):
+        catalog = load_catalog(store, machine, disk.name, disk.size)
+        pending = engine.list_pending(store, machine, disk.name, catalog)
+        futures = validate_log.map(unmapped(store), [o.key for o in pending], unmapped(machine), unmapped(disk))
+        results = [f.result() for f in futures]
+        p = engine.plan(catalog, results)
+        for key, reason in p.rejected:
+            quarantine_log(store, key, reason)
+            rejected.append((key, reason))
+        p.rejected = rejected
+        applied = catalog.applied_seq(catalog.epoch)
+        for info in p.accepted:
+            if info.meta.epoch == catalog.epoch:
+                applied = info.meta.last_seq
+        resync = engine.hole_start(store, machine, disk.name, catalog.epoch, applied)
+        nxt = engine.next_catalog(catalog, p, resync)
+        if nxt is not None:
+            try:
+                commit(store, nxt)
+            except AlreadyExists:
+                logger.info("catalog v%d of %s was committed by another ingest; re-planning", nxt.version, disk.name)
+                continue
+            catalog = nxt
+        if resync is not None:
+            logger.warning("disk %s: a rejected log left a hole after seq %d; the agent will resync", disk.name, resync - 1)
+        for key, why in p.waiting:
+            logger.info("waiting: %s (%s)", key, why)
+        return DiskIngest(disk=disk.name, catalog_version=catalog.version, applied_seq=catalog.applied_seq(catalog.epoch),
+                          accepted=[Outcome(key=i.key) for i in p.accepted],
+                          accepted_bytes=sum(i.data_bytes for i in p.accepted),
+                          rejected=[Outcome(key=k, detail=r) for k, r in rejected],
+                          waiting=[Outcome(key=k, detail=w) for k, w in p.waiting], resync_from=resync)
+    raise HotspareError(f"ingest of {machine}/{disk.name} lost {MAX_RACES} commit races in a row; another ingest is busy")
+
+
+@flow(name="ingest", flow_run_name="ingest {machine}")
+def ingest(machine: str, store: str | None = None, store_block: str | None = None) -> IngestResult:
+    """Validate and accept the new extent logs of ``machine``; quarantine the bad ones."""
+    st = resolve_store(store, store_block)
+    cfg = load_machine(st, machine)
+    result = IngestResult(machine=machine, disks=[ingest_disk(st, machine, d) for d in cfg.disks])
+    rows = [{"disk": d.disk, "log": o.key.rsplit("/", 1)[-1], "outcome": outcome, "detail": o.detail}
+            for d in result.disks
+            for outcome, items in (("accepted", d.accepted), ("rejected", d.rejected), ("waiting", d.waiting))
+            for o in items]
+    if not rows:
+        rows = [{"disk": d.disk, "log": "", "outcome": "nothing new", "detail": f"applied up to seq {d.applied_seq}"}
+                for d in result.disks]
+    create_table_artifact(rows, key=f"ingest-{machine.lower().replace('_', '-').replace('.', '-')}",
+                          description=f"Extent logs of {machine} accepted and rejected by this ingest")
+    return result

@@ -1,0 +1,23 @@
+"""The catalog of a disk: an append-only chain of commits, one JSON object per version.
+
+Terms:
+- accepted log: an extent log that passed validation and whose seqs follow what was
+  applied; the catalog names it and it is never touched again except by retention.
+- applied seq: per epoch, the last seq of the accepted logs (the logs form a gap-free
+  chain from the epoch's first seq).
+- fence: epoch n+1 begins after seq s of epoch n; logs of a fenced epoch beyond s are refused.
+- recovery point: a consolidated state of the disk (epoch, seq, time, VHD object).
+"""
+
+from hotspare.catalog.model import AcceptedLog, Catalog, Fence, RecoveryPoint, RejectedLog
+from hotspare.catalog.io import commit_catalog, load_catalog
+
+__all__ = [
+    "AcceptedLog",
+    "Catalog",
+    "Fence",
+    "RecoveryPoint",
+    "RejectedLog",
+    "commit_catalog",
+    "load_catalog",
+]

@@ -1,0 +1,90 @@
+"""Catalog entries as pydantic models: the JSON a commit writes is their dump."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, Field
+
+CATALOG_FORMAT = 1
+# The catalog keeps this many rejections for the operator to read; the reason files in
+# quarantine keep them all.
+REJECTED_KEPT = 100
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class AcceptedLog(BaseModel):
+    key: str
+    epoch: int = Field(ge=0)
+    first_seq: int = Field(ge=0)
+    last_seq: int = Field(ge=0)
+    rows: int = Field(ge=1)
+    data_bytes: int = Field(ge=0)
+    covered_bytes: int = Field(ge=0)
+    size: int = Field(ge=0, description="bytes of the Parquet object")
+    captured_at: datetime | None = None
+    accepted_at: datetime = Field(default_factory=utcnow)
+
+
+class RejectedLog(BaseModel):
+    key: str
+    reason: str
+    rejected_at: datetime = Field(default_factory=utcnow)
+
+
+class Fence(BaseModel):
+    """Epoch ``epoch`` ends after ``after_seq``: later logs of that epoch are refused."""
+
+    epoch: int = Field(ge=0)
+    after_seq: int = Field(ge=-1)
+    at: datetime = Field(default_factory=utcnow)
+    reason: str = ""
+
+
+class RecoveryPoint(BaseModel):
+    id: str
+    epoch: int = Field(ge=0)
+    seq: int = Field(ge=-1)
+    time: datetime
+    vhd: str = Field(description="key of the VHD object holding this point, if materialised")
+    bytes_applied: int = Field(ge=0)
+
+
+class Catalog(BaseModel):
+    format_version: int = CATALOG_FORMAT
+    machine: str
+    disk: str
+    version: int = Field(ge=0)
+    committed_at: datetime = Field(default_factory=utcnow)
+    disk_size: int = Field(gt=0)
+    epoch: int = Field(0, ge=0, description="the epoch whose logs are accepted now")
+    applied: dict[int, int] = Field(default_factory=dict, description="epoch -> last applied seq")
+    logs: list[AcceptedLog] = Field(default_factory=list)
+    rejected: list[RejectedLog] = Field(default_factory=list)
+    fences: list[Fence] = Field(default_factory=list)
+    points: list[RecoveryPoint] = Field(default_factory=list)
+    vhd: dict[str, str] = Field(default_factory=dict, description="role (current, base) -> VHD key")
+    # Set when a rejected log leaves a hole in the chain: the agent re-sends the disk's
+    # content with a log whose resync_from equals this seq, which closes the hole.
+    resync_from: int | None = None
+
+    def applied_seq(self, epoch: int) -> int:
+        """The last applied seq of ``epoch`` (-1 when nothing was applied)."""
+        return self.applied.get(epoch, -1)
+
+    def fence_of(self, epoch: int) -> Fence | None:
+        return next((f for f in self.fences if f.epoch == epoch), None)
+
+    def accepted_keys(self) -> set[str]:
+        return {log.key for log in self.logs}
+
+    def next(self, **changes) -> "Catalog":
+        """A copy as the next version, with ``changes`` applied."""
+        data = self.model_dump()
+        data.update(changes, version=self.version + 1, committed_at=utcnow())
+        nxt = Catalog.model_validate(data)
+        nxt.rejected = nxt.rejected[-REJECTED_KEPT:]
+        return nxt

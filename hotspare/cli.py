@@ -1,0 +1,193 @@
+"""The ``hotspare`` command line.
+
+Every command takes ``--store URL`` (default: ``HOTSPARE_STORE``, else ``./.hotspare/store``).
+Expected faults print one line, ``error: ...``, and exit 1; usage errors exit 2. Commands
+that run a flow import Prefect lazily, so the agent and the read-only commands start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hotspare.errors import HotspareError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="hotspare: a running-ready virtual twin for every protected machine.")
+console = Console()
+err_console = Console(stderr=True)
+
+StoreOpt = Annotated[Optional[str], typer.Option("--store", envvar="HOTSPARE_STORE", show_envvar=True,
+                                                 help="store URL: a directory, file://PATH or s3://BUCKET/PREFIX "
+                                                      "(default ./.hotspare/store)")]
+MachineArg = Annotated[str, typer.Argument(help="machine name")]
+
+
+def _store(url: str | None):
+    from hotspare.store import open_store
+
+    return open_store(url)
+
+
+def _agent_state_dir(state_dir: str | None, machine: str) -> Path:
+    root = state_dir or os.environ.get("HOTSPARE_AGENT_STATE") or "./.hotspare/agent"
+    return Path(root) / machine
+
+
+@app.command()
+def protect(
+    machine: MachineArg,
+    disk: Annotated[list[str], typer.Option("--disk", help="NAME=PATH of a disk image or block device (repeatable)")],
+    store: StoreOpt = None,
+    block_size_kib: Annotated[int, typer.Option(help="tracked block size in KiB")] = 64,
+    heartbeat_window: Annotated[Optional[int], typer.Option(help="seconds without heartbeat before failover")] = None,
+    auto_approve: Annotated[Optional[bool], typer.Option("--auto-approve/--require-approval", help="approval policy")] = None,
+    host: Annotated[Optional[str], typer.Option(help="VM host: local, docker, ec2 or a VM host block name")] = None,
+) -> None:
+    """Register MACHINE and its disks in the store (or update its policy)."""
+    from hotspare import layout
+    from hotspare.errors import AlreadyExists, UsageError
+    from hotspare.machine import MachineConfig, Policy, load_machine, parse_disk_arg, save_machine
+
+    layout.check_name("machine", machine)
+    st = _store(store)
+    disks = [parse_disk_arg(d, block_size_kib << 10) for d in disk]
+    if len({d.name for d in disks}) != len(disks):
+        raise UsageError("--disk names must be unique")
+    policy_changes = {k: v for k, v in dict(heartbeat_window=heartbeat_window, auto_approve=auto_approve,
+                                            host=host).items() if v is not None}
+    try:
+        cfg = MachineConfig(name=machine, disks=disks, policy=Policy(**policy_changes))
+    except ValueError as err:
+        raise UsageError(f"machine {machine}: {err}") from None
+    try:
+        save_machine(st, cfg, create_only=True)
+        console.print(f"protected [bold]{machine}[/]: " + ", ".join(f"{d.name} ({d.size} bytes, {d.path})" for d in disks))
+        return
+    except AlreadyExists:
+        pass
+    old = load_machine(st, machine)
+    if [(d.name, d.size, d.block_size) for d in old.disks] != [(d.name, d.size, d.block_size) for d in disks]:
+        raise UsageError(f"machine {machine} is already protected with other disks "
+                         f"({', '.join(f'{d.name}={d.size}' for d in old.disks)}); disks cannot change in place")
+    new = old.model_copy(update={"disks": disks, "policy": old.policy.model_copy(update=policy_changes)})
+    save_machine(st, new, create_only=False)
+    console.print(f"{machine} was already protected; policy and disk paths updated")
+
+
+@app.command()
+def agent(
+    machine: MachineArg,
+    store: StoreOpt = None,
+    once: Annotated[bool, typer.Option(help="run one cycle and exit")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between cycles")] = 10.0,
+    state_dir: Annotated[Optional[str], typer.Option(envvar="HOTSPARE_AGENT_STATE",
+                                                     help="agent state directory (default ./.hotspare/agent)")] = None,
+    log_target_mib: Annotated[int, typer.Option(help="target size of one extent log, MiB")] = 64,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Scan MACHINE's disks and ship their changes as extent logs, with a heartbeat per cycle."""
+    from hotspare.capture.agent import Agent, CycleReport
+    from hotspare.machine import load_machine
+    from hotspare.progress import bar_factory
+
+    if interval <= 0 or log_target_mib <= 0:
+        raise typer.BadParameter("--interval and --log-target-mib must be positive")
+    st = _store(store)
+    cfg = load_machine(st, machine)
+    emit = None
+    try:
+        from tasks.events import emit_heartbeat, prefect_api_configured
+
+        if prefect_api_configured():
+            emit = emit_heartbeat
+    except ImportError:  # the agent runs without Prefect installed on the machine
+        pass
+    with Agent(st, cfg, _agent_state_dir(state_dir, machine), log_target=log_target_mib << 20, emit=emit) as ag:
+        progress = None if quiet or not console.is_terminal else bar_factory(console)
+        ag.progress = progress
+
+        def on_sigint(signum, frame):
+            if ag.stop_requested:
+                raise KeyboardInterrupt
+            ag.stop_requested = True
+            err_console.print("stopping after the current log (Ctrl-C again to abort)")
+
+        signal.signal(signal.SIGINT, on_sigint)
+        signal.signal(signal.SIGTERM, on_sigint)
+
+        def on_cycle(report: CycleReport) -> None:
+            for d in report.disks:
+                console.print(f"{machine}/{d.disk}: scanned {d.scanned_bytes >> 20} MiB in {d.seconds:.1f}s, "
+                              f"shipped {len(d.logs)} log(s), {d.extents} extent(s), {d.data_bytes} data bytes, "
+                              f"{d.zero_bytes} zero bytes, last seq {d.last_seq}" + (" (resync)" if d.resync else ""))
+
+        ag.run(interval=interval, once=once, on_cycle=on_cycle)
+
+
+@app.command("ingest")
+def ingest_cmd(machine: MachineArg, store: StoreOpt = None) -> None:
+    """Validate and accept MACHINE's new extent logs (runs the ingest flow)."""
+    from hotspare.store import open_store
+
+    url = open_store(store).url
+    from flows.ingest import ingest
+
+    result = ingest(machine=machine, store=url)
+    for d in result.disks:
+        console.print(f"{machine}/{d.disk}: accepted {len(d.accepted)} log(s) ({d.accepted_bytes} data bytes), "
+                      f"rejected {len(d.rejected)}, waiting {len(d.waiting)}; catalog v{d.catalog_version}, "
+                      f"applied up to seq {d.applied_seq}")
+    for r in result.rejected:
+        err_console.print(f"rejected: {r}")
+    if result.rejected:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[str, typer.Option(help="where the demo keeps its store, images and state")] = "./.hotspare",
+    size_mib: Annotated[int, typer.Option(help="size of the demo disk image, MiB")] = 256,
+) -> None:
+    """Run the whole cycle on a demo machine with embedded defaults."""
+    from hotspare.demo import run_demo
+
+    run_demo(Path(workdir), size_mib=size_mib, console=console)
+
+
+def main() -> None:
+    # Prefect, when a command runs a flow: no telemetry from a machine that may have no
+    # route out, and no temporary-server chatter beyond warnings.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL", "WARNING")
+    try:
+        app(standalone_mode=False)
+    except HotspareError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False)
+        sys.exit(1)
+    except (typer.Exit, SystemExit) as ex:
+        code = getattr(ex, "exit_code", None)
+        if code is None:
+            code = getattr(ex, "code", 0)
+        sys.exit(code or 0)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except __import__("click").ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Ingest: decide which new extent logs a disk's catalog accepts, quarantine the bad ones,
+and commit the next catalog version.
+
+The steps are separate functions so that the Prefect flow can run validation as parallel
+tasks with retries, while the decisions stay here, pure and tested:
+
+1. :func:`list_pending`: logs in the store that the catalog has not accepted.
+2. :func:`check_log`: validate one log's file (InvalidLog on any fault).
+3. :func:`plan`: order the valid logs, accept those that continue each epoch's seq chain,
+   reject overlaps and fenced epochs, leave logs after a gap waiting.
+4. :func:`quarantine`: move a rejected log under ``quarantine/`` with a reason file.
+5. :func:`next_catalog`: the next version, including whether the agent must resync
+   (a rejected log left a hole in the chain). Committed create-only; a loser re-plans.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+from hotspare import layout
+from hotspare.catalog import AcceptedLog, Catalog, RejectedLog
+from hotspare.errors import AlreadyExists, InvalidLog, NotFound
+from hotspare.extentlog import LogInfo, validate_log
+from hotspare.machine import DiskSpec
+from hotspare.store.base import CopyRange, ObjectInfo, Store
+
+
+@dataclass
+class Plan:
+    accepted: list[LogInfo] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, reason without the key)
+    waiting: list[tuple[str, str]] = field(default_factory=list)
+
+
+def epochs_to_scan(catalog: Catalog) -> list[int]:
+    """The epochs that may hold new logs: the current one, and fenced ones (whose late
+    logs must be found to be refused)."""
+    return sorted({catalog.epoch, *catalog.applied, *(f.epoch for f in catalog.fences)})
+
+
+def list_pending(store: Store, machine: str, disk: str, catalog: Catalog) -> list[ObjectInfo]:
+    """Log objects not yet accepted, in (epoch, seq) order. The whole epoch is listed (not
+    only past the applied seq) so that a stray overlapping log is found and refused;
+    retention keeps that listing as short as the retention window."""
+    accepted = catalog.accepted_keys()
+    out = []
+    for epoch in epochs_to_scan(catalog):
+        out += [o for o in store.list(layout.logs_prefix(machine, disk, epoch)) if o.key not in accepted]
+    return out
+
+
+def check_log(store: Store, key: str, machine: str, disk: DiskSpec) -> LogInfo:
+    """Validate one log object fully (streams it row group by row group)."""
+    parsed = layout.parse_log_name(key)
+    epoch = _epoch_of(key)
+    if parsed is None or epoch is None:
+        raise InvalidLog(key, "not an extent-log name (<epoch>/logs/<first_seq>-<last_seq>.parquet)")
+    with store.open(key) as f:
+        info = validate_log(f, key, machine=machine, disk=disk.name, epoch=epoch, disk_size=disk.size)
+    info = replace(info, size=store.size(key))
+    if (info.meta.first_seq, info.meta.last_seq) != parsed:
+        raise InvalidLog(key, f"holds seqs {info.meta.first_seq}..{info.meta.last_seq}, its name says {parsed[0]}..{parsed[1]}")
+    return info
+
+
+def _epoch_of(key: str) -> int | None:
+    parts = key.split("/")
+    try:
+        return int(parts[parts.index("epochs") + 1])
+    except (ValueError, IndexError):
+        return None
+
+
+def plan(catalog: Catalog, results: list[LogInfo | InvalidLog]) -> Plan:
+    """Decide each pending log's fate against ``catalog``."""
+    p = Plan()
+    applied = dict(catalog.applied)
+    for r in results:
+        if isinstance(r, InvalidLog):
+            p.rejected.append((r.key, r.detail))
+    valid = sorted((r for r in results if isinstance(r, LogInfo)), key=lambda i: (i.meta.epoch, i.meta.first_seq))
+    for info in valid:
+        m = info.meta
+        last = applied.get(m.epoch, -1)
+        fence = catalog.fence_of(m.epoch)
+        if fence is not None and m.last_seq > fence.after_seq:
+            p.rejected.append((info.key, f"epoch {m.epoch} is fenced after seq {fence.after_seq} "
+                                         f"(the machine failed over); seqs {m.first_seq}..{m.last_seq} refused"))
+        elif m.epoch != catalog.epoch and fence is None:
+            p.waiting.append((info.key, f"epoch {m.epoch} is not the disk's current epoch {catalog.epoch}"))
+        elif m.first_seq <= last:
+            p.rejected.append((info.key, f"seqs {m.first_seq}..{m.last_seq} overlap the accepted seqs "
+                                         f"(applied up to {last})"))
+        elif m.first_seq == last + 1 or (m.resync_from is not None and m.resync_from == last + 1):
+            p.accepted.append(info)
+            applied[m.epoch] = m.last_seq
+        else:
+            p.waiting.append((info.key, f"seq gap: expects seq {last + 1}, this log starts at {m.first_seq}"))
+    # A log that now overlaps (superseded by a resync) is refused rather than left waiting.
+    still_waiting = []
+    for key, why in p.waiting:
+        info = next(i for i in valid if i.key == key)
+        if info.meta.first_seq <= applied.get(info.meta.epoch, -1):
+            p.rejected.append((key, f"seqs {info.meta.first_seq}..{info.meta.last_seq} superseded by a resync"))
+        else:
+            still_waiting.append((key, why))
+    p.waiting = still_waiting
+    return p
+
+
+def quarantine(store: Store, key: str, reason: str) -> str:
+    """Move ``key`` to ``quarantine/<key>`` with a reason file; idempotent after a crash.
+    Returns the quarantine key."""
+    qkey = layout.quarantine_key(key)
+    try:
+        size = store.size(key)
+    except NotFound:
+        return qkey  # already moved by an earlier or concurrent run
+    n = 0
+    while True:
+        try:
+            store.compose(qkey, [CopyRange(key, 0, size)], create_only=True)
+            break
+        except AlreadyExists:
+            if store.size(qkey) == size and n == 0:
+                break  # this run (or a crashed one) copied it already
+            n += 1  # a different object rejected under the same name earlier
+            qkey = f"{layout.quarantine_key(key)}.{n}"
+    reason_doc = {"key": key, "quarantine_key": qkey, "reason": reason, "size": size}
+    try:
+        store.put(qkey + ".reason.json", json.dumps(reason_doc, indent=1).encode(), create_only=True)
+    except AlreadyExists:
+        pass
+    store.delete(key)
+    return qkey
+
+
+def hole_start(store: Store, machine: str, disk: str, epoch: int, applied: int) -> int | None:
+    """The seq from which the agent must resync, when a quarantined log of ``epoch`` holds
+    seqs past ``applied`` (its writes would otherwise be lost), else None."""
+    prefix = layout.quarantine_key(layout.logs_prefix(machine, disk, epoch))
+    for info in store.list(prefix):
+        seqs = layout.parse_log_name(info.key)
+        if seqs and seqs[0] > applied:  # an overlapping (bogus) log leaves no hole
+            return applied + 1
+    return None
+
+
+def next_catalog(catalog: Catalog, p: Plan, resync_from: int | None) -> Catalog | None:
+    """The next catalog version for plan ``p``, or None when nothing changes."""
+    if not p.accepted and not p.rejected and resync_from == catalog.resync_from:
+        return None
+    applied = dict(catalog.applied)
+    logs = list(catalog.logs)
+    for info in p.accepted:
+        m = info.meta
+        applied[m.epoch] = m.last_seq
+        logs.append(AcceptedLog(key=info.key, epoch=m.epoch, first_seq=m.first_seq, last_seq=m.last_seq,
+                                rows=info.rows, data_bytes=info.data_bytes, covered_bytes=info.covered_bytes,
+                                size=info.size, captured_at=info.captured_at))
+    rejected = catalog.rejected + [RejectedLog(key=k, reason=r) for k, r in p.rejected]
+    return catalog.next(applied=applied, logs=logs, rejected=rejected, resync_from=resync_from)

@@ -1,0 +1,135 @@
+"""A protected machine's registration (``machine.json``) and its policy.
+
+The registration names the machine's disks, where the agent reads each one, and its size;
+the policy says how the machine is watched and failed over. Both are validated on load:
+a hand-edited or corrupt ``machine.json`` gives an error naming the key and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from datetime import datetime
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from hotspare import layout
+from hotspare.catalog.model import utcnow
+from hotspare.errors import InvalidObject, NotFound, UsageError
+from hotspare.store.base import Store
+
+MACHINE_FORMAT = 1
+DEFAULT_BLOCK_SIZE = 64 << 10
+
+
+class Policy(BaseModel):
+    heartbeat_window: int = Field(60, ge=10, description="seconds without a heartbeat before the machine counts as down")
+    auto_approve: bool = Field(False, description="fail over and cut over without waiting for an operator")
+    approval_timeout: int = Field(3600, ge=1, description="seconds to wait for an approval before rejecting")
+    host: str = Field("local", description="VM host: local, docker, ec2 or the name of a VM host block")
+    vm_cpus: int = Field(1, ge=1)
+    vm_memory_mib: int = Field(512, ge=64)
+    retention_points: int = Field(24, ge=1, description="recovery points kept")
+    retention_hours: float = Field(24.0, gt=0, description="age of the oldest recovery point kept")
+
+
+class DiskSpec(BaseModel):
+    name: str
+    path: str = Field(description="the disk image or block device the agent reads on the machine")
+    size: int = Field(gt=0, description="bytes, a multiple of 512")
+    block_size: int = Field(DEFAULT_BLOCK_SIZE, description="bytes per tracked block")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        layout.check_name("disk", v)
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v % 512:
+            raise ValueError(f"disk size {v} is not a multiple of 512 bytes")
+        return v
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, v: int) -> int:
+        if v < 4096 or v > (16 << 20) or v & (v - 1):
+            raise ValueError(f"block size {v} must be a power of two from 4 KiB to 16 MiB")
+        return v
+
+
+class MachineConfig(BaseModel):
+    format_version: int = MACHINE_FORMAT
+    name: str
+    disks: list[DiskSpec] = Field(min_length=1)
+    policy: Policy = Field(default_factory=Policy)
+    created_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        layout.check_name("machine", v)
+        return v
+
+    def disk(self, name: str) -> DiskSpec:
+        for d in self.disks:
+            if d.name == name:
+                return d
+        raise UsageError(f"machine {self.name} has no disk {name!r} (disks: {', '.join(d.name for d in self.disks)})")
+
+
+def device_size(path: str) -> int:
+    """Size of an image file or a block device, in bytes."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise UsageError(f"{path}: {err.strerror}") from err
+    if stat.S_ISBLK(st.st_mode):
+        with open(path, "rb") as f:
+            return f.seek(0, os.SEEK_END)
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path}: not an image file or block device")
+    return st.st_size
+
+
+def parse_disk_arg(arg: str, block_size: int = DEFAULT_BLOCK_SIZE) -> DiskSpec:
+    """``NAME=PATH`` from the command line into a DiskSpec with the size read from PATH."""
+    name, sep, path = arg.partition("=")
+    if not sep or not name or not path:
+        raise UsageError(f"--disk {arg!r}: expected NAME=PATH")
+    layout.check_name("disk", name)
+    size = device_size(path)
+    if size == 0 or size % 512:
+        raise UsageError(f"{path}: size {size} is not a positive multiple of 512 bytes")
+    return DiskSpec(name=name, path=os.path.abspath(path), size=size, block_size=block_size)
+
+
+def load_machine(store: Store, machine: str) -> MachineConfig:
+    key = layout.machine_key(layout.check_name("machine", machine))
+    try:
+        raw = store.get(key)
+    except NotFound:
+        raise UsageError(f"machine {machine!r} is not protected in {store.url} (run: hotspare protect {machine} --disk NAME=PATH)") from None
+    try:
+        cfg = MachineConfig.model_validate_json(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise InvalidObject(key, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from err
+    if cfg.name != machine:
+        raise InvalidObject(key, f"names machine {cfg.name!r}, expected {machine!r}")
+    return cfg
+
+
+def save_machine(store: Store, cfg: MachineConfig, *, create_only: bool) -> None:
+    store.put(layout.machine_key(cfg.name), cfg.model_dump_json(indent=1).encode(), create_only=create_only)
+
+
+def list_machines(store: Store) -> list[str]:
+    names = []
+    for info in store.list("machines/"):
+        parts = info.key.split("/")
+        if len(parts) == 3 and parts[2] == "machine.json":
+            names.append(parts[1])
+    return names

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that give engine calls retries, concurrency and logging."""

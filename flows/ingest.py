@@ -14,6 +14,7 @@ from prefect.artifacts import create_table_artifact
 from hotspare import ingest as engine
 from hotspare.catalog import load_catalog
 from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.faults import crash_point
 from hotspare.machine import DiskSpec, load_machine
 from hotspare.store import Store
 from tasks.common import resolve_store
@@ -52,23 +53,13 @@ class IngestResult(BaseModel):
 
 def ingest_disk(store: Store, machine: str, disk: DiskSpec) -> DiskIngest:
     logger = get_run_logger()
-    rejected: list[tuple[str, str]] = []  # carried across lost races: those logs are gone
     for _ in range(MAX_RACES):
         catalog = load_catalog(store, machine, disk.name, disk.size)
         pending = engine.list_pending(store, machine, disk.name, catalog)
         futures = validate_log.map(unmapped(store), [o.key for o in pending], unmapped(machine), unmapped(disk))
-        results = [f.result() for f in futures]
-        p = engine.plan(catalog, results)
-        for key, reason in p.rejected:
-            quarantine_log(store, key, reason)
-            rejected.append((key, reason))
-        p.rejected = rejected
-        applied = catalog.applied_seq(catalog.epoch)
-        for info in p.accepted:
-            if info.meta.epoch == catalog.epoch:
-                applied = info.meta.last_seq
-        resync = engine.hole_start(store, machine, disk.name, catalog.epoch, applied)
-        nxt = engine.next_catalog(catalog, p, resync)
+        p = engine.plan(catalog, [f.result() for f in futures])
+        nxt = engine.next_catalog(catalog, p)
+        crash_point("ingest-before-commit")
         if nxt is not None:
             try:
                 commit(store, nxt)
@@ -76,15 +67,18 @@ def ingest_disk(store: Store, machine: str, disk: DiskSpec) -> DiskIngest:
                 logger.info("catalog v%d of %s was committed by another ingest; re-planning", nxt.version, disk.name)
                 continue
             catalog = nxt
-        if resync is not None:
-            logger.warning("disk %s: a rejected log left a hole after seq %d; the agent will resync", disk.name, resync - 1)
+        for key, reason in p.rejected:
+            quarantine_log(store, key, reason)
+        if catalog.resync_from is not None:
+            logger.warning("disk %s: rejected logs left a hole at seq %d; the agent will resync the disk",
+                           disk.name, catalog.resync_from)
         for key, why in p.waiting:
             logger.info("waiting: %s (%s)", key, why)
         return DiskIngest(disk=disk.name, catalog_version=catalog.version, applied_seq=catalog.applied_seq(catalog.epoch),
                           accepted=[Outcome(key=i.key) for i in p.accepted],
                           accepted_bytes=sum(i.data_bytes for i in p.accepted),
-                          rejected=[Outcome(key=k, detail=r) for k, r in rejected],
-                          waiting=[Outcome(key=k, detail=w) for k, w in p.waiting], resync_from=resync)
+                          rejected=[Outcome(key=k, detail=r) for k, r in p.rejected],
+                          waiting=[Outcome(key=k, detail=w) for k, w in p.waiting], resync_from=catalog.resync_from)
     raise HotspareError(f"ingest of {machine}/{disk.name} lost {MAX_RACES} commit races in a row; another ingest is busy")
 
 

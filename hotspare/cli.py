@@ -22,8 +22,8 @@ from hotspare.errors import HotspareError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="hotspare: a running-ready virtual twin for every protected machine.")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", envvar="HOTSPARE_STORE", show_envvar=True,
                                                  help="store URL: a directory, file://PATH or s3://BUCKET/PREFIX "
@@ -169,7 +169,8 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL", "WARNING")
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)  # returns the exit code of a typer.Exit
+        sys.exit(rv if isinstance(rv, int) else 0)
     except HotspareError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False)
         sys.exit(1)

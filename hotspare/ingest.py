@@ -8,9 +8,12 @@ tasks with retries, while the decisions stay here, pure and tested:
 2. :func:`check_log`: validate one log's file (InvalidLog on any fault).
 3. :func:`plan`: order the valid logs, accept those that continue each epoch's seq chain,
    reject overlaps and fenced epochs, leave logs after a gap waiting.
-4. :func:`quarantine`: move a rejected log under ``quarantine/`` with a reason file.
-5. :func:`next_catalog`: the next version, including whether the agent must resync
-   (a rejected log left a hole in the chain). Committed create-only; a loser re-plans.
+4. :func:`next_catalog`: the next version, recording the rejections and whether the agent
+   must resync (a rejected log left a hole in the chain). Committed create-only; a loser
+   re-plans from the winner's catalog.
+5. :func:`quarantine`: after the commit, move each rejected log under ``quarantine/`` with
+   a reason file. A crash before the move leaves the log in place; the re-run rejects it
+   again (validation is deterministic) and moves it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class Plan:
     accepted: list[LogInfo] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, reason without the key)
     waiting: list[tuple[str, str]] = field(default_factory=list)
+    # The agent must re-send the disk from this seq: a rejected log held seqs the chain
+    # needs, so they are lost unless re-sent.
+    hole_at: int | None = None
 
 
 def epochs_to_scan(catalog: Catalog) -> list[int]:
@@ -106,6 +112,11 @@ def plan(catalog: Catalog, results: list[LogInfo | InvalidLog]) -> Plan:
         else:
             still_waiting.append((key, why))
     p.waiting = still_waiting
+    current = applied.get(catalog.epoch, -1)
+    for key, _ in p.rejected:
+        seqs = layout.parse_log_name(key)
+        if _epoch_of(key) == catalog.epoch and seqs and seqs[0] > current:
+            p.hole_at = current + 1
     return p
 
 
@@ -136,19 +147,13 @@ def quarantine(store: Store, key: str, reason: str) -> str:
     return qkey
 
 
-def hole_start(store: Store, machine: str, disk: str, epoch: int, applied: int) -> int | None:
-    """The seq from which the agent must resync, when a quarantined log of ``epoch`` holds
-    seqs past ``applied`` (its writes would otherwise be lost), else None."""
-    prefix = layout.quarantine_key(layout.logs_prefix(machine, disk, epoch))
-    for info in store.list(prefix):
-        seqs = layout.parse_log_name(info.key)
-        if seqs and seqs[0] > applied:  # an overlapping (bogus) log leaves no hole
-            return applied + 1
-    return None
-
-
-def next_catalog(catalog: Catalog, p: Plan, resync_from: int | None) -> Catalog | None:
+def next_catalog(catalog: Catalog, p: Plan) -> Catalog | None:
     """The next catalog version for plan ``p``, or None when nothing changes."""
+    resync_from = catalog.resync_from
+    if any(i.meta.resync_from is not None and i.meta.resync_from == resync_from for i in p.accepted):
+        resync_from = None  # the agent's resync arrived and closed the hole
+    if p.hole_at is not None:
+        resync_from = p.hole_at
     if not p.accepted and not p.rejected and resync_from == catalog.resync_from:
         return None
     applied = dict(catalog.applied)

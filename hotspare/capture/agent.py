@@ -28,6 +28,7 @@ from hotspare.capture.scan import scan
 from hotspare.capture.state import DiskState, StateDir
 from hotspare.catalog import load_catalog
 from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.faults import crash_point
 from hotspare.extentlog import Extent, LogWriter
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.machine import DiskSpec, MachineConfig, device_size
@@ -152,6 +153,7 @@ class Agent:
                 raise HotspareError(f"{key} already exists: is another agent shipping disk {spec.name}?") from None
             finally:
                 os.unlink(tmp)
+            crash_point("agent-after-upload")
             state.last_seq = meta.last_seq
             self.state.save(spec.name, state)  # after the upload is durable, never before
             report.logs.append(key)

@@ -60,8 +60,13 @@ def _meta(pf: pq.ParquetFile, key: str) -> LogMeta:
         raise InvalidLog(key, f"sector size {meta.sector_size}, expected {SECTOR}")
     if meta.last_seq < meta.first_seq:
         raise InvalidLog(key, f"last seq {meta.last_seq} before first seq {meta.first_seq}")
-    if not pf.schema_arrow.equals(SCHEMA, check_metadata=False):
-        raise InvalidLog(key, f"schema differs from the extent-log schema: {pf.schema_arrow}")
+    got = pf.schema_arrow
+    if not got.equals(SCHEMA, check_metadata=False):
+        want = {f.name: f for f in SCHEMA}
+        diffs = [f"{f.name}: {f.type}{'' if f.nullable else ' not null'}" for f in got
+                 if f.name not in want or not f.equals(want[f.name])]
+        diffs += [f"{name}: missing" for name in want if name not in got.names]
+        raise InvalidLog(key, f"schema differs from the extent-log schema ({'; '.join(diffs)})")
     return meta
 
 

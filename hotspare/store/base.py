@@ -52,6 +52,19 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_prefix(prefix: str) -> str:
+    """A listing prefix: ``""``, or a key's leading part (``a/b/``, ``a/b/par``) whose
+    complete segments are valid key segments."""
+    head, _, _ = prefix.rpartition("/")
+    if prefix.startswith("/") or "\\" in prefix or (head and _bad_segments(head)):
+        raise StoreError(prefix, "invalid prefix")
+    return prefix
+
+
+def _bad_segments(path: str) -> bool:
+    return any(part in ("", ".", "..") for part in path.split("/"))
+
+
 class Store(ABC):
     """An object store rooted at :attr:`url`."""
 

@@ -1,0 +1,1 @@
+"""Prefect Blocks that users configure in the UI: the store, machine policies, VM hosts."""

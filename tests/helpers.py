@@ -1,0 +1,66 @@
+"""Small helpers the tests share: running the CLI as a user would, writing to an image
+from outside with qemu-io, requiring system tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HOTSPARE = str(Path(sys.prefix) / "bin" / "hotspare")
+
+
+def require(tool: str, package: str) -> str:
+    """The path of ``tool``; under CI a missing tool fails the test, elsewhere it skips."""
+    path = shutil.which(tool)
+    if path is None:
+        msg = f"{tool} is missing: apt-get install {package} (scripts/setup.sh does)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def qemu_io(image: Path, *commands: str) -> None:
+    """Write to a raw image from outside hotspare, as any program on the machine would."""
+    args = [require("qemu-io", "qemu-utils"), "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run([*args, str(image)], check=True, capture_output=True)
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the ``hotspare`` command; ``check`` demands exit 0 and shows its output if not."""
+    proc = subprocess.run([HOTSPARE, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hotspare {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def random_image(path: Path, size: int, seed: int = 1, fill: float = 0.25) -> None:
+    """A raw image with random data in a fraction of its 1 MiB pieces, zeros elsewhere."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, 1 << 20):
+            if rng.random() < fill:
+                f.seek(off)
+                f.write(rng.integers(0, 256, min(1 << 20, size - off), dtype=np.uint8).tobytes())
+
+
+def same_file(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(16 << 20), fb.read(16 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True

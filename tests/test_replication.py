@@ -1,0 +1,235 @@
+"""The replication data path end to end, on both stores, through the CLI and a real
+Prefect server: protect, agent, outside writes, agent, ingest; bad logs quarantined."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from hotspare import layout
+from hotspare.catalog import Fence, commit_catalog, load_catalog
+from hotspare.extentlog import Extent, write_log
+from hotspare.extentlog.schema import META_KEY
+from hotspare.replay import replay_catalog
+from hotspare.versioned import latest_version
+from tests.helpers import cli, qemu_io, random_image, same_file
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+SIZE = 48 << 20
+
+
+def protect(tmp_path: Path, store_url: str) -> tuple[Path, dict[str, str]]:
+    image = tmp_path / "disk.img"
+    random_image(image, SIZE, seed=3)
+    env = {"HOTSPARE_STORE": store_url, "HOTSPARE_AGENT_STATE": str(tmp_path / "agent")}
+    cli("protect", "m1", "--disk", f"root={image}", env=env)
+    return image, env
+
+
+def random_writes(image: Path, n: int = 12, seed: int = 5) -> None:
+    import random
+
+    rng = random.Random(seed)
+    cmds = []
+    for _ in range(n):
+        length = rng.choice([512, 4096, 65536, 300 * 1024, 1 << 20])
+        off = rng.randrange(0, SIZE - length) // 512 * 512
+        cmds.append(f"write -z {off} {length}" if rng.random() < 0.2 else f"write -P {rng.randrange(1, 256)} {off} {length}")
+    qemu_io(image, *cmds)
+
+
+def check_replica(store, image: Path, tmp_path: Path):
+    cat = load_catalog(store, "m1", "root", SIZE)
+    replica = tmp_path / "replica.raw"
+    replay_catalog(store, cat, replica)
+    assert same_file(image, replica), "the accepted logs replayed over zeros must equal the image"
+    return cat
+
+
+def test_protect_agent_writes_agent_ingest(tmp_path: Path, store_url: str, store) -> None:
+    image, env = protect(tmp_path, store_url)
+    cli("agent", "m1", "--once", env=env)
+    random_writes(image)
+    cli("agent", "m1", "--once", env=env)
+    r = cli("ingest", "m1", env=env)
+    assert "accepted 2 log(s)" in r.stdout and "rejected 0" in r.stdout
+    cat = check_replica(store, image, tmp_path)
+    assert cat.version == 1 and len(cat.logs) == 2
+    # Nothing new: a second ingest commits nothing.
+    cli("ingest", "m1", env=env)
+    assert latest_version(store, layout.catalog_prefix("m1", "root")) == 1
+    hb = store.get(layout.heartbeat_key("m1"))
+    assert b'"mode": "normal"' in hb
+
+
+def log_bytes(exts: list[Extent], *, format_version: int | None = None) -> bytes:
+    """A log's bytes, as the agent would write them (optionally claiming another version)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "log.parquet"
+        write_log(str(path), exts, machine="m1", disk="root", epoch=0, disk_size=SIZE)
+        if format_version is not None:
+            pf = pq.ParquetFile(path)
+            meta = json.loads(pf.metadata.metadata[META_KEY])
+            meta["format_version"] = format_version
+            table = pf.read().replace_schema_metadata({META_KEY: json.dumps(meta)})
+            pq.write_table(table, path)
+        return path.read_bytes()
+
+
+def _bad_logs(store, applied: int) -> dict[str, str]:
+    """Five bad logs, each at its own seqs; returns key -> the reason ingest must give."""
+    rnd = os.urandom(4096)  # incompressible: a flipped byte stays in the data bytes
+
+    def ext(seq: int, off: int = 0, length: int = 4096) -> Extent:
+        return Extent(seq=seq, offset=off, length=length, data=rnd[:length])
+
+    def put(exts: list[Extent], data: bytes) -> str:
+        key = layout.log_key("m1", "root", 0, exts[0].seq, exts[-1].seq)
+        store.put(key, data, create_only=True)
+        return key
+
+    def flip(data: bytes) -> bytes:
+        b = bytearray(data)
+        b[b.find(rnd[:64]) + 100] ^= 1
+        return bytes(b)
+
+    a = applied + 1
+    bad = {}
+    e = [ext(a)]
+    bad[put(e, flip(log_bytes(e)))] = "row 0: checksum mismatch"
+    e = [ext(a + 10)]
+    bad[put(e, log_bytes(e)[:-200])] = "not a readable Parquet file (truncated or corrupt)"
+    e = [ext(a + 20, off=SIZE - 512)]
+    bad[put(e, log_bytes(e))] = "ends past the disk's end"
+    e = [ext(applied - 1), ext(applied)]
+    bad[put(e, log_bytes(e))] = "overlap the accepted seqs"
+    e = [ext(a + 30)]
+    bad[put(e, log_bytes(e, format_version=2))] = "unknown format version 2"
+    return bad
+
+
+def test_bad_logs_are_quarantined_and_nothing_committed_is_touched(tmp_path: Path, store_url: str, store) -> None:
+    image, env = protect(tmp_path, store_url)
+    cli("agent", "m1", "--once", env=env)
+    cli("ingest", "m1", env=env)
+    cat1 = load_catalog(store, "m1", "root", SIZE)
+    committed = {k: store.get(k) for k in [layout.catalog_key("m1", "root", 1), *cat1.accepted_keys()]}
+
+    bad = _bad_logs(store, cat1.applied_seq(0))
+    r = cli("ingest", "m1", env=env, check=False)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr + r.stdout
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("rejected: ")]
+    assert len(lines) == len(bad), r.stderr
+    for key, reason in bad.items():
+        line = next(ln for ln in lines if key in ln)
+        assert reason in line, line
+        assert not store.exists(key)
+        assert store.exists(layout.quarantine_key(key))
+        assert reason in store.get(layout.quarantine_reason_key(key)).decode()
+    for k, v in committed.items():
+        assert store.get(k) == v, f"{k} changed"
+    cat2 = load_catalog(store, "m1", "root", SIZE)
+    assert cat2.applied_seq(0) == cat1.applied_seq(0) and cat2.logs == cat1.logs
+    assert len(cat2.rejected) == len(bad)
+    # The checksum-mismatch log held the next seqs: a hole the agent must close by resync.
+    assert cat2.resync_from == cat1.applied_seq(0) + 1
+
+    random_writes(image, seed=9)
+    r = cli("agent", "m1", "--once", env=env)
+    assert "(resync)" in r.stdout
+    cli("ingest", "m1", env=env)
+    cat3 = check_replica(store, image, tmp_path)
+    assert cat3.resync_from is None
+
+
+def test_late_logs_of_a_fenced_epoch_are_quarantined(tmp_path: Path, store_url: str, store) -> None:
+    image, env = protect(tmp_path, store_url)
+    cli("agent", "m1", "--once", env=env)
+    cli("ingest", "m1", env=env)
+    cat = load_catalog(store, "m1", "root", SIZE)
+    commit_catalog(store, cat.next(epoch=1, fences=[Fence(epoch=0, after_seq=cat.applied_seq(0), reason="failover")]))
+    late = layout.log_key("m1", "root", 0, cat.applied_seq(0) + 1, cat.applied_seq(0) + 1)
+    store.put(late, log_bytes([Extent(seq=cat.applied_seq(0) + 1, offset=0, length=512, data=b"z" * 512)]),
+              create_only=True)
+    r = cli("ingest", "m1", env=env, check=False)
+    assert r.returncode == 1 and "is fenced after seq" in r.stderr
+    assert store.exists(layout.quarantine_key(late))
+    assert load_catalog(store, "m1", "root", SIZE).applied_seq(0) == cat.applied_seq(0)
+
+
+def test_racing_ingests_commit_each_version_once(tmp_path: Path, store) -> None:
+    from flows.ingest import ingest
+
+    image, env = protect(tmp_path, store.url)
+    cli("agent", "m1", "--once", "--log-target-mib", "4", env=env)
+    results, errors = [], []
+
+    def run() -> None:
+        try:
+            results.append(ingest(machine="m1", store=store.url))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    # Threads do not inherit context variables, where Prefect keeps its settings.
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(run,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    cat = load_catalog(store, "m1", "root", SIZE)
+    keys = [log.key for log in cat.logs]
+    assert len(keys) == len(set(keys)), "a log accepted twice"
+    assert sorted(keys) == sorted(o.key for o in store.list(layout.logs_prefix("m1", "root", 0)))
+    # Every version is a whole commit, each extending the previous one.
+    from hotspare.catalog import Catalog
+    from hotspare.versioned import load
+
+    prev = None
+    for v in range(1, cat.version + 1):
+        c = load(store, layout.catalog_prefix("m1", "root"), v, Catalog)
+        if prev is not None:
+            assert c.logs[: len(prev.logs)] == prev.logs
+        prev = c
+    check_replica(store, image, tmp_path)
+
+
+def test_ingest_killed_before_commit_converges(tmp_path: Path, store_url: str, store) -> None:
+    image, env = protect(tmp_path, store_url)
+    cli("agent", "m1", "--once", env=env)
+    r = cli("ingest", "m1", env={**env, "HOTSPARE_CRASH_AT": "ingest-before-commit"}, check=False)
+    assert r.returncode < 0
+    assert latest_version(store, layout.catalog_prefix("m1", "root")) is None
+    cli("ingest", "m1", env=env)
+    check_replica(store, image, tmp_path)
+
+
+def test_heartbeat_event_reaches_prefect(tmp_path: Path, prefect_api: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    image, env = protect(tmp_path, str(tmp_path / "store"))
+    cli("agent", "m1", "--once", env=env)
+    flt = EventFilter(event=EventNameFilter(name=["hotspare.machine.heartbeat"]),
+                      resource=EventResourceFilter(id=["hotspare.machine.m1"]))
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(filter=flt, limit=10)
+            if page.events or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert page.events, "no heartbeat event reached the Prefect server"
+    ev = page.events[0]
+    assert ev.resource["hotspare.mode"] == "normal" and ev.resource["hotspare.epoch"] == "0"
+    assert ev.payload["disks"]["root"]["last_seq"] >= 0

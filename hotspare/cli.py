@@ -152,6 +152,90 @@ def ingest_cmd(machine: MachineArg, store: StoreOpt = None) -> None:
         raise typer.Exit(1)
 
 
+@app.command("consolidate")
+def consolidate_cmd(machine: MachineArg, store: StoreOpt = None,
+                    policy_block: Annotated[Optional[str], typer.Option(help="machine policy block for retention")] = None) -> None:
+    """Ingest, then compact MACHINE's new logs into a new recovery point (runs the consolidate flow)."""
+    from hotspare.store import open_store
+
+    url = open_store(store).url
+    from flows.consolidate import consolidate
+
+    for r in consolidate(machine=machine, store=url, policy_block=policy_block):
+        if r.point is None:
+            console.print(f"{machine}/{r.disk}: nothing new to consolidate (base {r.base})")
+            continue
+        console.print(f"{machine}/{r.disk}: point {r.point} from {r.logs} log(s), {r.bytes_applied} bytes applied; "
+                      f"{r.parts_rewritten} part(s) rewritten, {r.parts_copied} copied on the server, "
+                      f"{r.bytes_uploaded} bytes uploaded in {r.seconds:.1f}s; base {r.base}")
+
+
+def _catalogs(store: str | None, machine: str):
+    from hotspare.catalog import load_catalog
+    from hotspare.machine import load_machine
+
+    st = _store(store)
+    cfg = load_machine(st, machine)
+    return st, cfg, {d.name: load_catalog(st, machine, d.name, d.size) for d in cfg.disks}
+
+
+@app.command()
+def points(machine: MachineArg, store: StoreOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List MACHINE's recovery points, per disk."""
+    _, _, cats = _catalogs(store, machine)
+    if as_json:
+        print(json.dumps({d: [dict(p.model_dump(mode="json"), current=p.vhd == c.vhd.get("current"),
+                                   base=p.vhd == c.vhd.get("base")) for p in c.points]
+                          for d, c in cats.items()}, indent=1))
+        return
+    table = Table(title=f"recovery points of {machine}")
+    for col in ("disk", "point", "epoch", "seq", "time (UTC)", "bytes applied", "role"):
+        table.add_column(col)
+    for d, c in cats.items():
+        for p in c.points:
+            role = " ".join(r for r in ("base", "current") if p.vhd and p.vhd == c.vhd.get(r))
+            table.add_row(d, p.id, str(p.epoch), str(p.seq), p.time.strftime("%Y-%m-%d %H:%M:%S"), f"{p.bytes_applied:,}", role)
+    console.print(table)
+
+
+@app.command()
+def export(
+    machine: MachineArg,
+    disk: Annotated[str, typer.Option(help="disk name")],
+    out: Annotated[Path, typer.Option(help="file to write")],
+    fmt: Annotated[str, typer.Option("--format", help="vhd (dynamic), vhd-fixed or raw")] = "vhd",
+    point: Annotated[Optional[str], typer.Option(help="point id (see hotspare points)")] = None,
+    at: Annotated[Optional[str], typer.Option(help="ISO time: the newest point at or before it")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Materialise a recovery point of one disk as a local image."""
+    from datetime import datetime
+
+    from hotspare.consolidate.export import export_point, find_point
+    from hotspare.errors import UsageError
+    from hotspare.progress import bar_factory
+
+    if fmt not in ("vhd", "vhd-fixed", "raw"):
+        raise UsageError(f"--format {fmt!r}: use vhd, vhd-fixed or raw")
+    if point and at:
+        raise UsageError("give --point or --at, not both")
+    when = None
+    if at:
+        try:
+            when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(f"--at {at!r}: not an ISO time such as 2026-11-25T13:00:00Z") from None
+    st, cfg, cats = _catalogs(store, machine)
+    cfg.disk(disk)
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+    p = find_point(cats[disk], point, when)
+    progress = bar_factory(console)(f"export {p.id}", cats[disk].disk_size) if console.is_terminal else None
+    export_point(st, cats[disk], p, fmt, out, progress)  # type: ignore[arg-type]
+    console.print(f"exported {machine}/{disk} point {p.id} ({p.time.isoformat()}) to {out} as {fmt}")
+
+
 @app.command()
 def demo(
     workdir: Annotated[str, typer.Option(help="where the demo keeps its store, images and state")] = "./.hotspare",

@@ -52,7 +52,13 @@ def list_pending(store: Store, machine: str, disk: str, catalog: Catalog) -> lis
     accepted = catalog.accepted_keys()
     out = []
     for epoch in epochs_to_scan(catalog):
-        out += [o for o in store.list(layout.logs_prefix(machine, disk, epoch)) if o.key not in accepted]
+        folded = catalog.folded.get(epoch, -1)
+        for o in store.list(layout.logs_prefix(machine, disk, epoch)):
+            seqs = layout.parse_log_name(o.key)
+            # A log folded into the base VHD whose deletion a crash interrupted is garbage,
+            # left for consolidation to delete, not a new log.
+            if o.key not in accepted and not (seqs and seqs[1] <= folded):
+                out.append(o)
     return out
 
 

@@ -1,10 +1,13 @@
 """The scan tracker: find the blocks of a disk whose content changed since the hash map.
 
-The disk is read sequentially in large chunks into one reused buffer; each block is hashed
-with xxh3-64 straight from a memoryview (no copy), and the comparison with the hash map is
-one numpy operation per chunk. Only changed blocks are copied out of the buffer. Cost: one
-pass over the disk at memory speed, plus one hash call per block (64 KiB by default, never
-per sector).
+The disk is read sequentially into one small reused buffer (1 MiB by default), and each
+block is hashed with xxh3-64 straight from a memoryview (no copy) right after its read, while
+the buffer is still in the CPU cache: the disk's bytes cross main memory once, as in
+``xxhsum``. (Reading into a large buffer instead costs two more passes over memory, the
+write of the buffer and the read back for hashing, and runs at half the speed.) Only changed
+blocks are copied out of the buffer. Results are reported per chunk of 32 MiB: the hash
+map is updated and the changed runs are cut once per chunk. Cost: one pass over the disk
+at memory speed, plus one hash call per block (64 KiB by default, never per sector).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import xxhash
 from hotspare.errors import HotspareError
 from hotspare.extentlog.schema import zero_checksum
 
-CHUNK = 32 << 20  # bytes read per syscall; large enough for sequential throughput
+READ = 1 << 20  # bytes per read: small enough to stay in the CPU cache until hashed
+CHUNK = 32 << 20  # bytes per ChunkResult: the unit of hash-map updates and of log cuts
 
 
 @dataclass
@@ -48,8 +52,9 @@ def scan(
 ) -> Iterator[ChunkResult]:
     """Scan ``path`` chunk by chunk, updating ``hashes`` in place to the content read and
     yielding the changed runs of each chunk. ``max_run`` caps one run's length."""
-    chunk = max(block_size, CHUNK - CHUNK % block_size)
-    buf = bytearray(chunk)
+    read = max(block_size, READ - READ % block_size)
+    chunk = max(read, CHUNK - CHUNK % read)
+    buf = bytearray(read)
     mv = memoryview(buf)
     h = xxhash.xxh3_64_intdigest
     try:
@@ -60,18 +65,29 @@ def scan(
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         pos = 0
         while pos < disk_size:
-            want = min(chunk, disk_size - pos)
-            n = _read_full(fd, mv[:want], pos, path)
+            end = min(pos + chunk, disk_size)
             b0 = pos // block_size
-            nb = -(-n // block_size)
-            new = np.fromiter((h(mv[i:i + block_size]) for i in range(0, n, block_size)),
-                              dtype=np.uint64, count=nb)
-            changed = np.flatnonzero(new != hashes[b0:b0 + nb])
-            hashes[b0:b0 + nb] = new
-            yield ChunkResult(end=pos + n, runs=list(_runs(changed, new, mv, n, pos, block_size, max_run)))
-            pos += n
+            old = hashes[b0:b0 + -(-(end - pos) // block_size)].tolist()
+            new: list[int] = []
+            changed: dict[int, bytes | None] = {}  # block index in the chunk -> data, None for zeros
+            p = pos
+            while p < end:
+                n = _read_full(fd, mv if end - p >= read else mv[:end - p], p, path)
+                v = mv if n == read else mv[:n]
+                k = len(new)
+                part = [h(v[i:i + block_size]) for i in range(0, n, block_size)]
+                new += part
+                if part != old[k:k + len(part)]:
+                    for j, x in enumerate(part):
+                        if x != old[k + j]:
+                            blk = v[j * block_size:(j + 1) * block_size]
+                            changed[k + j] = None if _is_zero(blk, x) else bytes(blk)
+                p += n
+            hashes[b0:b0 + len(new)] = new
+            yield ChunkResult(end=end, runs=list(_runs(changed, pos, end, block_size, max_run)))
             if progress:
-                progress(n)
+                progress(end - pos)
+            pos = end
     finally:
         os.close(fd)
 
@@ -86,28 +102,31 @@ def _read_full(fd: int, view: memoryview, pos: int, path: str) -> int:
     return got
 
 
-def _runs(changed: np.ndarray, new: np.ndarray, mv: memoryview, n: int, pos: int,
-          block_size: int, max_run: int) -> Iterator[ChangedRun]:
-    """Cut the changed blocks into runs: consecutive blocks of one kind (data or zeros),
-    at most ``max_run`` bytes each. Vectorised over the blocks; Python per run only."""
-    if changed.size == 0:
-        return
-    tail = n - (len(new) - 1) * block_size
-    zero_sum = np.full(len(new), zero_checksum(block_size), dtype=np.uint64)
-    zero_sum[-1] = zero_checksum(tail)
-    zero = new[changed] == zero_sum[changed]
-    for i in np.flatnonzero(zero):  # confirm: a hash match is not proof of zeros
-        a = int(changed[i]) * block_size
-        if np.frombuffer(mv[a:min(a + block_size, n)], dtype=np.uint8).any():
-            zero[i] = False
-    brk = (np.diff(changed) != 1) | (np.diff(zero) != 0)
-    starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
-    ends = np.concatenate((starts[1:], [len(changed)]))
+def _is_zero(block: memoryview, digest: int) -> bool:
+    """All zeros: the hash says so, and the bytes confirm (a hash match is not proof)."""
+    return digest == zero_checksum(len(block)) and not np.frombuffer(block, dtype=np.uint8).any()
+
+
+def _runs(changed: dict[int, bytes | None], pos: int, end: int, block_size: int,
+          max_run: int) -> Iterator[ChangedRun]:
+    """Cut the changed blocks of a chunk (in order) into runs: consecutive blocks of one
+    kind (data or zeros), at most ``max_run`` bytes each. Python per changed block."""
     per_run = max(1, max_run // block_size)
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        for a in range(s, e, per_run):
-            b = min(a + per_run, e)
-            off = int(changed[a]) * block_size
-            end = min((int(changed[b - 1]) + 1) * block_size, n)
-            yield ChangedRun(offset=pos + off, length=end - off,
-                             data=None if zero[a] else bytes(mv[off:end]))
+    first = prev = -2
+    parts: list[bytes | None] = []
+
+    def run() -> ChangedRun:
+        off = pos + first * block_size
+        length = min(pos + (prev + 1) * block_size, end) - off
+        return ChangedRun(offset=off, length=length, data=None if parts[0] is None else b"".join(parts))  # type: ignore[arg-type]
+
+    for i, data in changed.items():
+        if parts and (i != prev + 1 or (data is None) != (parts[0] is None) or len(parts) == per_run):
+            yield run()
+            parts = []
+        if not parts:
+            first = i
+        parts.append(data)
+        prev = i
+    if parts:
+        yield run()

@@ -17,6 +17,8 @@ def utcnow() -> datetime:
 
 
 class AcceptedLog(BaseModel):
+    """An accepted extent log; ``position`` orders logs across epochs."""
+
     key: str
     epoch: int = Field(ge=0)
     first_seq: int = Field(ge=0)
@@ -27,6 +29,10 @@ class AcceptedLog(BaseModel):
     size: int = Field(ge=0, description="bytes of the Parquet object")
     captured_at: datetime | None = None
     accepted_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.epoch, self.last_seq)
 
 
 class RejectedLog(BaseModel):
@@ -45,12 +51,16 @@ class Fence(BaseModel):
 
 
 class RecoveryPoint(BaseModel):
-    id: str
+    id: str = Field(description="<epoch>-<seq>")
     epoch: int = Field(ge=0)
     seq: int = Field(ge=-1)
     time: datetime
-    vhd: str = Field(description="key of the VHD object holding this point, if materialised")
+    vhd: str = Field("", description="key of the VHD object holding this point, if it is current or base")
     bytes_applied: int = Field(ge=0)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.epoch, self.seq)
 
 
 class Catalog(BaseModel):
@@ -67,6 +77,8 @@ class Catalog(BaseModel):
     fences: list[Fence] = Field(default_factory=list)
     points: list[RecoveryPoint] = Field(default_factory=list)
     vhd: dict[str, str] = Field(default_factory=dict, description="role (current, base) -> VHD key")
+    folded: dict[int, int] = Field(default_factory=dict,
+                                   description="epoch -> last seq folded into the base VHD (its logs are deleted)")
     # Set when a rejected log leaves a hole in the chain: the agent re-sends the disk's
     # content with a log whose resync_from equals this seq, which closes the hole.
     resync_from: int | None = None
@@ -77,6 +89,11 @@ class Catalog(BaseModel):
 
     def fence_of(self, epoch: int) -> Fence | None:
         return next((f for f in self.fences if f.epoch == epoch), None)
+
+    def point(self, role: str) -> "RecoveryPoint | None":
+        """The point whose VHD plays ``role`` (current or base)."""
+        key = self.vhd.get(role)
+        return next((p for p in self.points if p.vhd == key), None) if key else None
 
     def accepted_keys(self) -> set[str]:
         return {log.key for log in self.logs}

@@ -40,6 +40,28 @@ class CopyRange:
 Segment = CopyRange | bytes | memoryview
 
 
+@dataclass(frozen=True)
+class PartReceipt:
+    """One part of a staged compose, as :meth:`Store.compose_part` wrote it."""
+
+    number: int  # 1-based, in object order
+    offset: int  # where the part starts in the new object
+    size: int
+    etag: str  # the backend's receipt for the part
+    uploaded: int  # bytes that went through this process for this part
+
+
+def check_receipts(key: str, receipts: Sequence[PartReceipt]) -> list[PartReceipt]:
+    """Receipts in order, checked to tile the new object with no gap or overlap."""
+    ordered = sorted(receipts, key=lambda r: r.number)
+    at = 0
+    for i, r in enumerate(ordered, 1):
+        if r.number != i or r.offset != at:
+            raise StoreError(key, f"compose parts do not tile the object: part {r.number} at {r.offset}, expected part {i} at {at}")
+        at += r.size
+    return ordered
+
+
 def check_key(key: str) -> str:
     if (
         not key
@@ -102,6 +124,26 @@ class Store(ABC):
     def compose(self, key: str, segments: Sequence[Segment], *, create_only: bool = False) -> int:
         """Write ``key`` as the concatenation of ``segments``; returns the bytes uploaded
         (new bytes plus any copied bytes the backend had to move through this process)."""
+
+    # A staged compose writes the parts of one new object from several workers: begin, then
+    # compose_part for each part (any order, in parallel), then finish or abort. Every part
+    # but the last must be at least 5 MiB (S3's rule). Tokens are plain strings so that a
+    # task on another worker can be handed one.
+    @abstractmethod
+    def begin_compose(self, key: str) -> str:
+        """Start a staged compose of ``key``; returns its token."""
+
+    @abstractmethod
+    def compose_part(self, key: str, token: str, number: int, offset: int, segments: Sequence[Segment]) -> PartReceipt:
+        """Write part ``number``, which starts at byte ``offset`` of the new object."""
+
+    @abstractmethod
+    def finish_compose(self, key: str, token: str, receipts: Sequence[PartReceipt], *, create_only: bool = False) -> None:
+        """Publish the new object atomically from its parts."""
+
+    @abstractmethod
+    def abort_compose(self, key: str, token: str) -> None:
+        """Drop a staged compose; nothing becomes visible."""
 
     def download(self, key: str, path: str, *, chunk: int = 64 << 20) -> int:
         """Stream an object into a local file; returns its size."""

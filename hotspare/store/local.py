@@ -28,7 +28,16 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 
 from hotspare.errors import AlreadyExists, NotFound, StoreError, UsageError
-from hotspare.store.base import CopyRange, ObjectInfo, Segment, Store, check_key, check_prefix
+from hotspare.store.base import (
+    CopyRange,
+    ObjectInfo,
+    PartReceipt,
+    Segment,
+    Store,
+    check_key,
+    check_prefix,
+    check_receipts,
+)
 
 TMP_PREFIX = ".tmp-"
 _COPY_CHUNK = 64 << 20  # bytes per copy_file_range/sendfile/read call
@@ -259,6 +268,77 @@ class LocalStore(Store):
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+    # Staged compose: the token is the temp file beside the key; parts are written at their
+    # offsets, and finishing publishes the file like any other write.
+    def begin_compose(self, key: str) -> str:
+        directory = os.path.dirname(self._path(key))
+        with self._errors(key, reading=False):
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = _create_temp(directory)
+            os.close(fd)
+        return tmp
+
+    def _token(self, key: str, token: str) -> str:
+        if os.path.dirname(token) != os.path.dirname(self._path(key)) or not os.path.basename(token).startswith(TMP_PREFIX):
+            raise StoreError(self._name(key), f"not a compose token of this key: {token}")
+        return token
+
+    def compose_part(self, key: str, token: str, number: int, offset: int, segments: Sequence[Segment]) -> PartReceipt:
+        tmp = self._token(key, token)
+        size = uploaded = 0
+        with self._errors(key, reading=False):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            for seg in segments:
+                if isinstance(seg, CopyRange):
+                    src = self._open_read(seg.key)
+                    try:
+                        with self._errors(seg.key, reading=True):
+                            if _copy(src, seg.offset, fd, seg.length) != seg.length:
+                                raise StoreError(self._name(seg.key), f"copy range {seg.offset}+{seg.length} ends past the object's end")
+                    finally:
+                        os.close(src)
+                    size += seg.length
+                else:
+                    with self._errors(key, reading=False):
+                        _write_all(fd, memoryview(seg))
+                    size += len(seg)
+                    uploaded += len(seg)
+        finally:
+            os.close(fd)
+        return PartReceipt(number=number, offset=offset, size=size, etag="", uploaded=uploaded)
+
+    def finish_compose(self, key: str, token: str, receipts: Sequence[PartReceipt], *, create_only: bool = False) -> None:
+        tmp = self._token(key, token)
+        parts = check_receipts(self._name(key), receipts)
+        total = parts[-1].offset + parts[-1].size if parts else 0
+        path = self._path(key)
+        try:
+            with self._errors(key, reading=False):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(fd, total)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                if create_only:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError as err:
+                        raise AlreadyExists(self._name(key)) from err
+                else:
+                    os.replace(tmp, path)
+                _fsync_dir(os.path.dirname(path))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def abort_compose(self, key: str, token: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._token(key, token))
 
 
 # ------------------------------------------------------------------ file helpers

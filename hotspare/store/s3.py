@@ -53,7 +53,16 @@ from botocore import exceptions as bex
 from botocore.config import Config
 
 from hotspare.errors import AlreadyExists, NotFound, StoreError, TransientStoreError, UsageError
-from hotspare.store.base import CopyRange, ObjectInfo, Segment, Store, check_key, check_prefix
+from hotspare.store.base import (
+    CopyRange,
+    ObjectInfo,
+    PartReceipt,
+    Segment,
+    Store,
+    check_key,
+    check_prefix,
+    check_receipts,
+)
 
 MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3's smallest part (but the last)
@@ -347,6 +356,41 @@ class S3Store(Store):
                         f"({sizes[item.key]} bytes)",
                     )
         return self._multipart(key, _plan_parts(items), create_only)
+
+    # ------------------------------------------------------- staged compose
+
+    def begin_compose(self, key: str) -> str:
+        with self._call(key):
+            return str(self._client.create_multipart_upload(Bucket=self.bucket, Key=self._key(key))["UploadId"])
+
+    def compose_part(self, key: str, token: str, number: int, offset: int, segments: Sequence[Segment]) -> PartReceipt:
+        items = _coalesce(segments)
+        if len(items) == 1 and isinstance(items[0], CopyRange):
+            part: _Part = _CopyPart(items[0])
+            size, uploaded = items[0].length, 0
+        else:
+            size = sum(i.length if isinstance(i, CopyRange) else len(i) for i in items)
+            part = _DataPart(tuple(items), size)
+            uploaded = size
+        etag = self._send_part(key, token, number, part)
+        return PartReceipt(number=number, offset=offset, size=size, etag=etag, uploaded=uploaded)
+
+    def finish_compose(self, key: str, token: str, receipts: Sequence[PartReceipt], *, create_only: bool = False) -> None:
+        parts = check_receipts(self._name(key), receipts)
+        try:
+            with self._call(key, create_only=create_only):
+                self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(key), UploadId=token,
+                    MultipartUpload={"Parts": [{"PartNumber": r.number, "ETag": r.etag} for r in parts]},
+                    **self._if_none_match(create_only),
+                )
+        except BaseException:
+            self.abort_compose(key, token)
+            raise
+
+    def abort_compose(self, key: str, token: str) -> None:
+        with contextlib.suppress(Exception):
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=token)
 
     # -------------------------------------------------------------- multipart
 

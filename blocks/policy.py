@@ -1,0 +1,33 @@
+"""The machine policy block: how a protected machine is watched, failed over and kept."""
+
+from __future__ import annotations
+
+from prefect.blocks.core import Block
+from pydantic import Field
+
+from hotspare.machine import Policy
+
+
+class MachinePolicy(Block):
+    """Heartbeat window, approval, VM host and size, retention of one protected machine
+    (or of a class of machines: a policy block can be shared)."""
+
+    _block_type_name = "hotspare-machine-policy"
+    _block_type_slug = "hotspare-machine-policy"
+    _description = "How hotspare watches, fails over and retains a protected machine."
+
+    heartbeat_window: int = Field(60, ge=10, title="Heartbeat window (s)",
+                                  description="Seconds without a heartbeat before the machine counts as down.")
+    auto_approve: bool = Field(False, title="Auto-approve",
+                               description="Fail over and cut over without waiting for an operator.")
+    approval_timeout: int = Field(3600, ge=1, title="Approval timeout (s)",
+                                  description="Seconds to wait for an approval; then the request is rejected.")
+    host: str = Field("local", title="VM host", description="local, docker, ec2, or the name of a VM host block.")
+    vm_cpus: int = Field(1, ge=1, title="VM CPUs")
+    vm_memory_mib: int = Field(512, ge=64, title="VM memory (MiB)")
+    retention_points: int = Field(24, ge=1, title="Recovery points kept")
+    retention_hours: float = Field(24.0, gt=0, title="Retention (hours)",
+                                   description="Age of the oldest recovery point kept.")
+
+    def policy(self) -> Policy:
+        return Policy(**{name: getattr(self, name) for name in Policy.model_fields})

@@ -4,8 +4,9 @@
 
 Builds a raw image (random, non-zero content with a few zero holes, every 64 KiB block
 distinct), seeds it with a first agent pass into a local store, overwrites a fraction of its
-blocks at random (qemu-io when installed, else pwrite), reads the image once so it sits in the
-page cache for every contender, then times, best of ``--runs``:
+blocks at random with random bytes (``--writes qemu-io``: a fill pattern with qemu-io
+instead), reads the image once so it sits in the page cache for every contender, then times,
+best of ``--runs``:
 
 - scan: ``hotspare.capture.scan.scan`` over the image against the seed's hash map (no shipping);
 - agent cycle: scan + writing the extent logs + upload to the local store + checkpoint;
@@ -75,29 +76,33 @@ def make_image(path: Path, size: int, rng: np.random.Generator) -> int:
     return data
 
 
-def change_blocks(path: Path, size: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """Overwrite ``fraction`` of the blocks, chosen at random, with a non-zero byte pattern.
-    Returns the block numbers and the tool used."""
+def change_blocks(path: Path, size: int, fraction: float, rng: np.random.Generator,
+                  writer: str) -> np.ndarray:
+    """Overwrite ``fraction`` of the blocks, chosen at random, from outside hotspare: with
+    fresh random bytes (``pwrite``), or with a one-byte fill pattern (``qemu-io``, which can
+    write nothing else per block; zstd then squeezes the logs to almost nothing, so the
+    upload costs less than it would for real writes). Returns the block numbers."""
     nblocks = size // BS
     k = max(1, round(nblocks * fraction))
     blocks = np.sort(rng.choice(nblocks, size=k, replace=False))
-    patterns = rng.integers(1, 256, size=k)
-    qemu_io = shutil.which("qemu-io")
-    if qemu_io:
-        cmds = [f"write -P {int(p)} {int(b) * BS} {BS}" for b, p in zip(blocks, patterns)]
+    if writer == "qemu-io":
+        qemu_io = shutil.which("qemu-io")
+        if qemu_io is None:
+            raise SystemExit("qemu-io is missing: apt-get install qemu-utils, or use --writes pwrite")
+        cmds = [f"write -P {int(p)} {int(b) * BS} {BS}" for b, p in zip(blocks, rng.integers(1, 256, size=k))]
         for i in range(0, len(cmds), 2000):
             args = [qemu_io, "-f", "raw"]
             for c in cmds[i:i + 2000]:
                 args += ["-c", c]
             subprocess.run([*args, str(path)], check=True, capture_output=True)
-        return blocks, "qemu-io"
+        return blocks
     fd = os.open(path, os.O_WRONLY)
     try:
-        for b, p in zip(blocks.tolist(), patterns.tolist()):
-            os.pwrite(fd, bytes([p]) * BS, b * BS)
+        for b in blocks.tolist():
+            os.pwrite(fd, rng.bytes(BS), b * BS)
     finally:
         os.close(fd)
-    return blocks, "pwrite"
+    return blocks
 
 
 def warm(path: Path) -> float:
@@ -137,6 +142,8 @@ def main() -> int:
                     help="where the image, state and store go (default bench/.work)")
     ap.add_argument("--keep", action="store_true", help="keep the work files")
     ap.add_argument("--runs", type=int, default=3, help="runs per contender; the best counts (default 3)")
+    ap.add_argument("--writes", choices=["pwrite", "qemu-io"], default="pwrite",
+                    help="how blocks are changed: random bytes with pwrite (default), or a fill pattern with qemu-io")
     ap.add_argument("--seed", type=int, default=1, help="random seed")
     args = ap.parse_args()
 
@@ -183,9 +190,9 @@ def run(args: argparse.Namespace, root: Path, size: int, xxhsum: str) -> int:
     console.print(f"seed: shipped {seed.data_bytes / 2**20:.0f} MiB in {len(seed.logs)} logs "
                   f"in {time.perf_counter() - t:.1f} s")
 
-    blocks, tool = change_blocks(image, size, args.changed, rng)
+    blocks = change_blocks(image, size, args.changed, rng, args.writes)
     changed = len(blocks) * BS
-    console.print(f"changed {len(blocks)} of {size // BS} blocks ({changed / 2**20:.1f} MiB) with {tool}")
+    console.print(f"changed {len(blocks)} of {size // BS} blocks ({changed / 2**20:.1f} MiB) with {args.writes}")
 
     shutil.copytree(state_dir, snap_dir)
     seed_hashes = StateDir(snap_dir).load(DISK).hashes
@@ -225,7 +232,9 @@ def run(args: argparse.Namespace, root: Path, size: int, xxhsum: str) -> int:
 
     def xxh(*flags: str) -> Callable[[], None]:
         def go() -> None:
-            subprocess.run([xxhsum, *flags, str(image)], check=True, stdout=subprocess.DEVNULL)
+            # stderr captured: xxhsum draws a progress line there
+            subprocess.run([xxhsum, *flags, str(image)], check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
         return go
 
     contenders: list[tuple[str, Callable[[], None]]] = [
@@ -244,8 +253,9 @@ def run(args: argparse.Namespace, root: Path, size: int, xxhsum: str) -> int:
                 times[name] = min(times[name], _timed(fn))
 
     ref = times["xxhsum -H3 (xxh3-64)"]
-    table = Table(title=f"scan rate, {size / 2**30:.2f} GiB image, {args.changed:.2%} of blocks changed, "
-                        f"page cache warm, best of {args.runs}")
+    console.print(f"\n[bold]scan rate[/bold]: {size / 2**30:.2f} GiB image, {args.changed:.2%} of blocks changed, "
+                  f"page cache warm, best of {args.runs}")
+    table = Table()
     table.add_column("contender")
     table.add_column("seconds", justify="right")
     table.add_column("GB/s", justify="right")
@@ -259,7 +269,8 @@ def run(args: argparse.Namespace, root: Path, size: int, xxhsum: str) -> int:
         table.add_row(name, f"{s:.3f}", f"{size / s / 1e9:.2f}", f"{ratio:.2f}", style=style)
     console.print(table)
 
-    ship = Table(title="bytes shipped vs changed")
+    console.print("[bold]bytes shipped vs changed[/bold]")
+    ship = Table()
     ship.add_column("")
     ship.add_column("bytes", justify="right")
     ship.add_column("MiB", justify="right")

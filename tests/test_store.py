@@ -565,3 +565,42 @@ def test_store_block_hides_its_secret(s3_env, monkeypatch: pytest.MonkeyPatch) -
     store.put("k", b"v")
     assert store.get("k") == b"v"
     assert secret not in repr(store)
+
+
+# --------------------------------------------------------------- staged compose
+
+
+def test_staged_compose_parts_in_any_order(store: Store) -> None:
+    src = os.urandom(12 << 20)
+    store.put("src/a", src)
+    new_head = os.urandom(6 << 20)
+    token = store.begin_compose("dst/x")
+    parts = [
+        (1, 0, [new_head]),
+        (2, len(new_head), [CopyRange("src/a", 0, 6 << 20)]),
+        (3, len(new_head) + (6 << 20), [b"tail", CopyRange("src/a", 100, 1000)]),
+    ]
+    receipts = [store.compose_part("dst/x", token, n, off, segs) for n, off, segs in reversed(parts)]
+    assert not store.exists("dst/x"), "nothing is visible before finish"
+    store.finish_compose("dst/x", token, receipts, create_only=True)
+    assert store.get("dst/x") == new_head + src[: 6 << 20] + b"tail" + src[100:1100]
+    assert sum(r.uploaded for r in receipts) < len(new_head) + (6 << 20)
+    # create-only: a second staged compose of the same key is refused, the object kept.
+    token = store.begin_compose("dst/x")
+    r = store.compose_part("dst/x", token, 1, 0, [b"other"])
+    with pytest.raises(AlreadyExists):
+        store.finish_compose("dst/x", token, [r], create_only=True)
+    assert store.get("dst/x")[:10] == new_head[:10]
+
+
+def test_staged_compose_refuses_gaps_and_abort_leaves_nothing(store: Store) -> None:
+    token = store.begin_compose("dst/y")
+    r1 = store.compose_part("dst/y", token, 1, 0, [b"a" * (5 << 20)])
+    r3 = store.compose_part("dst/y", token, 3, 99 << 20, [b"c"])
+    with pytest.raises(StoreError, match="do not tile"):
+        store.finish_compose("dst/y", token, [r1, r3])
+    token = store.begin_compose("dst/z")
+    store.compose_part("dst/z", token, 1, 0, [b"a"])
+    store.abort_compose("dst/z", token)
+    assert not store.exists("dst/z")
+    assert [o.key for o in store.list("dst/")] == []

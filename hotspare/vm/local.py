@@ -1,0 +1,273 @@
+"""LocalQemuHost: VMs as qemu-system-x86_64 processes on this machine.
+
+QEMU runs in its own session (``start_new_session``), so it outlives the Python process
+that launched it and ignores that process's terminal signals; it writes its pid file, and
+the handle records the pid. A pid alone can be reused after the VM dies, so liveness also
+checks ``/proc/<pid>/cmdline`` for the VM's unique ``-name guest=<vm_id>``.
+
+The VM boots from the disk's own boot loader (SeaBIOS, never ``-kernel``) through a qcow2
+overlay chain (:mod:`hotspare.vm.chain`): the boot disk is opened read-only, the guest's
+writes go to the top overlay, and :mod:`hotspare.vm.capture` ships them from there.
+Files in the work directory: ``handle.json``, ``qmp.sock``, ``qemu.pid``,
+``serial-<vm_id>.log``, ``qemu-<vm_id>.log`` (QEMU's own messages), ``overlays/``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hotspare.demodisk import qemu_accel
+from hotspare.errors import HotspareError
+from hotspare.vm import chain
+from hotspare.vm.host import VmHandle, VmHost, VmSpec, load_handle, save_handle
+from hotspare.vm.png import ppm_to_png
+from hotspare.vm.qmp import QmpClient, QmpError
+
+QEMU = "qemu-system-x86_64"
+QMP_SOCKET = "qmp.sock"
+PID_FILE = "qemu.pid"
+DISK_DEVICE = "disk0"
+
+# QEMU processes this Python process started, kept so that their exit is reaped (a dead
+# child that nobody waits for stays a zombie, and would look alive to kill(pid, 0)).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (and threads: each call opens its own fd)."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class LocalQemuHost(VmHost):
+    kind = "local-qemu"
+
+    def __init__(self, qemu: str = QEMU, *, start_timeout: float = 30.0, qmp_timeout: float = 10.0) -> None:
+        self.qemu = qemu
+        self.start_timeout = start_timeout
+        self.qmp_timeout = qmp_timeout
+
+    def qmp(self, handle: VmHandle) -> QmpClient:
+        """A QMP client for the VM (not yet connected: use it in a ``with`` block)."""
+        if not handle.qmp_socket:
+            raise HotspareError(f"VM {handle.vm_id}: its handle has no QMP socket")
+        return QmpClient(handle.qmp_socket, timeout=self.qmp_timeout)
+
+    # -- launch --------------------------------------------------------------------------
+    def launch(self, spec: VmSpec) -> VmHandle:
+        workdir = spec.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        with file_lock(workdir / "launch.lock"):
+            previous = load_handle(workdir)
+            if previous is not None and self.is_alive(previous):
+                if previous.boot_disk != str(spec.boot_disk):
+                    raise HotspareError(f"{workdir}: VM {previous.vm_id} already runs there from "
+                                        f"{previous.boot_disk}, not {spec.boot_disk}")
+                return previous  # adopt it: a re-run must not boot a second copy of the machine
+            exe = shutil.which(self.qemu)
+            if exe is None:
+                raise HotspareError(f"cannot launch VM of {spec.machine}: {self.qemu} is missing "
+                                    "(Debian package qemu-system-x86)")
+            if not spec.boot_disk.is_file():
+                raise HotspareError(f"cannot launch VM of {spec.machine}: boot disk {spec.boot_disk} not found")
+            layers = self._prepare_chain(spec)
+            accel = qemu_accel(self.qemu)  # KVM only where a probe guest really runs with it
+            vm_id = f"{spec.machine}-{uuid.uuid4().hex[:8]}"
+            serial = workdir / f"serial-{vm_id}.log"
+            (workdir / QMP_SOCKET).unlink(missing_ok=True)  # left by a VM that was killed
+            cmd = [exe, "-name", f"guest={vm_id}", "-accel", accel, *(["-cpu", "host"] if accel == "kvm" else []),
+                   "-machine", "pc", "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
+                   "-nodefaults", "-display", "none", "-device", "VGA", "-nic", "none",
+                   *chain.blockdev_args(str(spec.boot_disk), spec.format, layers),
+                   "-device", f"virtio-blk-pci,drive={chain.node_name(layers[-1])},id={DISK_DEVICE},bootindex=0",
+                   # Relative names: QEMU runs in the work directory, and a unix socket path
+                   # longer than 107 bytes could not be bound.
+                   "-serial", f"file:{serial.name}",
+                   "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off",
+                   "-pidfile", PID_FILE]
+            qemu_log = workdir / f"qemu-{vm_id}.log"
+            with open(qemu_log, "ab") as out:
+                proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            _children[proc.pid] = proc
+            handle = VmHandle(host=self.kind, vm_id=vm_id, machine=spec.machine, workdir=str(workdir),
+                              boot_disk=str(spec.boot_disk), format=spec.format, accel=accel, pid=proc.pid,
+                              qmp_socket=str(workdir / QMP_SOCKET), serial_log=str(serial),
+                              overlays=layers, disk_device=DISK_DEVICE)
+            self._wait_ready(handle, proc, qemu_log, cmd)
+            save_handle(handle)
+            return handle
+
+    def _prepare_chain(self, spec: VmSpec) -> list[str]:
+        """The overlays the VM runs on, bottom to top. A VM that ran here before and died
+        left the guest's disk in its chain: continue on it (as a machine reboots onto its
+        own disk), under a fresh active overlay so that the dead VM's last writes stay in
+        a frozen layer the capture ships. Otherwise start base.qcow2 and ov-000001."""
+        ovdir = chain.overlay_dir(spec.workdir)
+        size = chain.image_size(spec.boot_disk, spec.format)
+        if ovdir.exists():
+            layers = chain.chain_from_files(spec.workdir, str(spec.boot_disk))
+            if not layers:
+                raise HotspareError(f"{ovdir} holds no overlay chain over {spec.boot_disk} (another boot "
+                                    "disk, or a damaged chain): remove it to start the VM from the boot disk alone")
+            index = max(chain.overlay_index(p) or 0 for p in ovdir.glob("ov-*.qcow2")) + 1
+            top = ovdir / chain.overlay_name(index)
+            chain.create_overlay(top, layers[-1], "qcow2", size)
+            return [*layers, str(top)]
+        # Built aside and renamed into place, so a crash never leaves half a chain that the
+        # next launch would mistake for a VM's disk. Backing names are the final paths.
+        fresh = ovdir.with_name(f".{chain.OVERLAY_DIR}.new")
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir()
+        base, first = ovdir / chain.BASE, ovdir / chain.overlay_name(1)
+        chain.create_overlay(fresh / base.name, spec.boot_disk, spec.format, size)
+        chain.create_overlay(fresh / first.name, base, "qcow2", size)
+        os.rename(fresh, ovdir)
+        return [str(base), str(first)]
+
+    def _wait_ready(self, handle: VmHandle, proc: subprocess.Popen[bytes], qemu_log: Path, cmd: list[str]) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if proc.poll() is not None:
+                _children.pop(proc.pid, None)
+                tail = qemu_log.read_text(errors="replace").strip()[-1500:]
+                raise HotspareError(f"VM {handle.vm_id}: QEMU exited with {proc.returncode} at start: {tail}\n"
+                                    f"command: {' '.join(cmd)}")
+            try:
+                with self.qmp(handle) as q:
+                    q.execute("query-status")
+                return
+            except QmpError:
+                if time.monotonic() > deadline:
+                    self.kill(handle)
+                    raise HotspareError(f"VM {handle.vm_id}: QEMU's QMP socket did not answer in "
+                                        f"{self.start_timeout:.0f} s; QEMU killed") from None
+                time.sleep(0.05)
+
+    # -- finding and watching ------------------------------------------------------------
+    def find_running(self, workdir: str | os.PathLike[str]) -> VmHandle | None:
+        handle = load_handle(workdir)
+        if handle is None or handle.host != self.kind or not self.is_alive(handle):
+            return None
+        return handle
+
+    def is_alive(self, handle: VmHandle) -> bool:
+        pid = handle.pid
+        if pid is None:
+            return False
+        proc = _children.get(pid)
+        if proc is not None and proc.poll() is not None:
+            del _children[pid]
+            return False
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+            return False  # dead, not yet reaped by its parent
+        return f"guest={handle.vm_id}".encode() in cmdline
+
+    def status(self, handle: VmHandle) -> str:
+        if not self.is_alive(handle):
+            return "gone"
+        try:
+            with self.qmp(handle) as q:
+                return str(q.execute("query-status")["status"])
+        except QmpError:
+            if not self.is_alive(handle):
+                return "gone"
+            raise
+
+    def serial_log(self, handle: VmHandle) -> str:
+        try:
+            return Path(handle.serial_log).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def screendump(self, handle: VmHandle, path: str | os.PathLike[str]) -> Path:
+        target = Path(os.path.abspath(path))
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with self.qmp(handle) as q:
+            try:
+                q.execute("screendump", filename=str(tmp), format="png")
+            except QmpError as err:
+                if err.error_class is None:
+                    raise
+                # A QEMU before 7.1 or built without libpng: take PPM and encode it here.
+                ppm = tmp.with_suffix(".ppm")
+                q.execute("screendump", filename=str(ppm))
+                try:
+                    ppm_to_png(ppm, tmp)
+                finally:
+                    ppm.unlink(missing_ok=True)
+        os.replace(tmp, target)
+        return target
+
+    # -- ending --------------------------------------------------------------------------
+    def stop(self, handle: VmHandle, timeout: float = 30.0,
+             before_quit: Callable[[], object] | None = None) -> None:
+        if not self.is_alive(handle):
+            return
+        try:
+            with self.qmp(handle) as q:
+                q.execute("stop")  # pause the vCPUs: from here the disk does not change
+        except QmpError:
+            if not self.is_alive(handle):
+                return
+            if before_quit is not None:
+                raise  # cannot pause it, so cannot capture its last writes: leave it running
+            self._terminate(handle, timeout)
+            return
+        if before_quit is not None:
+            before_quit()
+        try:
+            with self.qmp(handle) as q:
+                q.execute("quit")
+        except QmpError as err:
+            if err.error_class is not None:
+                raise
+            # The connection dropped: QEMU was already exiting, which is what quit asks for.
+        if not self._wait_gone(handle, timeout):
+            self._terminate(handle, 10.0)
+
+    def kill(self, handle: VmHandle) -> None:
+        if self.is_alive(handle):
+            self._signal(handle, signal.SIGKILL)
+            if not self._wait_gone(handle, 10.0):
+                raise HotspareError(f"VM {handle.vm_id} (pid {handle.pid}) survived SIGKILL for 10 s")
+
+    def _terminate(self, handle: VmHandle, timeout: float) -> None:
+        # SIGTERM makes QEMU flush its images and exit; SIGKILL if it does not.
+        self._signal(handle, signal.SIGTERM)
+        if not self._wait_gone(handle, timeout):
+            self.kill(handle)
+
+    def _signal(self, handle: VmHandle, sig: signal.Signals) -> None:
+        assert handle.pid is not None
+        try:
+            os.kill(handle.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _wait_gone(self, handle: VmHandle, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.is_alive(handle):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True

@@ -31,6 +31,38 @@ StoreOpt = Annotated[Optional[str], typer.Option("--store", envvar="HOTSPARE_STO
 MachineArg = Annotated[str, typer.Argument(help="machine name")]
 
 
+class _ExpectedFaultFilter:
+    """Drops the traceback of an expected fault from console log records: the CLI prints
+    it in one line at the end; the run's logs in the Prefect API keep the full record."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HotspareError):
+            record.exc_info = None
+            record.exc_text = None
+            record.msg = record.getMessage().splitlines()[0]
+            record.args = ()
+        return True
+
+
+def _flows():
+    """Import the flows package (and so Prefect), with its console logging quieted."""
+    import logging
+
+    import flows  # noqa: F401
+    from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    setup_logging()  # otherwise done at the first flow run, after we could add the filter
+
+    seen = set()
+    for logger in [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]:
+        for h in getattr(logger, "handlers", []):
+            if isinstance(h, PrefectConsoleHandler) and id(h) not in seen:
+                seen.add(id(h))
+                h.addFilter(_ExpectedFaultFilter())
+
+
 def _store(url: str | None):
     from hotspare.store import open_store
 
@@ -139,6 +171,7 @@ def ingest_cmd(machine: MachineArg, store: StoreOpt = None) -> None:
     from hotspare.store import open_store
 
     url = open_store(store).url
+    _flows()
     from flows.ingest import ingest
 
     result = ingest(machine=machine, store=url)
@@ -159,6 +192,7 @@ def consolidate_cmd(machine: MachineArg, store: StoreOpt = None,
     from hotspare.store import open_store
 
     url = open_store(store).url
+    _flows()
     from flows.consolidate import consolidate
 
     for r in consolidate(machine=machine, store=url, policy_block=policy_block):

@@ -63,3 +63,9 @@ class InvalidObject(HotspareError):
         self.key = key
         self.reason = reason
         super().__init__(f"{key}: {reason}")
+
+
+def field_error(err: Exception) -> str:
+    """The first fault of a pydantic ValidationError as ``field.path: message``: one line."""
+    first = err.errors()[0]  # type: ignore[attr-defined]
+    return f"{'.'.join(map(str, first['loc'])) or 'document'}: {first['msg']}"

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from hotspare import layout
 from hotspare.catalog.model import utcnow
-from hotspare.errors import InvalidObject, NotFound, UsageError
+from hotspare.errors import InvalidObject, NotFound, UsageError, field_error
 from hotspare.store.base import Store
 
 MACHINE_FORMAT = 1
@@ -115,8 +115,7 @@ def load_machine(store: Store, machine: str) -> MachineConfig:
     try:
         cfg = MachineConfig.model_validate_json(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        raise InvalidObject(key, f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from err
+        raise InvalidObject(key, field_error(err)) from err
     if cfg.name != machine:
         raise InvalidObject(key, f"names machine {cfg.name!r}, expected {machine!r}")
     return cfg

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from hotspare.errors import InvalidObject, NotFound
+from hotspare.errors import InvalidObject, NotFound, field_error
 from hotspare.layout import num, version_of
 from hotspare.store.base import Store
 
@@ -53,8 +53,7 @@ def load(store: Store, prefix: str, version: int, model: type[M]) -> M:
     try:
         obj = model.model_validate_json(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        raise InvalidObject(key, f"invalid {model.__name__}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from err
+        raise InvalidObject(key, f"invalid {model.__name__}: {field_error(err)}") from err
     if getattr(obj, "version", version) != version:
         raise InvalidObject(key, f"holds version {getattr(obj, 'version')}, its key says {version}")
     return obj

@@ -233,3 +233,17 @@ def test_heartbeat_event_reaches_prefect(tmp_path: Path, prefect_api: str) -> No
     ev = page.events[0]
     assert ev.resource["hotspare.mode"] == "normal" and ev.resource["hotspare.epoch"] == "0"
     assert ev.payload["disks"]["root"]["last_seq"] >= 0
+
+
+def test_corrupt_catalog_and_machine_files_give_one_line_errors(tmp_path: Path, store_url: str, store) -> None:
+    image, env = protect(tmp_path, store_url)
+    cli("agent", "m1", "--once", env=env)
+    cli("ingest", "m1", env=env)
+    store.put(layout.catalog_key("m1", "root", 2), b'{"machine": "m1", "disk": "root", "version": "two"}', create_only=True)
+    r = cli("ingest", "m1", env=env, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout
+    assert "catalog/00000000000000000002.json: invalid Catalog: version" in r.stderr
+    store.put(layout.machine_key("m1"), b'{"name": "m1", "disks": []}')
+    r = cli("agent", "m1", "--once", env=env, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "machines/m1/machine.json: disks: List should have at least 1 item" in r.stderr

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import xxhash
 from pydantic import ValidationError
 
-from hotspare.errors import InvalidLog
+from hotspare.errors import InvalidLog, field_error
 from hotspare.extentlog.schema import FORMAT_VERSION, META_KEY, SCHEMA, SECTOR, LogMeta, zero_checksum
 
 
@@ -52,8 +52,7 @@ def _meta(pf: pq.ParquetFile, key: str) -> LogMeta:
     try:
         meta = LogMeta.model_validate_json(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        raise InvalidLog(key, f"bad metadata field {'.'.join(map(str, first['loc']))}: {first['msg']}") from err
+        raise InvalidLog(key, f"bad metadata field {field_error(err)}") from err
     if meta.format_version != FORMAT_VERSION:
         raise InvalidLog(key, f"unknown format version {meta.format_version} (this reader knows {FORMAT_VERSION})")
     if meta.sector_size != SECTOR:

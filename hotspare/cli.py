@@ -270,6 +270,66 @@ def export(
     console.print(f"exported {machine}/{disk} point {p.id} ({p.time.isoformat()}) to {out} as {fmt}")
 
 
+def machine_status(st, machine: str) -> dict:
+    """What ``hotspare status`` reports for one machine, as plain data."""
+    from hotspare.catalog import load_catalog
+    from hotspare.catalog.model import utcnow
+    from hotspare.heartbeat import load_heartbeat
+    from hotspare.machine import load_machine
+    from hotspare.state import load_state
+
+    cfg = load_machine(st, machine)
+    state = load_state(st, machine)
+    hb = load_heartbeat(st, machine)
+    disks = {}
+    for d in cfg.disks:
+        cat = load_catalog(st, machine, d.name, d.size)
+        cur = cat.point("current")
+        disks[d.name] = {
+            "size": d.size, "catalog_version": cat.version, "applied_seq": cat.applied_seq(cat.epoch),
+            "newest_point": cur.id if cur else None, "newest_point_time": cur.time.isoformat() if cur else None,
+            "lag_seconds": round((utcnow() - cur.time).total_seconds(), 1) if cur else None,
+            "logs_not_consolidated": sum(1 for lg in cat.logs if not cur or lg.position > cur.position),
+            "fenced_epochs": [f.epoch for f in cat.fences],
+        }
+    return {
+        "machine": machine, "state": state.state, "epoch": state.epoch,
+        "since": (state.at if state.version else cfg.created_at).isoformat(),
+        "phase": state.phase or None, "host": state.host, "vm": state.vm,
+        "heartbeat": None if hb is None else {"time": hb.time.isoformat(), "age_seconds": round(hb.age, 1),
+                                              "mode": hb.mode, "epoch": hb.epoch,
+                                              "fresh": hb.age <= cfg.policy.heartbeat_window},
+        "policy": cfg.policy.model_dump(), "disks": disks,
+    }
+
+
+@app.command()
+def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (default: all)")] = None,
+           store: StoreOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """Each machine's state, last heartbeat, newest recovery point and replication lag."""
+    from hotspare.machine import list_machines
+
+    st = _store(store)
+    names = [machine] if machine else list_machines(st)
+    report = [machine_status(st, m) for m in names]
+    if as_json:
+        print(json.dumps(report if machine is None else report[0], indent=1))
+        return
+    table = Table(title=f"hotspare machines in {st.url}")
+    for col in ("machine", "state", "epoch", "VM", "heartbeat", "disk", "newest point", "lag"):
+        table.add_column(col)
+    for r in report:
+        hb = r["heartbeat"]
+        hb_text = "never" if hb is None else f"{hb['age_seconds']:.0f}s ago ({hb['mode']})" + ("" if hb["fresh"] else " SILENT")
+        vm = f"{r['host']}:{r['vm'].get('vm_id', '?')}" if r["vm"] else ""
+        for i, (d, info) in enumerate(r["disks"].items()):
+            lag = "" if info["lag_seconds"] is None else f"{info['lag_seconds']:.0f}s"
+            table.add_row(*(r["machine"], r["state"] + (f" ({r['phase']})" if r["phase"] else ""), str(r["epoch"]), vm, hb_text)
+                          if i == 0 else ("", "", "", "", ""), d, info["newest_point"] or "none", lag)
+    console.print(table)
+
+
 @app.command()
 def demo(
     workdir: Annotated[str, typer.Option(help="where the demo keeps its store, images and state")] = "./.hotspare",

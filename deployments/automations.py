@@ -1,0 +1,99 @@
+"""The automations that start failover and failback, applied with ``hotspare deploy``.
+
+- ``hotspare-heartbeat-<machine>``: proactive. Once a heartbeat of the machine has been
+  seen, another is expected within the machine's heartbeat window; if none comes, it runs
+  the ``failover`` deployment for that machine. (On the open-source server a proactive
+  trigger needs ``after`` as well as ``expect``, both the heartbeat, to open its bucket.)
+- ``hotspare-alert-down``: reactive. An outside alerting system posts
+  ``hotspare.machine.down`` for ``hotspare.machine.<machine>`` through Prefect's events API;
+  the same deployment runs for that machine.
+- ``hotspare-restore-heartbeat``: reactive. A restore-mode heartbeat of a fenced machine
+  runs the ``failback`` deployment.
+
+The flows take ``machine`` as given by the event's resource id (``hotspare.machine.<m>``)
+and strip the prefix, so one automation serves every machine.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from prefect.automations import Automation
+from prefect.events.actions import RunDeployment
+from prefect.events.schemas.automations import EventTrigger, Posture
+
+from hotspare.errors import HotspareError
+from hotspare.machine import MachineConfig
+
+HEARTBEAT = "hotspare.machine.heartbeat"
+DOWN = "hotspare.machine.down"
+MACHINE_PARAM = "{{ event.resource.id }}"
+
+
+def _run(deployment_id, **params) -> RunDeployment:
+    return RunDeployment(source="selected", deployment_id=deployment_id,
+                         parameters={"machine": MACHINE_PARAM, **params})
+
+
+def heartbeat_loss(cfg: MachineConfig, failover_id, store_params: dict) -> Automation:
+    resource = f"hotspare.machine.{cfg.name}"
+    return Automation(
+        name=f"hotspare-heartbeat-{cfg.name}",
+        description=f"No heartbeat from {cfg.name} within {cfg.policy.heartbeat_window}s: run failover",
+        trigger=EventTrigger(
+            after={HEARTBEAT}, expect={HEARTBEAT}, match={"prefect.resource.id": resource},
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=max(10, cfg.policy.heartbeat_window)),
+        ),
+        actions=[_run(failover_id, **store_params)],
+    )
+
+
+def alert_down(failover_id, store_params: dict) -> Automation:
+    return Automation(
+        name="hotspare-alert-down",
+        description="An outside alert says a protected machine is down: run failover",
+        trigger=EventTrigger(expect={DOWN}, match={"prefect.resource.id": "hotspare.machine.*"},
+                             for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1),
+        actions=[_run(failover_id, **store_params)],
+    )
+
+
+def restore_heartbeat(failback_id, store_params: dict) -> Automation:
+    return Automation(
+        name="hotspare-restore-heartbeat",
+        description="A fenced machine's agent reports in restore mode: run failback",
+        trigger=EventTrigger(expect={HEARTBEAT}, match={"prefect.resource.id": "hotspare.machine.*",
+                                                        "hotspare.mode": "restore"},
+                             for_each={"prefect.resource.id"}, posture=Posture.Reactive, threshold=1,
+                             within=timedelta(minutes=10)),
+        actions=[_run(failback_id, **store_params)],
+    )
+
+
+def apply(automations: list[Automation]) -> list[str]:
+    """Create each automation, or replace the one of the same name; returns the names."""
+    from prefect.client.orchestration import get_client
+
+    names = []
+    with get_client(sync_client=True) as client:
+        existing = {a.name: a for a in client.read_automations()}
+    for a in automations:
+        old = existing.get(a.name)
+        if old is not None:
+            old.delete()
+        a.create()
+        names.append(a.name)
+    return names
+
+
+def deployment_id(name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(name).id
+        except ObjectNotFound:
+            raise HotspareError(f"deployment {name!r} not found on the Prefect server: run "
+                                "`prefect deploy --prefect-file deployments/prefect.yaml --all` first") from None

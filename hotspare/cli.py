@@ -330,6 +330,114 @@ def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (
     console.print(table)
 
 
+vm_app = typer.Typer(help="The VM a machine failed over to.", no_args_is_help=True)
+app.add_typer(vm_app, name="vm")
+VmDirOpt = Annotated[Optional[str], typer.Option("--vm-dir", envvar="HOTSPARE_VM_DIR",
+                                                 help="where VMs keep their files (default ./.hotspare/vms)")]
+
+
+@app.command("failover")
+def failover_cmd(machine: MachineArg, store: StoreOpt = None,
+                 approve: Annotated[bool, typer.Option(help="approve now instead of waiting in the Prefect UI")] = False,
+                 vm_dir: VmDirOpt = None,
+                 expect_marker: Annotated[bool, typer.Option(help="wait for the demo guest's marker")] = True) -> None:
+    """Fail MACHINE over to a VM booted from its replica (runs the failover flow)."""
+    from hotspare.store import open_store
+
+    url = open_store(store).url
+    _flows()
+    from flows.failover import failover
+
+    state = failover(machine=machine, store=url, approve=approve, vm_dir=vm_dir, expect_marker=expect_marker,
+                     return_state=True)
+    if state.is_completed():
+        result = state.result()
+        console.print(result.message if hasattr(result, "message") else str(result))
+        return
+    if state.is_cancelled():
+        raise HotspareError(state.message or "failover cancelled")
+    state.result()  # re-raises the flow's error, printed in one line by main()
+
+
+def _running_vm(st, machine: str, vm_dir: str | None):
+    from hotspare import failover as engine
+    from hotspare.state import load_state
+    from hotspare.vm.host import VmHandle
+
+    state = load_state(st, machine)
+    if state.state != "failed-over" or not state.vm:
+        raise HotspareError(f"{machine} has no failed-over VM (state {state.state})")
+    handle = VmHandle.model_validate(state.vm)
+    return state, handle, engine.vm_host(state.host or "local"), engine.vm_dir(machine, vm_dir)
+
+
+@vm_app.command("capture")
+def vm_capture(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = None,
+               interval: Annotated[float, typer.Option(help="seconds between captures")] = 2.0) -> None:
+    """Ship the failed-over VM's writes as extent logs until it stops (run by failover)."""
+    import threading
+
+    from hotspare.machine import load_machine
+    from hotspare.state import load_state
+    from hotspare.vm.capture import VmCapture
+    from hotspare.vm.host import VmHandle, load_handle
+
+    st = _store(store)
+    cfg = load_machine(st, machine)
+    from hotspare import failover as engine
+
+    workdir = engine.vm_dir(machine, vm_dir)
+    handle = load_handle(workdir)
+    if handle is None:
+        raise HotspareError(f"no VM handle in {workdir}")
+    state = load_state(st, machine)
+    epoch = state.epoch + (1 if state.state == "failing-over" else 0)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    cap = VmCapture(engine.vm_host(state.host or "local"), VmHandle.model_validate(handle.model_dump()), st,
+                    disk=cfg.disks[0].name, epoch=epoch, disk_size=cfg.disks[0].size)
+    cap.run(interval=interval, stop=stop, on_ship=lambda keys: console.print(f"shipped {len(keys)} log(s)"))
+
+
+@vm_app.command("stop")
+def vm_stop(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = None) -> None:
+    """Stop MACHINE's failed-over VM cleanly, its last writes shipped first, without failing back."""
+    from hotspare import failover as engine
+    from hotspare.machine import load_machine
+    from hotspare.state import commit_state
+    from hotspare.vm.capture import VmCapture
+
+    st = _store(store)
+    cfg = load_machine(st, machine)
+    state, handle, host, workdir = _running_vm(st, machine, vm_dir)
+    engine.stop_capture(workdir)
+    keys = VmCapture(host, handle, st, disk=cfg.disks[0].name, epoch=state.epoch,
+                     disk_size=cfg.disks[0].size).final_capture()
+    commit_state(st, state.next(step="vm-stopped", vm=None))
+    console.print(f"stopped VM {handle.vm_id} of {machine}; its last writes went out in {len(keys)} log(s). "
+                  f"The replica (epoch {state.epoch}) is the truth; run 'hotspare consolidate {machine}'.")
+
+
+@app.command()
+def deploy(machines: Annotated[Optional[list[str]], typer.Argument(help="machines (default: all)")] = None,
+           store: StoreOpt = None,
+           store_block: Annotated[Optional[str], typer.Option(help="store block the automations pass to flows")] = None) -> None:
+    """Apply the detection automations (heartbeat loss, alerts, restore) to the Prefect server."""
+    from hotspare.machine import list_machines, load_machine
+
+    st = _store(store)
+    _flows()
+    from deployments import automations as auto
+
+    params = {"store_block": store_block} if store_block else {"store": st.url}
+    failover_id = auto.deployment_id("failover/failover")
+    items = [auto.heartbeat_loss(load_machine(st, m), failover_id, params) for m in (machines or list_machines(st))]
+    items.append(auto.alert_down(failover_id, params))
+    for name in auto.apply(items):
+        console.print(f"automation {name} applied")
+
+
 @app.command()
 def demo(
     workdir: Annotated[str, typer.Option(help="where the demo keeps its store, images and state")] = "./.hotspare",

@@ -1,0 +1,164 @@
+"""The failover flow: confirm the machine is silent, get an approval (or apply the
+auto-approve policy), fence its epoch, catch up the last logs, materialise the boot disk,
+launch the VM, verify it booted, start capturing its writes, record the state.
+
+Each step is recorded in the machine's state chain, so a re-run after a crash continues
+from the last committed step; the VM's work directory holds its handle, so a second launch
+adopts the running VM instead of starting another.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+from prefect.states import Cancelled, Completed
+from pydantic import BaseModel
+
+from flows.consolidate import consolidate
+from hotspare import failover as engine
+from hotspare.catalog import load_catalog
+from hotspare.consolidate.export import export_point, find_point
+from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.fence import fence_disk
+from hotspare.machine import load_machine
+from hotspare.state import MachineState, commit_state, load_state
+from hotspare.vm.host import VmSpec
+from tasks.common import resolve_store
+from tasks.events import emit_machine_event
+
+
+class Approval(RunInput):
+    approve: bool = False
+    by: str = ""
+    why: str = ""
+
+
+class FailoverResult(BaseModel):
+    machine: str
+    outcome: str  # failed-over, refused, rejected, timed-out, already
+    message: str
+    epoch: int | None = None
+    vm_id: str | None = None
+    accel: str | None = None
+    marker: int | None = None
+
+
+def _step(event: str, machine: str, state: MachineState, **payload) -> None:
+    get_run_logger().info("%s: %s", event, payload or "")
+    emit_machine_event(f"hotspare.failover.{event}", machine, epoch=state.epoch, payload=payload)
+
+
+def _ask_approval(machine: str, silence: str, timeout: int) -> Approval:
+    description = (f"**Fail over {machine}?** Its {silence}. Approving fences the machine's epoch and boots "
+                   f"its replica as a VM. Reject if the machine is only unreachable, not down.")
+    return pause_flow_run(wait_for_input=Approval.with_initial_data(description=description, approve=False, by=""),
+                          timeout=timeout, poll_interval=2)
+
+
+@flow(name="failover", flow_run_name="failover {machine}")
+def failover(machine: str, store: str | None = None, store_block: str | None = None, approve: bool = False,
+             vm_dir: str | None = None, expect_marker: bool = True):
+    """Fail ``machine`` over to a VM booted from its replica (see the module docstring)."""
+    machine = engine.machine_name(machine)
+    logger = get_run_logger()
+    st = resolve_store(store, store_block)
+    cfg = load_machine(st, machine)
+    policy = cfg.policy
+    state = load_state(st, machine)
+    workdir = engine.vm_dir(machine, vm_dir)
+
+    if state.state == "failed-over":
+        msg = f"{machine} is already failed over (epoch {state.epoch}, VM {state.vm and state.vm.get('vm_id')})"
+        return Completed(message=msg, data=FailoverResult(machine=machine, outcome="already", message=msg))
+    if state.state == "failing-back":
+        raise HotspareError(f"{machine} is failing back; a failover now would fight it")
+    if state.state == "protected":
+        try:
+            silence = engine.check_silent(st, cfg, state)
+        except engine.MachineAlive as err:
+            _step("refused", machine, state, reason=str(err))
+            return Cancelled(message=str(err), data=FailoverResult(machine=machine, outcome="refused", message=str(err)))
+        _step("silent", machine, state, detail=silence)
+        if approve or policy.auto_approve:
+            answer = Approval(approve=True, by="policy" if policy.auto_approve else "operator (--approve)",
+                              why="auto-approve" if policy.auto_approve else "approved when started")
+        else:
+            _step("approval-requested", machine, state)
+            try:
+                answer = _ask_approval(machine, silence, policy.approval_timeout)
+            except FlowPauseTimeout:
+                answer = Approval(approve=False, by="timeout", why=f"no answer in {policy.approval_timeout}s")
+        create_markdown_artifact(f"**Failover of {machine}**: {'approved' if answer.approve else 'rejected'} "
+                                 f"by {answer.by or 'unknown'}: {answer.why or '(no reason given)'}",
+                                 key=f"failover-approval-{_slug(machine)}", description="failover approval")
+        if not answer.approve:
+            outcome = "timed-out" if answer.by == "timeout" else "rejected"
+            msg = f"failover of {machine} {outcome.replace('-', ' ')} by {answer.by}: {answer.why}"
+            _step(outcome, machine, state, by=answer.by, why=answer.why)
+            return Cancelled(message=msg, data=FailoverResult(machine=machine, outcome=outcome, message=msg))
+        # The machine may have come back while the operator decided.
+        try:
+            engine.check_silent(st, cfg, state)
+        except engine.MachineAlive as err:
+            return Cancelled(message=str(err), data=FailoverResult(machine=machine, outcome="refused", message=str(err)))
+        try:
+            state = commit_state(st, state.next(state="failing-over", step="approved", reason=silence,
+                                                flow_run_id=str(flow_run.id), host=policy.host,
+                                                approval=answer.model_dump()))
+        except AlreadyExists:
+            msg = f"another flow moved {machine} first; not failing over twice"
+            return Cancelled(message=msg, data=FailoverResult(machine=machine, outcome="already", message=msg))
+    # state is failing-over: continue from its last step.
+    old_epoch = state.epoch
+    for d in cfg.disks:
+        fence_disk(st, machine, d, old_epoch, reason=f"failover run {flow_run.id}")
+    _step("fenced", machine, state, epoch=old_epoch)
+    consolidate(machine=machine, store=st.url if store_block is None else None, store_block=store_block)
+    boot = cfg.disks[0]
+    cat = load_catalog(st, machine, boot.name, boot.size)
+    point = find_point(cat)
+    workdir.mkdir(parents=True, exist_ok=True)
+    image = workdir / f"boot-{point.id}.raw"
+    if not image.exists():
+        export_point(st, cat, point, "raw", image)
+    _step("materialised", machine, state, point=point.id)
+    host = engine.vm_host(policy.host)
+    handle = host.launch(VmSpec(machine=machine, boot_disk=image, format="raw", cpus=policy.vm_cpus,
+                                memory_mib=policy.vm_memory_mib, workdir=workdir))
+    state = _commit(st, state.next(step="launched", vm=handle.model_dump(mode="json")))
+    _step("launched", machine, state, vm_id=handle.vm_id, accel=handle.accel)
+    marker = host.wait_for_marker(handle, timeout=120).counter if expect_marker else None
+    status = host.status(handle)
+    if status != "running":
+        raise HotspareError(f"VM {handle.vm_id} of {machine} is {status}, not running")
+    shot = host.screendump(handle, workdir / "screen.png")
+    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(Path(shot).read_bytes()).decode(),
+                          key=f"failover-screen-{_slug(machine)}", description=f"{machine}'s VM screen after boot")
+    engine.start_capture(st.url, machine, workdir)
+    state = _commit(st, state.next(state="failed-over", step="verified", epoch=old_epoch + 1))
+    _step("failed-over", machine, state, vm_id=handle.vm_id, accel=handle.accel, marker=marker)
+    create_table_artifact([{"machine": machine, "point": point.id, "new epoch": old_epoch + 1, "host": policy.host,
+                            "VM": handle.vm_id, "accel": handle.accel, "QMP status": status,
+                            "guest marker": marker if marker is not None else "", "VM dir": str(workdir)}],
+                          key=f"failover-{_slug(machine)}", description=f"Failover of {machine}")
+    logger.info("%s failed over: VM %s (%s), epoch %d", machine, handle.vm_id, handle.accel, old_epoch + 1)
+    return FailoverResult(machine=machine, outcome="failed-over", message=f"{machine} runs as VM {handle.vm_id}",
+                          epoch=old_epoch + 1, vm_id=handle.vm_id, accel=handle.accel, marker=marker)
+
+
+def _commit(st, state: MachineState) -> MachineState:
+    try:
+        return commit_state(st, state)
+    except AlreadyExists:
+        raise HotspareError(f"{state.machine}'s state moved under this failover (another flow?); stopping") from None
+
+
+def _slug(machine: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in machine.lower())

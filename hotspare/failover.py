@@ -1,0 +1,111 @@
+"""The engine side of failover: the checks and the pieces the failover flow strings together.
+
+Split brain is worse than downtime: a machine whose heartbeat is fresh is never failed
+over, and the check is made again after the approval, just before the fence.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hotspare.errors import HotspareError, UsageError
+from hotspare.heartbeat import load_heartbeat
+from hotspare.machine import MachineConfig
+from hotspare.state import MachineState
+from hotspare.store.base import Store
+from hotspare.vm.host import VmHost
+
+RESOURCE_PREFIX = "hotspare.machine."
+
+
+class MachineAlive(HotspareError):
+    """The machine still sends heartbeats: failing over would make two writers."""
+
+
+def machine_name(value: str) -> str:
+    """A machine name, also when an automation passes the event's resource id."""
+    return value.removeprefix(RESOURCE_PREFIX)
+
+
+def check_silent(store: Store, cfg: MachineConfig, state: MachineState) -> str:
+    """Raise MachineAlive if the machine's heartbeat is fresh; else say how silent it is."""
+    hb = load_heartbeat(store, cfg.name)
+    window = cfg.policy.heartbeat_window
+    if hb is None:
+        return "no heartbeat ever received"
+    if hb.mode == "normal" and hb.epoch == state.epoch and hb.age <= window:
+        raise MachineAlive(f"machine {cfg.name} sent a heartbeat {hb.age:.0f}s ago (window {window}s): "
+                           "refusing to fail over a live machine")
+    return f"last heartbeat {hb.age:.0f}s ago (window {window}s)"
+
+
+def vm_dir(machine: str, root: str | None = None) -> Path:
+    base = root or os.environ.get("HOTSPARE_VM_DIR") or "./.hotspare/vms"
+    return Path(base).absolute() / machine
+
+
+def vm_host(kind: str) -> VmHost:
+    """The VM host a policy names: local, docker, ec2 (configured from the environment)."""
+    if kind == "local":
+        from hotspare.vm.local import LocalQemuHost
+
+        return LocalQemuHost()
+    if kind == "docker":
+        from hotspare.vm.docker import DockerQemuHost
+
+        return DockerQemuHost()
+    raise UsageError(f"VM host {kind!r} is not available here: use local or docker")
+
+
+# -- the capture process of a VM's writes ------------------------------------------------
+
+def capture_pidfile(workdir: Path) -> Path:
+    return workdir / "capture.pid"
+
+
+def start_capture(store_url: str, machine: str, workdir: Path, interval: float = 2.0) -> int:
+    """Start ``hotspare vm capture`` detached from this process (it must outlive the flow),
+    unless one already runs for ``workdir``; returns its pid."""
+    pid = capture_pid(workdir)
+    if pid is not None:
+        return pid
+    log = open(workdir / "capture.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "hotspare.cli", "vm", "capture", machine, "--store", store_url,
+                             "--vm-dir", str(workdir.parent), "--interval", str(interval)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    capture_pidfile(workdir).write_text(str(proc.pid))
+    return proc.pid
+
+
+def capture_pid(workdir: Path) -> int | None:
+    try:
+        pid = int(capture_pidfile(workdir).read_text())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    try:  # a zombie of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split()[2] == "Z":
+                return None
+    except OSError:
+        return None
+    return pid
+
+
+def stop_capture(workdir: Path, timeout: float = 30.0) -> None:
+    pid = capture_pid(workdir)
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while capture_pid(workdir) is not None:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    capture_pidfile(workdir).unlink(missing_ok=True)

@@ -77,13 +77,11 @@ def apply(automations: list[Automation]) -> list[str]:
 
     names = []
     with get_client(sync_client=True) as client:
-        existing = {a.name: a for a in client.read_automations()}
-    for a in automations:
-        old = existing.get(a.name)
-        if old is not None:
-            old.delete()
-        a.create()
-        names.append(a.name)
+        for a in automations:
+            for old in client.read_automations_by_name(a.name):
+                client.delete_automation(old.id)
+            a.create()
+            names.append(a.name)
     return names
 
 

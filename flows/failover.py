@@ -55,14 +55,28 @@ def _step(event: str, machine: str, state: MachineState, **payload) -> None:
     emit_machine_event(f"hotspare.failover.{event}", machine, epoch=state.epoch, payload=payload)
 
 
-def _ask_approval(machine: str, silence: str, timeout: int) -> Approval:
-    description = (f"**Fail over {machine}?** Its {silence}. Approving fences the machine's epoch and boots "
-                   f"its replica as a VM. Reject if the machine is only unreachable, not down.")
-    return pause_flow_run(wait_for_input=Approval.with_initial_data(description=description, approve=False, by=""),
-                          timeout=timeout, poll_interval=2)
+def ask_approval(description: str, timeout: int) -> Approval:
+    """Pause for an Approval; no answer within ``timeout`` seconds is a rejection. Shared
+    with failback's cut-over."""
+    try:
+        return pause_flow_run(wait_for_input=Approval.with_initial_data(description=description, approve=False, by=""),
+                              timeout=timeout, poll_interval=2)
+    except FlowPauseTimeout:
+        # The server refuses any end state but Failed for a run whose pause expired; put
+        # the run back to Running so that it can end as a clear rejection instead.
+        from prefect.client.orchestration import get_client
+        from prefect.states import Running
+
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Running(message="approval timed out"), force=True)
+        return Approval(approve=False, by="timeout", why=f"no answer in {timeout}s")
 
 
-@flow(name="failover", flow_run_name="failover {machine}")
+def _run_name() -> str:
+    return f"failover {engine.machine_name(flow_run.parameters['machine'])}"
+
+
+@flow(name="failover", flow_run_name=_run_name)
 def failover(machine: str, store: str | None = None, store_block: str | None = None, approve: bool = False,
              vm_dir: str | None = None, expect_marker: bool = True):
     """Fail ``machine`` over to a VM booted from its replica (see the module docstring)."""
@@ -91,10 +105,9 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
                               why="auto-approve" if policy.auto_approve else "approved when started")
         else:
             _step("approval-requested", machine, state)
-            try:
-                answer = _ask_approval(machine, silence, policy.approval_timeout)
-            except FlowPauseTimeout:
-                answer = Approval(approve=False, by="timeout", why=f"no answer in {policy.approval_timeout}s")
+            answer = ask_approval(f"**Fail over {machine}?** Its {silence}. Approving fences the machine's epoch "
+                                  "and boots its replica as a VM. Reject if the machine is only unreachable, "
+                                  "not down.", policy.approval_timeout)
         create_markdown_artifact(f"**Failover of {machine}**: {'approved' if answer.approve else 'rejected'} "
                                  f"by {answer.by or 'unknown'}: {answer.why or '(no reason given)'}",
                                  key=f"failover-approval-{_slug(machine)}", description="failover approval")

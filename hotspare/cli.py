@@ -82,11 +82,13 @@ def protect(
     block_size_kib: Annotated[int, typer.Option(help="tracked block size in KiB")] = 64,
     heartbeat_window: Annotated[Optional[int], typer.Option(help="seconds without heartbeat before failover")] = None,
     auto_approve: Annotated[Optional[bool], typer.Option("--auto-approve/--require-approval", help="approval policy")] = None,
-    host: Annotated[Optional[str], typer.Option(help="VM host: local, docker, ec2 or a VM host block name")] = None,
+    host: Annotated[Optional[str], typer.Option(help="VM host after a failover: local, docker or ec2")] = None,
 ) -> None:
     """Register MACHINE and its disks in the store (or update its policy)."""
+    from pydantic import ValidationError
+
     from hotspare import layout
-    from hotspare.errors import AlreadyExists, UsageError
+    from hotspare.errors import AlreadyExists, UsageError, field_error
     from hotspare.machine import MachineConfig, Policy, load_machine, parse_disk_arg, save_machine
 
     layout.check_name("machine", machine)
@@ -98,8 +100,8 @@ def protect(
                                             host=host).items() if v is not None}
     try:
         cfg = MachineConfig(name=machine, disks=disks, policy=Policy(**policy_changes))
-    except ValueError as err:
-        raise UsageError(f"machine {machine}: {err}") from None
+    except ValidationError as err:
+        raise UsageError(f"machine {machine}: {field_error(err)}") from None
     try:
         save_machine(st, cfg, create_only=True)
         console.print(f"protected [bold]{machine}[/]: " + ", ".join(f"{d.name} ({d.size} bytes, {d.path})" for d in disks))
@@ -438,10 +440,20 @@ def deploy(machines: Annotated[Optional[list[str]], typer.Argument(help="machine
         console.print(f"automation {name} applied")
 
 
+@app.command("demo-disk")
+def demo_disk(path: Annotated[Path, typer.Argument(help="image file to write")],
+              size: Annotated[int, typer.Option(help="size in MiB")] = 64) -> None:
+    """Build the bootable demo machine's disk image (Debian kernel, busybox, syslinux)."""
+    from hotspare.demodisk import build_demo_disk
+
+    build_demo_disk(path, size)
+    console.print(f"built {path} ({size} MiB): boots from its own boot loader and writes a counter to partition 2")
+
+
 @app.command()
 def demo(
     workdir: Annotated[str, typer.Option(help="where the demo keeps its store, images and state")] = "./.hotspare",
-    size_mib: Annotated[int, typer.Option(help="size of the demo disk image, MiB")] = 256,
+    size_mib: Annotated[int, typer.Option(help="size of the demo disk image, MiB")] = 64,
 ) -> None:
     """Run the whole cycle on a demo machine with embedded defaults."""
     from hotspare.demo import run_demo

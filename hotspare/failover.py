@@ -59,7 +59,15 @@ def vm_host(kind: str) -> VmHost:
         from hotspare.vm.docker import DockerQemuHost
 
         return DockerQemuHost()
-    raise UsageError(f"VM host {kind!r} is not available here: use local or docker")
+    if kind == "ec2":
+        from hotspare.vm.ec2 import Ec2Host
+        from hotspare.vm.ec2_config import Ec2HostConfig
+
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not region:
+            raise UsageError("VM host ec2 needs a region: set AWS_REGION")
+        return Ec2Host(Ec2HostConfig(region=region))
+    raise UsageError(f"VM host {kind!r} is unknown: use local, docker or ec2")
 
 
 # -- the capture process of a VM's writes ------------------------------------------------

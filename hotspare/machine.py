@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -26,7 +27,7 @@ class Policy(BaseModel):
     heartbeat_window: int = Field(60, ge=10, description="seconds without a heartbeat before the machine counts as down")
     auto_approve: bool = Field(False, description="fail over and cut over without waiting for an operator")
     approval_timeout: int = Field(3600, ge=1, description="seconds to wait for an approval before rejecting")
-    host: str = Field("local", description="VM host: local, docker, ec2 or the name of a VM host block")
+    host: Literal["local", "docker", "ec2"] = Field("local", description="where the VM runs after a failover")
     vm_cpus: int = Field(1, ge=1)
     vm_memory_mib: int = Field(512, ge=64)
     retention_points: int = Field(24, ge=1, description="recovery points kept")

@@ -25,6 +25,7 @@ import pytest
 
 from hotspare.store import Store, open_store
 from tests.fixtures_demo import demo_disk, demo_disk_image, qemu_system  # noqa: F401
+from tests.fixtures_docker import dockerd, qemu_runner_image  # noqa: F401
 from tests.fixtures_prefect import prefect_api  # noqa: F401
 
 

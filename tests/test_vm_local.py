@@ -25,7 +25,7 @@ from hotspare.extentlog import iter_extents, validate_log
 from hotspare.replay import apply_log
 from hotspare.store import Store, open_store
 from hotspare.vm import LocalQemuHost, QmpError, VmCapture, VmHandle, VmSpec
-from hotspare.vm.png import SIGNATURE, png_size
+from hotspare.vm.png import SIGNATURE, png_size, ppm_to_png
 from tests.helpers import require, same_file
 
 MACHINE, DISK, EPOCH = "web1", "disk0", 1
@@ -144,6 +144,11 @@ def test_vm_boots_is_captured_and_stops(vms: Vms, demo_disk: Path, tmp_path: Pat
     assert png.read_bytes()[:8] == SIGNATURE
     width, height = png_size(png)
     assert width >= 320 and height >= 200
+    # The fallback for QEMUs without PNG screendumps: QEMU's PPM, encoded here.
+    with host.qmp(handle) as q:
+        q.execute("screendump", filename=str(tmp_path / "screen.ppm"))
+    assert ppm_to_png(tmp_path / "screen.ppm", tmp_path / "from-ppm.png") == (width, height)
+    assert png_size(tmp_path / "from-ppm.png") == (width, height)
     with host.qmp(handle) as q, pytest.raises(QmpError, match="no-such-command.*CommandNotFound"):
         q.execute("no-such-command")
 
@@ -164,9 +169,13 @@ def test_vm_boots_is_captured_and_stops(vms: Vms, demo_disk: Path, tmp_path: Pat
     worker = threading.Thread(target=loop, name="capture")
     worker.start()
     try:
+        polls = 0
         while len(shipped) < 5 and time.monotonic() - capture_started < 60 and not errors:
             for m in parse_markers(host.serial_log(handle)):
                 seen.setdefault(m.counter, time.monotonic())
+            polls += 1
+            if polls % 10 == 0:  # QMP queries from here while the capture uses QMP too
+                assert host.status(handle) == "running"
             time.sleep(0.05)
     finally:
         stop.set()

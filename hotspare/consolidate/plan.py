@@ -17,10 +17,10 @@ import numpy as np
 from hotspare.consolidate.sources import BlockSources, Sources
 from hotspare.errors import HotspareError
 from hotspare.vhd import DynamicLayout, VhdReader
-from hotspare.vhd.spec import SECTOR_SIZE
 
-MIN_WINDOW = 8 << 20  # S3's 5 MiB part minimum, with room to spare
-MAX_PARTS = 9000  # S3 allows 10,000
+MIN_PART = 5 << 20  # S3's smallest part (but the last)
+MAX_DATA = 32 << 20  # a data part built in memory at once
+MAX_PARTS = 10_000  # S3's limit
 MAX_COPY = 5 << 30  # S3's largest part
 
 
@@ -80,27 +80,67 @@ def plan_vhd(size: int, sources: Sources, previous: str | None, previous_layout_
 
 
 def _windows(plan: VhdPlan) -> list[Window]:
+    """Cut the new object into parts: changed stretches (head, rebuilt slots, appended
+    tail) become data parts of at least MIN_PART, grown into their unchanged neighbours
+    only as far as S3's part minimum needs; unchanged stretches between them become copy
+    parts. Uploads then follow the changed slots, not a fixed grid."""
     lay = plan.layout
     total = lay.file_size
-    w = max(MIN_WINDOW, -(-total // MAX_PARTS))
-    w = -(-w // SECTOR_SIZE) * SECTOR_SIZE
-    count = max(1, total // w)
-    dirty = np.zeros(count, dtype=bool)
-
-    def mark(a: int, b: int) -> None:  # bytes [a, b) change
-        dirty[min(a // w, count - 1): min((b - 1) // w, count - 1) + 1] = True
-
-    mark(0, lay.first_block_offset)  # head: footer copy, header, BAT
-    mark(plan.previous_footer if plan.previous else lay.first_block_offset, total)  # appended slots + footer
-    for b in plan.changed:
+    dirty: list[list[int]] = [[0, lay.first_block_offset]]
+    tail = plan.previous_footer if plan.previous else lay.first_block_offset
+    for b in sorted(plan.changed, key=lambda b: plan.slot_of[b]):
         start = lay.slot_offset(plan.slot_of[b])
-        mark(start, start + lay.slot_size)
-    windows: list[Window] = []
-    for i in range(count):
-        start, end = i * w, (total if i == count - 1 else (i + 1) * w)
-        prev = windows[-1] if windows else None
-        if not dirty[i] and prev is not None and prev.copy and end - prev.start <= MAX_COPY:
-            prev.end = end  # adjacent clean windows: one larger server-side copy
+        if start < tail:
+            dirty.append([start, start + lay.slot_size])
+    dirty.append([tail, total])
+    merged: list[list[int]] = []
+    for a, b in sorted(dirty):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
         else:
-            windows.append(Window(len(windows) + 1, start, end, copy=not dirty[i]))
+            merged.append([a, b])
+    # Absorb clean gaps too small to be a copy part, then grow short data stretches.
+    spans: list[list[int]] = []
+    for a, b in merged:
+        if spans and a - spans[-1][1] < MIN_PART:
+            spans[-1][1] = b
+        else:
+            spans.append([a, b])
+    for i, span in enumerate(spans):
+        if span[1] - span[0] >= MIN_PART or span[1] == total:
+            continue
+        nxt = spans[i + 1][0] if i + 1 < len(spans) else total
+        need = MIN_PART - (span[1] - span[0])
+        # Every gap is at least MIN_PART now: take what is needed, or the whole gap when
+        # the rest would be too short to copy (the span then joins the next one).
+        span[1] += need if nxt - span[1] - need >= MIN_PART else nxt - span[1]
+    spans = _merge_touching(spans)
+    windows: list[Window] = []
+    at = 0
+    for a, b in spans:
+        if a > at:
+            _add(windows, at, a, copy=True, limit=MAX_COPY)
+        _add(windows, a, b, copy=False, limit=MAX_DATA)
+        at = b
+    if len(windows) > MAX_PARTS:
+        raise HotspareError(f"{plan.previous}: {len(windows)} parts needed, S3 allows {MAX_PARTS}")
     return windows
+
+
+def _merge_touching(spans: list[list[int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for a, b in spans:
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _add(windows: list[Window], a: int, b: int, *, copy: bool, limit: int) -> None:
+    """Append [a, b) as parts of at most ``limit`` bytes, split evenly (each >= MIN_PART)."""
+    count = max(1, -(-(b - a) // limit))
+    for i in range(count):
+        start = a + (b - a) * i // count
+        end = a + (b - a) * (i + 1) // count
+        windows.append(Window(len(windows) + 1, start, end, copy=copy))

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -99,17 +100,17 @@ def copy_window(store: Store, build: VhdBuild, token: str, number: int) -> PartR
     return store.compose_part(build.key, token, w.number, w.start, [CopyRange(build.previous, w.start, w.end - w.start)])
 
 
-def run_build(store: Store, build: VhdBuild, *, on_job=None) -> list[PartReceipt]:
-    """Build ``build`` in this process (the flow maps the same steps to tasks)."""
+def run_build(store: Store, build: VhdBuild, *, workers: int = 4) -> list[PartReceipt]:
+    """Build ``build`` in this process, ``workers`` parts at a time (the flow maps the same
+    steps to tasks instead). Copies and builds overlap: the server copies while we build."""
     if build.exists:
         return []
     token = store.begin_compose(build.key)
     try:
-        receipts = [copy_window(store, build, token, w.number) for w in build.plan.windows if w.copy]
-        for job in build.jobs(store, token):
-            receipts += run_job(store, job)
-            if on_job:
-                on_job(job)
+        with ThreadPoolExecutor(workers, thread_name_prefix="hotspare-build") as pool:
+            copies = [pool.submit(copy_window, store, build, token, w.number) for w in build.plan.windows if w.copy]
+            jobs = [pool.submit(run_job, store, job) for job in build.jobs(store, token)]
+            receipts = [f.result() for f in copies] + [r for f in jobs for r in f.result()]
         finish_build(store, build, token, receipts)
     except BaseException:
         store.abort_compose(build.key, token)

@@ -20,7 +20,8 @@ Terms:
 Engine code: no Prefect here.
 """
 
-from hotspare.vm.capture import CaptureState, VmCapture
+from hotspare.vm.capture import VmCapture
+from hotspare.vm.capture_state import CaptureState
 from hotspare.vm.host import VmHandle, VmHost, VmSpec, load_handle, save_handle
 from hotspare.vm.local import LocalQemuHost
 from hotspare.vm.qmp import QmpClient, QmpError, qmp_execute

@@ -7,8 +7,8 @@ One capture step (:meth:`VmCapture.ship_once`), every few seconds:
    until now is frozen; QEMU flushes it as part of the switch;
 2. ship: the ranges the frozen overlay itself holds (``qemu-img map`` of that file alone)
    are read straight from the qcow2 file at their mapped offsets (zero clusters become
-   null extents), written as one extent log whose seqs continue the epoch's, and uploaded
-   create-only to ``layout.log_key``;
+   null extents), written as an extent log whose seqs continue the epoch's (more than one
+   past LOG_TARGET bytes), and uploaded create-only to ``layout.log_key``;
 3. commit: the shipped overlay is folded into ``base.qcow2`` (QMP ``block-commit``) and
    deleted.
 
@@ -44,14 +44,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import BaseModel, Field, ValidationError
-
 from hotspare import layout
 from hotspare.errors import AlreadyExists, HotspareError, StoreError
 from hotspare.extentlog import Extent, LogWriter
 from hotspare.extentlog.schema import MAX_EXTENT
+from hotspare.faults import crash_point
 from hotspare.store.base import Store
 from hotspare.vm import chain
+from hotspare.vm.capture_state import CaptureState, last_shipped_seq, load_state, save_state
 from hotspare.vm.host import VmHandle
 from hotspare.vm.local import file_lock
 from hotspare.vm.qmp import QmpClient, QmpError
@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL = 2.0
 COMMIT_TIMEOUT = 300.0
+MAX_FROZEN = 8  # frozen overlays waiting for the store before rotation pauses
+# A log is closed at about this many data bytes, as the agent does, so that a large
+# backlog never makes one huge object.
+LOG_TARGET = 64 << 20
 
 
 class QmpHost(Protocol):
@@ -69,16 +73,6 @@ class QmpHost(Protocol):
     def is_alive(self, handle: VmHandle) -> bool: ...
     def stop(self, handle: VmHandle, timeout: float = 30.0,
              before_quit: Callable[[], object] | None = None) -> None: ...
-
-
-class CaptureState(BaseModel):
-    machine: str
-    disk: str
-    epoch: int = Field(ge=0)
-    disk_size: int = Field(gt=0)
-    last_seq: int = Field(-1, ge=-1, description="last seq uploaded in this epoch")
-    shipped: list[str] = Field(default_factory=list,
-                               description="frozen overlays whose extents are uploaded, not yet committed")
 
 
 class VmCapture:
@@ -93,7 +87,7 @@ class VmCapture:
         size = self.virtual_size if disk_size is None else disk_size
         self.state_path = self.workdir / f"capture-{layout.check_name('disk', disk)}.json"
         self._lock = threading.Lock()
-        self.state = self._load() or CaptureState(machine=handle.machine, disk=disk, epoch=epoch, disk_size=size)
+        self.state = load_state(self.state_path) or CaptureState(machine=handle.machine, disk=disk, epoch=epoch, disk_size=size)
         if (self.state.machine, self.state.disk, self.state.epoch, self.state.disk_size) != (handle.machine, disk, epoch, size):
             raise HotspareError(f"{self.state_path}: capture state is for machine {self.state.machine} disk "
                                 f"{self.state.disk} epoch {self.state.epoch} size {self.state.disk_size}, not "
@@ -103,27 +97,30 @@ class VmCapture:
     def ship_once(self) -> list[str]:
         """Rotate, ship and commit once; returns the keys of the logs uploaded (none when the
         guest wrote nothing since the last step)."""
+        return self._step(final=False)
+
+    def _step(self, final: bool) -> list[str]:
         with self._lock, file_lock(self.workdir / "capture.lock"):
-            self._catch_up_seq()
+            self.state.last_seq = last_shipped_seq(self.store, self.state)
             live = self.host.is_alive(self.handle)
             if live:
                 try:
-                    base, frozen, active = self._rotate()
+                    base, frozen, active = self._rotate(force=final)
                 except QmpError:
                     if self.host.is_alive(self.handle):
                         raise
                     live = False
+                crash_point("vm-capture-after-rotate")
             if not live:
                 layers = chain.chain_from_files(self.workdir, self.handle.boot_disk)
                 base, frozen = (layers[0], layers[1:]) if layers else ("", [])
             keys = []
             for overlay in frozen:  # oldest first, so seqs follow the order of the writes
                 if overlay not in self.state.shipped:
-                    key = self._ship(overlay)
-                    if key:
-                        keys.append(key)
+                    keys += self._ship(overlay)
+                    crash_point("vm-capture-after-upload")
                     self.state.shipped.append(overlay)
-                    self._save()
+                    save_state(self.state_path, self.state)
             if live:
                 try:
                     self._commit(base, frozen, active)
@@ -133,15 +130,20 @@ class VmCapture:
                     # Died after the upload: what is shipped is recorded; the next step is offline.
             return keys
 
-    def _rotate(self) -> tuple[str, list[str], str]:
+    def _rotate(self, force: bool) -> tuple[str, list[str], str]:
         """Freeze the active overlay under a new one; (base, frozen overlays oldest first,
-        new active overlay)."""
+        active overlay). While the store is failing, frozen overlays pile up; past
+        MAX_FROZEN the active one is left to grow instead, so that the chain (and QEMU's
+        open files) stays bounded; the final capture always rotates."""
         with self.host.qmp(self.handle) as q:
             self._settle_jobs(q)  # a commit left running by a crashed capture must end first
             layers = chain.live_chain(q, self.handle.disk_device)
             if len(layers) < 2 or os.path.basename(layers[0]) != chain.BASE:
                 raise HotspareError(f"VM {self.handle.vm_id}: unexpected disk chain {layers} (want base.qcow2 "
                                     "under at least one overlay)")
+            self._drop_orphan_nodes(q, layers)
+            if len(layers) - 2 >= MAX_FROZEN and not force:
+                return layers[0], layers[1:-1], layers[-1]
             index = 1 + max((chain.overlay_index(p) or 0 for p in self.ovdir.glob("ov-*.qcow2")), default=0)
             new = str(self.ovdir / chain.overlay_name(index))
             chain.create_overlay(Path(new), layers[-1], "qcow2", self.virtual_size)
@@ -158,44 +160,57 @@ class VmCapture:
                 raise
         return layers[0], layers[1:], new
 
-    def _ship(self, overlay: str) -> str | None:
-        """Upload what ``overlay`` holds as one log; its key, or None if it holds nothing."""
-        allocations = chain.allocations(overlay)
-        if not allocations:
-            return None
+    def _ship(self, overlay: str) -> list[str]:
+        """Upload what ``overlay`` holds as logs (one, unless it holds more than LOG_TARGET
+        bytes); their keys, none if it holds nothing."""
         st = self.state
-        fd, tmp = tempfile.mkstemp(prefix=".capture-", suffix=".parquet", dir=self.workdir)
-        os.close(fd)
+        keys: list[str] = []
+        writer: LogWriter | None = None
+        tmp = ""
+        ts = datetime.now(timezone.utc)
+        src = os.open(overlay, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            writer = LogWriter(tmp, machine=st.machine, disk=st.disk, epoch=st.epoch, disk_size=st.disk_size)
-            ts = datetime.now(timezone.utc)
-            src = os.open(overlay, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                for a in allocations:
-                    if a.offset + a.length > st.disk_size:
-                        raise HotspareError(f"{overlay}: guest wrote {a.offset}+{a.length}, past the disk's "
-                                            f"{st.disk_size} bytes")
-                    for off in range(0, a.length, MAX_EXTENT):
-                        n = min(MAX_EXTENT, a.length - off)
-                        data = None
-                        if a.host_offset is not None:
-                            data = os.pread(src, n, a.host_offset + off)
-                            if len(data) != n:
-                                raise HotspareError(f"{overlay}: short read at file offset {a.host_offset + off}")
-                        writer.add(Extent(seq=st.last_seq + 1 + writer.rows, offset=a.offset + off,
-                                          length=n, data=data, ts=ts))
-            finally:
-                os.close(src)
-            meta = writer.close()
-            key = layout.log_key(st.machine, st.disk, st.epoch, meta.first_seq, meta.last_seq)
-            try:
-                self.store.put_file(key, tmp, create_only=True)
-            except AlreadyExists:
-                raise HotspareError(f"{key} already exists: is another capture shipping {st.machine} "
-                                    f"disk {st.disk}?") from None
+            for a in chain.allocations(overlay):
+                if a.offset + a.length > st.disk_size:
+                    raise HotspareError(f"{overlay}: guest wrote {a.offset}+{a.length}, past the disk's "
+                                        f"{st.disk_size} bytes")
+                for off in range(0, a.length, MAX_EXTENT):
+                    n = min(MAX_EXTENT, a.length - off)
+                    data = None
+                    if a.host_offset is not None:
+                        data = os.pread(src, n, a.host_offset + off)
+                        if len(data) != n:
+                            raise HotspareError(f"{overlay}: short read at file offset {a.host_offset + off}")
+                    if writer is None:
+                        fd, tmp = tempfile.mkstemp(prefix=".capture-", suffix=".parquet", dir=self.workdir)
+                        os.close(fd)
+                        writer = LogWriter(tmp, machine=st.machine, disk=st.disk, epoch=st.epoch,
+                                           disk_size=st.disk_size)
+                    writer.add(Extent(seq=st.last_seq + 1 + writer.rows, offset=a.offset + off,
+                                      length=n, data=data, ts=ts))
+                    if writer.data_bytes >= LOG_TARGET:
+                        keys.append(self._upload(writer, tmp, overlay))
+                        writer = None
+            if writer is not None:
+                keys.append(self._upload(writer, tmp, overlay))
+        finally:
+            os.close(src)
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+        return keys
+
+    def _upload(self, writer: LogWriter, tmp: str, overlay: str) -> str:
+        st = self.state
+        meta = writer.close()
+        key = layout.log_key(st.machine, st.disk, st.epoch, meta.first_seq, meta.last_seq)
+        try:
+            self.store.put_file(key, tmp, create_only=True)
+        except AlreadyExists:
+            raise HotspareError(f"{key} already exists: is another capture shipping {st.machine} "
+                                f"disk {st.disk}?") from None
         finally:
             Path(tmp).unlink(missing_ok=True)
-        st.last_seq = meta.last_seq
+        st.last_seq = meta.last_seq  # saved with the overlay's entry in ``shipped``
         log.info("shipped %s (%d extents, %d data bytes) from %s", key, writer.rows, writer.data_bytes, overlay)
         return key
 
@@ -207,20 +222,42 @@ class VmCapture:
                 q.execute("block-commit", {"job-id": job, "device": chain.node_name(active),
                                            "top-node": chain.node_name(overlay), "base-node": chain.node_name(base),
                                            "auto-dismiss": False})
+                crash_point("vm-capture-commit-started")
                 self._wait_job(q, job)
                 # Nodes opened by -blockdev or blockdev-add belong to the monitor and stay
                 # open after leaving the chain until deleted.
                 q.execute("blockdev-del", {"node-name": chain.node_name(overlay)})
                 self.state.shipped = [s for s in self.state.shipped if s != overlay]
-                self._save()
+                save_state(self.state_path, self.state)
                 Path(overlay).unlink(missing_ok=True)
             in_use = set(chain.live_chain(q, self.handle.disk_device))
-        for path in self.ovdir.glob("ov-*.qcow2"):  # left by a crash between steps
-            if str(path) not in in_use:
+        # Files left by a crash between steps: below the active overlay and not in the
+        # chain. Compared by inode, never by spelling of the path, since a wrong delete
+        # would lose the guest's disk on its next boot.
+        used = {(st.st_dev, st.st_ino) for st in (os.stat(p) for p in in_use)}
+        top = chain.overlay_index(active) or 0
+        for path in self.ovdir.glob("ov-*.qcow2"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if (chain.overlay_index(path) or top) < top and (st.st_dev, st.st_ino) not in used:
                 path.unlink(missing_ok=True)
         if any(s not in in_use for s in self.state.shipped):
             self.state.shipped = [s for s in self.state.shipped if s in in_use]
-            self._save()
+            save_state(self.state_path, self.state)
+
+    def _drop_orphan_nodes(self, q: QmpClient, layers: list[str]) -> None:
+        """Close overlay nodes QEMU keeps open outside the chain: left by a capture that
+        crashed between a commit and its blockdev-del, or by a half-failed rotation."""
+        in_chain = {chain.node_name(p) for p in layers}
+        for node in q.execute("query-named-block-nodes", flat=True):
+            name = str(node.get("node-name", ""))
+            if name.startswith("hs-ov-") and name not in in_chain:
+                try:
+                    q.execute("blockdev-del", {"node-name": name})
+                except QmpError as err:
+                    log.warning("VM %s: cannot close orphan node %s: %s", self.handle.vm_id, name, err)
 
     def _settle_jobs(self, q: QmpClient) -> None:
         for job in q.execute("query-jobs"):
@@ -254,8 +291,11 @@ class VmCapture:
             alive = self.host.is_alive(self.handle)
             try:
                 keys = self.ship_once()
-            except StoreError as err:
-                if not err.transient:
+            except (StoreError, QmpError) as err:
+                # A slow store or a QMP socket busy with another client: the frozen overlays
+                # wait in the chain and the next step ships them. Anything else is a fault.
+                transient = err.transient if isinstance(err, StoreError) else err.error_class is None
+                if not transient or not self.host.is_alive(self.handle):
                     raise
                 log.warning("capture of %s: %s; retrying in %.0f s", self.handle.vm_id, err, interval)
                 keys = []
@@ -273,36 +313,10 @@ class VmCapture:
 
         def capture_paused() -> None:
             nonlocal paused_capture
-            keys.extend(self.ship_once())
+            keys.extend(self._step(final=True))
             paused_capture = True
 
         self.host.stop(self.handle, timeout, before_quit=capture_paused)
         if not paused_capture:
             keys.extend(self.ship_once())  # the VM was gone before the pause: ship offline
         return keys
-
-    # -- state ---------------------------------------------------------------------------
-    def _catch_up_seq(self) -> None:
-        st = self.state
-        prefix = layout.logs_prefix(st.machine, st.disk, st.epoch)
-        after = f"{prefix}{layout.num(st.last_seq)}-~" if st.last_seq >= 0 else None
-        for info in self.store.list(prefix, start_after=after):
-            seqs = layout.parse_log_name(info.key)
-            if seqs and seqs[1] > st.last_seq:
-                st.last_seq = seqs[1]
-
-    def _load(self) -> CaptureState | None:
-        try:
-            return CaptureState.model_validate_json(self.state_path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValidationError) as err:
-            raise HotspareError(f"{self.state_path}: unreadable capture state ({err})") from err
-
-    def _save(self) -> None:
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(self.state.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)

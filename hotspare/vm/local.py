@@ -27,15 +27,12 @@ from pathlib import Path
 
 from hotspare.demodisk import qemu_accel
 from hotspare.errors import HotspareError
-from hotspare.vm import chain
 from hotspare.vm.host import VmHandle, VmHost, VmSpec, load_handle, save_handle
-from hotspare.vm.png import ppm_to_png
+from hotspare.vm.qemu_cmd import DISK_DEVICE, QMP_SOCKET, prepare_chain, qemu_args, serial_name, screendump
 from hotspare.vm.qmp import QmpClient, QmpError
 
 QEMU = "qemu-system-x86_64"
-QMP_SOCKET = "qmp.sock"
 PID_FILE = "qemu.pid"
-DISK_DEVICE = "disk0"
 
 # QEMU processes this Python process started, kept so that their exit is reaped (a dead
 # child that nobody waits for stays a zombie, and would look alive to kill(pid, 0)).
@@ -87,18 +84,11 @@ class LocalQemuHost(VmHost):
             layers = self._prepare_chain(spec)
             accel = qemu_accel(self.qemu)  # KVM only where a probe guest really runs with it
             vm_id = f"{spec.machine}-{uuid.uuid4().hex[:8]}"
-            serial = workdir / f"serial-{vm_id}.log"
+            serial = workdir / serial_name(vm_id)
             (workdir / QMP_SOCKET).unlink(missing_ok=True)  # left by a VM that was killed
-            cmd = [exe, "-name", f"guest={vm_id}", "-accel", accel, *(["-cpu", "host"] if accel == "kvm" else []),
-                   "-machine", "pc", "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
-                   "-nodefaults", "-display", "none", "-device", "VGA", "-nic", "none",
-                   *chain.blockdev_args(str(spec.boot_disk), spec.format, layers),
-                   "-device", f"virtio-blk-pci,drive={chain.node_name(layers[-1])},id={DISK_DEVICE},bootindex=0",
-                   # Relative names: QEMU runs in the work directory, and a unix socket path
-                   # longer than 107 bytes could not be bound.
-                   "-serial", f"file:{serial.name}",
-                   "-qmp", f"unix:{QMP_SOCKET},server=on,wait=off",
-                   "-pidfile", PID_FILE]
+            # QEMU runs in the work directory: the pid file name is relative, as are the
+            # serial log's and QMP socket's in qemu_args.
+            cmd = [exe, *qemu_args(spec, vm_id, accel, layers), "-pidfile", PID_FILE]
             qemu_log = workdir / f"qemu-{vm_id}.log"
             with open(qemu_log, "ab") as out:
                 proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
@@ -113,31 +103,7 @@ class LocalQemuHost(VmHost):
             return handle
 
     def _prepare_chain(self, spec: VmSpec) -> list[str]:
-        """The overlays the VM runs on, bottom to top. A VM that ran here before and died
-        left the guest's disk in its chain: continue on it (as a machine reboots onto its
-        own disk), under a fresh active overlay so that the dead VM's last writes stay in
-        a frozen layer the capture ships. Otherwise start base.qcow2 and ov-000001."""
-        ovdir = chain.overlay_dir(spec.workdir)
-        size = chain.image_size(spec.boot_disk, spec.format)
-        if ovdir.exists():
-            layers = chain.chain_from_files(spec.workdir, str(spec.boot_disk))
-            if not layers:
-                raise HotspareError(f"{ovdir} holds no overlay chain over {spec.boot_disk} (another boot "
-                                    "disk, or a damaged chain): remove it to start the VM from the boot disk alone")
-            index = max(chain.overlay_index(p) or 0 for p in ovdir.glob("ov-*.qcow2")) + 1
-            top = ovdir / chain.overlay_name(index)
-            chain.create_overlay(top, layers[-1], "qcow2", size)
-            return [*layers, str(top)]
-        # Built aside and renamed into place, so a crash never leaves half a chain that the
-        # next launch would mistake for a VM's disk. Backing names are the final paths.
-        fresh = ovdir.with_name(f".{chain.OVERLAY_DIR}.new")
-        shutil.rmtree(fresh, ignore_errors=True)
-        fresh.mkdir()
-        base, first = ovdir / chain.BASE, ovdir / chain.overlay_name(1)
-        chain.create_overlay(fresh / base.name, spec.boot_disk, spec.format, size)
-        chain.create_overlay(fresh / first.name, base, "qcow2", size)
-        os.rename(fresh, ovdir)
-        return [str(base), str(first)]
+        return prepare_chain(spec)
 
     def _wait_ready(self, handle: VmHandle, proc: subprocess.Popen[bytes], qemu_log: Path, cmd: list[str]) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -203,18 +169,7 @@ class LocalQemuHost(VmHost):
         target = Path(os.path.abspath(path))
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         with self.qmp(handle) as q:
-            try:
-                q.execute("screendump", filename=str(tmp), format="png")
-            except QmpError as err:
-                if err.error_class is None:
-                    raise
-                # A QEMU before 7.1 or built without libpng: take PPM and encode it here.
-                ppm = tmp.with_suffix(".ppm")
-                q.execute("screendump", filename=str(ppm))
-                try:
-                    ppm_to_png(ppm, tmp)
-                finally:
-                    ppm.unlink(missing_ok=True)
+            screendump(q, tmp)
         os.replace(tmp, target)
         return target
 

@@ -1,0 +1,182 @@
+"""Failover through a real Prefect server and real QEMU: refusals, approvals, and the
+whole path from a silent agent to a VM whose writes reach the replica."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hotspare import layout
+from hotspare.catalog import load_catalog
+from hotspare.consolidate.export import export_point, find_point
+from hotspare.demodisk import read_marker
+from hotspare.state import load_state
+from hotspare.store import open_store
+from tests.helpers import HOTSPARE, cli
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+REPO = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.prefix) / "bin" / "prefect")
+
+
+def protect_demo(tmp_path: Path, demo_disk: Path, *extra: str) -> dict[str, str]:
+    env = {"HOTSPARE_STORE": str(tmp_path / "store"), "HOTSPARE_AGENT_STATE": str(tmp_path / "agent"),
+           "HOTSPARE_VM_DIR": str(tmp_path / "vms")}
+    cli("protect", "demo", "--disk", f"root={demo_disk}", "--heartbeat-window", "10", *extra, env=env)
+    cli("agent", "demo", "--once", "--quiet", env=env)
+    return env
+
+
+def stop_vm(env: dict[str, str]) -> None:
+    st = open_store(env["HOTSPARE_STORE"])
+    if load_state(st, "demo").vm:
+        cli("vm", "stop", "demo", env=env)
+
+
+def test_failover_is_refused_while_the_heartbeat_is_fresh(tmp_path: Path, demo_disk: Path) -> None:
+    env = protect_demo(tmp_path, demo_disk)
+    r = cli("failover", "demo", "--approve", env=env, check=False)
+    assert r.returncode == 1 and "refusing to fail over a live machine" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert load_state(open_store(env["HOTSPARE_STORE"]), "demo").state == "protected"
+    assert not (tmp_path / "vms" / "demo" / "handle.json").exists(), "nothing launched"
+
+
+def _run_flow_in_thread(**params):
+    from flows.failover import failover
+
+    out: dict = {}
+
+    def run() -> None:
+        out["state"] = failover(return_state=True, **params)
+
+    t = threading.Thread(target=contextvars.copy_context().run, args=(run,))
+    t.start()
+    return t, out
+
+
+def _wait_paused(flow_name: str, timeout: float = 60):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            runs = [r for r in runs if r.name == flow_name]
+            if runs:
+                return runs[0]
+            time.sleep(0.5)
+    raise AssertionError(f"no paused run named {flow_name}")
+
+
+def test_rejected_approval_and_timeout_launch_nothing(tmp_path: Path, demo_disk: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    env = protect_demo(tmp_path, demo_disk)
+    time.sleep(11)  # the machine goes silent
+    t, out = _run_flow_in_thread(machine="demo", store=env["HOTSPARE_STORE"], vm_dir=env["HOTSPARE_VM_DIR"])
+    run = _wait_paused("failover demo")
+    with get_client(sync_client=True) as client:
+        client.resume_flow_run(run.id, run_input={"approve": False, "by": "ops", "why": "it is only a network blip"})
+    t.join(120)
+    state = out["state"]
+    assert state.is_cancelled() and "rejected by ops: it is only a network blip" in state.message
+    st = open_store(env["HOTSPARE_STORE"])
+    assert load_state(st, "demo").state == "protected"
+    assert load_catalog(st, "demo", "root", demo_disk.stat().st_size).fences == [], "no fence without approval"
+    assert not (tmp_path / "vms" / "demo" / "handle.json").exists()
+
+    # Timeout: the policy's approval timeout passes with no answer.
+    cli("protect", "demo", "--disk", f"root={demo_disk}", env=env)
+    from hotspare.machine import load_machine, save_machine
+
+    cfg = load_machine(st, "demo")
+    save_machine(st, cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"approval_timeout": 3})}),
+                 create_only=False)
+    t, out = _run_flow_in_thread(machine="demo", store=env["HOTSPARE_STORE"], vm_dir=env["HOTSPARE_VM_DIR"])
+    t.join(120)
+    assert out["state"].is_cancelled() and "timed out" in out["state"].message
+    assert load_state(st, "demo").state == "protected"
+    assert not (tmp_path / "vms" / "demo" / "handle.json").exists()
+
+
+def test_heartbeat_loss_starts_failover_and_the_vm_writes_reach_the_replica(
+        tmp_path: Path, demo_disk: Path, prefect_api: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter
+
+    env = protect_demo(tmp_path, demo_disk)
+    full_env = {**os.environ, **env, "PREFECT_API_URL": prefect_api, "HOTSPARE_REPO": str(REPO),
+                "HOTSPARE_MACHINE": "demo", "HOTSPARE_STORE_BLOCK": ""}
+    subprocess.run([PREFECT, "work-pool", "create", "hotspare", "--type", "process", "--overwrite"], env=full_env,
+                   check=True, capture_output=True)
+    r = subprocess.run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name",
+                        "failover"], cwd=REPO, env=full_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = cli("deploy", "demo", env=full_env)
+    assert "automation hotspare-heartbeat-demo applied" in r.stdout
+    cli("deploy", "demo", env=full_env)  # applying again replaces, never duplicates
+    with get_client(sync_client=True) as client:
+        assert len(client.read_automations_by_name("hotspare-heartbeat-demo")) == 1
+    # The machine heartbeats every 2 s, then its agent stops: the machine goes silent.
+    agent = subprocess.Popen([HOTSPARE, "agent", "demo", "--interval", "2", "--quiet"], env=full_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(8)
+    agent.terminate()
+    agent.wait(30)
+    # No heartbeat within the window: the automation creates a run of the failover deployment.
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("failover/failover")
+        deadline = time.monotonic() + 90
+        while not client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [dep.id]})):
+            assert time.monotonic() < deadline, "the heartbeat-loss automation did not start a failover run"
+            time.sleep(1)
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "hotspare", "--run-once"], cwd=REPO,
+                              env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run = _wait_paused("failover demo", timeout=120)  # started by the automation, paused for approval
+        with get_client(sync_client=True) as client:
+            assert run.deployment_id == dep.id, "the run came from the failover deployment"
+            assert run.parameters["machine"] in ("demo", "hotspare.machine.demo")
+            client.resume_flow_run(run.id, run_input={"approve": True, "by": "ops", "why": "machine is down"})
+            deadline = time.monotonic() + 240
+            while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() < deadline:
+                time.sleep(1)
+        assert state.is_completed(), f"{state}: {worker.stdout.read() if worker.poll() is not None else ''}"
+        st = open_store(env["HOTSPARE_STORE"])
+        ms = load_state(st, "demo")
+        assert (ms.state, ms.epoch, ms.approval["by"]) == ("failed-over", 1, "ops")
+        # The guest keeps writing; its markers arrive as epoch-1 logs and in the consolidated VHD.
+        deadline = time.monotonic() + 60
+        while not list(st.list(layout.logs_prefix("demo", "root", 1))) and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(4)
+        stop_vm(env)
+        cli("consolidate", "demo", env=env)
+        cat = load_catalog(st, "demo", "root", demo_disk.stat().st_size)
+        assert cat.points[-1].epoch == 1
+        out = tmp_path / "replica.raw"
+        export_point(st, cat, find_point(cat), "raw", out)
+        serial = next((tmp_path / "vms" / "demo").glob("serial-*.log")).read_text()
+        printed = [int(x.split("counter=")[1].split()[0]) for x in serial.splitlines() if "hotspare-marker" in x]
+        assert read_marker(out).counter == printed[-1], "the replica holds the guest's last write"
+        # Late epoch-0 logs are refused once fenced: the agent itself refuses to ship.
+        r = cli("agent", "demo", "--once", env=env, check=False)
+        assert r.returncode == 1 and "fenced" in r.stderr
+    except AssertionError:
+        worker.kill()
+        print(worker.stdout.read()[-5000:])
+        raise
+    finally:
+        worker.kill()
+        stop_vm(env)

@@ -1,0 +1,209 @@
+"""DockerQemuHost on a private dockerd: the demo disk boots in QEMU inside a container built
+offline from deployments/docker/build-offline.sh (TCG where KVM does not work), is adopted,
+captured, stopped and killed. Every container a test leaves is removed by the ``docker_vms``
+fixture's finalizer, which then fails the test that left it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from hotspare import layout
+from hotspare.demodisk import qemu_accel, read_marker
+from hotspare.errors import HotspareError
+from hotspare.extentlog import validate_log
+from hotspare.replay import apply_log
+from hotspare.store import open_store
+from hotspare.vm import VmCapture, VmHandle, VmSpec, load_handle
+from hotspare.vm.docker import LABEL_MACHINE, LABEL_VM, DockerQemuHost
+from hotspare.vm.png import SIGNATURE, png_size
+from tests.helpers import require, same_file
+
+MACHINE, DISK, EPOCH = "web1", "disk0", 1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def docker_host(dockerd: str, qemu_runner_image: str) -> Iterator[DockerQemuHost]:
+    require("qemu-img", "qemu-utils")  # the overlays are made on this side
+    host = DockerQemuHost(dockerd, image=qemu_runner_image)
+    yield host
+    client = docker.DockerClient(base_url=dockerd)
+    try:
+        left = client.containers.list(all=True, filters={"label": LABEL_VM})
+        for c in left:
+            c.remove(force=True)
+        assert not left, f"VM containers left behind: {[c.name for c in left]}"
+    finally:
+        client.close()
+        host.close()
+
+
+def _spec(disk: Path, workdir: Path) -> VmSpec:
+    return VmSpec(machine=MACHINE, boot_disk=disk, format="raw", cpus=1, memory_mib=256, workdir=workdir)
+
+
+def test_docker_vm_boots_is_adopted_and_stops(docker_host: DockerQemuHost, demo_disk: Path, tmp_path: Path) -> None:
+    host = docker_host
+    digest = _sha256(demo_disk)
+    spec = _spec(demo_disk, tmp_path / "vm")
+
+    started = time.monotonic()
+    handle = host.launch(spec)
+    launched = time.monotonic() - started
+    first = host.wait_for_marker(handle, timeout=90)
+    boot_seconds = time.monotonic() - started
+    assert handle.host == "docker-qemu" and handle.container_id and handle.pid is None
+    assert handle.accel == qemu_accel()
+    assert host.status(handle) == "running"
+    assert host.find_running(spec.workdir) == handle
+    assert VmHandle.model_validate_json(handle.model_dump_json()) == handle
+
+    container = host.client.containers.get(handle.container_id)
+    cfg = container.attrs["HostConfig"]
+    assert cfg["NetworkMode"] == "none" and cfg["RestartPolicy"]["Name"] in ("", "no")
+    assert container.labels[LABEL_MACHINE] == MACHINE and container.labels[LABEL_VM] == handle.vm_id
+    binds = {m["Destination"]: m for m in container.attrs["Mounts"]}
+    assert binds[str(spec.workdir)]["Source"] == str(spec.workdir) and binds[str(spec.workdir)]["RW"]
+    assert not binds[str(demo_disk.parent)]["RW"], "the boot disk's directory must be read-only"
+
+    # Outside the work directory: QEMU writes it in the container, the host moves it here.
+    (tmp_path / "shots").mkdir()
+    png = host.screendump(handle, tmp_path / "shots" / "screen.png")
+    assert png.read_bytes()[:8] == SIGNATURE
+    width, height = png_size(png)
+    assert width >= 320 and height >= 200
+    assert not list(spec.workdir.glob(".screendump-*"))
+
+    again = host.launch(spec)  # a re-run adopts the VM instead of booting a second one
+    assert again == handle and again.container_id == handle.container_id
+    assert len(host.client.containers.list(filters={"label": LABEL_VM})) == 1
+    # A launch that crashed before writing handle.json: the container's labels still find it.
+    (spec.workdir / "handle.json").unlink()
+    assert host.find_running(spec.workdir) == handle
+    assert host.launch(spec) == handle and load_handle(spec.workdir) == handle
+
+    host.stop(handle, timeout=30)
+    assert host.status(handle) == "gone" and not host.is_alive(handle)
+    assert host.client.containers.list(all=True, filters={"label": LABEL_VM}) == []  # removed
+    host.stop(handle)  # idempotent
+    host.kill(handle)
+    assert host.find_running(spec.workdir) is None
+    assert _sha256(demo_disk) == digest, "the boot disk (the replica image) was modified"
+    print(f"\nQEMU in container: launch() {launched:.1f} s, launch to first marker {boot_seconds:.1f} s "
+          f"(accel {handle.accel}, marker {first.counter})")
+
+
+def test_killed_container_is_gone_and_relaunch_continues(docker_host: DockerQemuHost, demo_disk: Path,
+                                                          tmp_path: Path) -> None:
+    host = docker_host
+    spec = _spec(demo_disk, tmp_path / "vm")
+    handle = host.launch(spec)
+    first = host.wait_for_marker(handle, timeout=90)
+
+    host.client.containers.get(handle.container_id).kill()  # a crash, from outside hotspare
+    assert host.status(handle) == "gone" and not host.is_alive(handle)
+    assert host.find_running(spec.workdir) is None
+
+    # A new launch removes the dead container and boots on the dead VM's chain.
+    resumed = host.launch(spec)
+    assert resumed.vm_id != handle.vm_id and resumed.container_id != handle.container_id
+    assert resumed.overlays[:len(handle.overlays)] == handle.overlays
+    with pytest.raises(docker.errors.NotFound):
+        host.client.containers.get(handle.container_id)
+    later = host.wait_for_marker(resumed, timeout=90)
+    assert later.boot_id != first.boot_id
+    host.kill(resumed)
+    assert host.status(resumed) == "gone"
+    host.kill(resumed)  # idempotent
+    host.stop(resumed)
+
+
+def test_capture_ships_epoch_logs_from_a_docker_vm(docker_host: DockerQemuHost, demo_disk: Path,
+                                                    tmp_path: Path) -> None:
+    host = docker_host
+    pristine = tmp_path / "pristine.img"
+    shutil.copyfile(demo_disk, pristine)
+    spec = _spec(demo_disk, tmp_path / "vm")
+    handle = host.launch(spec)
+    host.wait_for_marker(handle, timeout=90)
+
+    store = open_store(str(tmp_path / "store"))
+    capture = VmCapture(host, handle, store, disk=DISK, epoch=EPOCH)
+    assert capture.ship_once(), "the guest wrote its marker sector, but nothing was shipped"
+    last_console = host.wait_for_marker(handle, timeout=30)
+    final = capture.final_capture(timeout=30)
+    assert host.status(handle) == "gone"
+    assert host.client.containers.list(all=True, filters={"label": LABEL_VM}) == []
+
+    keys = [o.key for o in store.list(layout.logs_prefix(MACHINE, DISK, EPOCH))]
+    assert keys and set(final) <= set(keys)
+    expect = 0
+    for key in keys:
+        with store.open(key) as f:
+            info = validate_log(f, key, machine=MACHINE, disk=DISK, epoch=EPOCH, disk_size=pristine.stat().st_size)
+        assert info.meta.first_seq == expect, key
+        expect = info.meta.last_seq + 1
+    replay = tmp_path / "replay.img"
+    shutil.copyfile(pristine, replay)
+    fd = os.open(replay, os.O_WRONLY)
+    try:
+        for key in keys:
+            apply_log(store, key, fd)
+    finally:
+        os.close(fd)
+    marker = read_marker(replay)
+    assert marker is not None and marker.boot_id == last_console.boot_id
+    assert marker.counter >= last_console.counter
+    # Exactly the VM's disk: the replay equals what QEMU reads through the final chain.
+    top = sorted((spec.workdir / "overlays").glob("ov-*.qcow2"))[-1]
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(tmp_path / "vm.img")], check=True)
+    assert same_file(replay, tmp_path / "vm.img")
+    store.close()
+
+
+def test_missing_image_says_how_to_build_it(dockerd: str, demo_disk: Path, tmp_path: Path) -> None:
+    host = DockerQemuHost(dockerd, image="hotspare/no-such-runner:none")
+    with pytest.raises(HotspareError, match=r"hotspare/no-such-runner:none not found.*build-offline\.sh"):
+        host.launch(_spec(demo_disk, tmp_path / "vm"))
+    host.close()
+
+
+def test_unreachable_daemon_is_named(tmp_path: Path) -> None:
+    sock = tmp_path / "nobody.sock"
+    host = DockerQemuHost(f"unix://{sock}")
+    with pytest.raises(HotspareError, match=f"docker daemon at unix://{sock}"):
+        host.find_running(tmp_path / "vm")
+
+
+def test_build_offline_skips_an_existing_image(dockerd: str, qemu_runner_image: str) -> None:
+    script = Path(__file__).resolve().parent.parent / "deployments" / "docker" / "build-offline.sh"
+    started = time.monotonic()
+    proc = subprocess.run(["sh", str(script), qemu_runner_image, dockerd], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "exists already" in proc.stdout and time.monotonic() - started < 10
+
+
+def test_qemu_failing_at_start_is_reported_and_removed(docker_host: DockerQemuHost, demo_disk: Path,
+                                                       tmp_path: Path) -> None:
+    # More guest memory than the machine can map: QEMU exits before its QMP socket answers.
+    spec = VmSpec(machine=MACHINE, boot_disk=demo_disk, memory_mib=64 << 20, workdir=tmp_path / "vm")
+    with pytest.raises(HotspareError, match=r"exited at start: .*memory"):
+        docker_host.launch(spec)
+    assert docker_host.client.containers.list(all=True, filters={"label": LABEL_VM}) == []
+    assert docker_host.find_running(spec.workdir) is None

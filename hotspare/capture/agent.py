@@ -27,7 +27,8 @@ from hotspare import layout
 from hotspare.capture.scan import scan
 from hotspare.capture.state import DiskState, StateDir
 from hotspare.catalog import load_catalog
-from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.capture.upload import upload_log
+from hotspare.errors import HotspareError
 from hotspare.faults import crash_point
 from hotspare.extentlog import Extent, LogWriter
 from hotspare.extentlog.schema import MAX_EXTENT
@@ -145,14 +146,8 @@ class Agent:
         def ship() -> None:
             nonlocal writer, tmp, resync_from
             assert writer is not None and tmp is not None
-            meta = writer.close()
-            key = layout.log_key(self.config.name, spec.name, state.epoch, meta.first_seq, meta.last_seq)
-            try:
-                self.store.put_file(key, tmp, create_only=True)
-            except AlreadyExists:
-                raise HotspareError(f"{key} already exists: is another agent shipping disk {spec.name}?") from None
-            finally:
-                os.unlink(tmp)
+            key, meta = upload_log(self.store, writer, tmp, machine=self.config.name, disk=spec.name,
+                                   epoch=state.epoch, who="agent")
             crash_point("agent-after-upload")
             state.last_seq = meta.last_seq
             self.state.save(spec.name, state)  # after the upload is durable, never before

@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Protocol
 
 from hotspare import layout
-from hotspare.errors import AlreadyExists, HotspareError, StoreError
+from hotspare.capture.upload import upload_log
+from hotspare.errors import HotspareError, StoreError
 from hotspare.extentlog import Extent, LogWriter
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.faults import crash_point
@@ -201,15 +202,7 @@ class VmCapture:
 
     def _upload(self, writer: LogWriter, tmp: str, overlay: str) -> str:
         st = self.state
-        meta = writer.close()
-        key = layout.log_key(st.machine, st.disk, st.epoch, meta.first_seq, meta.last_seq)
-        try:
-            self.store.put_file(key, tmp, create_only=True)
-        except AlreadyExists:
-            raise HotspareError(f"{key} already exists: is another capture shipping {st.machine} "
-                                f"disk {st.disk}?") from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        key, meta = upload_log(self.store, writer, tmp, machine=st.machine, disk=st.disk, epoch=st.epoch)
         st.last_seq = meta.last_seq  # saved with the overlay's entry in ``shipped``
         log.info("shipped %s (%d extents, %d data bytes) from %s", key, writer.rows, writer.data_bytes, overlay)
         return key

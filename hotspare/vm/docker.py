@@ -44,10 +44,10 @@ from docker.models.containers import Container
 
 from hotspare.demodisk import qemu_accel
 from hotspare.errors import HotspareError
-from hotspare.vm.host import VmHandle, VmHost, VmSpec, load_handle, save_handle
+from hotspare.vm.host import VmHandle, VmSpec, load_handle, save_handle
 from hotspare.vm.local import file_lock
-from hotspare.vm.qemu_cmd import DISK_DEVICE, QMP_SOCKET, prepare_chain, qemu_args, screendump, serial_name
-from hotspare.vm.qmp import QmpClient, QmpError
+from hotspare.vm.qemu_cmd import QemuHost, DISK_DEVICE, QMP_SOCKET, prepare_chain, qemu_args, screendump, serial_name
+from hotspare.vm.qmp import QmpError
 
 DEFAULT_IMAGE = "hotspare/qemu-runner:bookworm"
 QEMU = "qemu-system-x86_64"
@@ -71,7 +71,7 @@ def docker_errors(what: str) -> Iterator[None]:
         raise HotspareError(f"{what}: the docker daemon did not answer ({err})") from err
 
 
-class DockerQemuHost(VmHost):
+class DockerQemuHost(QemuHost):
     kind = "docker-qemu"
 
     def __init__(self, base_url: str | None = None, image: str = DEFAULT_IMAGE, *,
@@ -104,12 +104,6 @@ class DockerQemuHost(VmHost):
         if self._client is not None:
             self._client.close()
             self._client = None
-
-    def qmp(self, handle: VmHandle) -> QmpClient:
-        """A QMP client for the VM (not yet connected: use it in a ``with`` block)."""
-        if not handle.qmp_socket:
-            raise HotspareError(f"VM {handle.vm_id}: its handle has no QMP socket")
-        return QmpClient(handle.qmp_socket, timeout=self.qmp_timeout)
 
     # -- launch --------------------------------------------------------------------------
     def launch(self, spec: VmSpec) -> VmHandle:
@@ -251,23 +245,6 @@ class DockerQemuHost(VmHost):
     def is_alive(self, handle: VmHandle) -> bool:
         c = self._container(handle)
         return c is not None and c.status in _ALIVE
-
-    def status(self, handle: VmHandle) -> str:
-        if not self.is_alive(handle):
-            return "gone"
-        try:
-            with self.qmp(handle) as q:
-                return str(q.execute("query-status")["status"])
-        except QmpError:
-            if not self.is_alive(handle):
-                return "gone"
-            raise
-
-    def serial_log(self, handle: VmHandle) -> str:
-        try:
-            return Path(handle.serial_log).read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def screendump(self, handle: VmHandle, path: str | os.PathLike[str]) -> Path:
         target = Path(os.path.abspath(path))

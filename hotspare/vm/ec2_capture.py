@@ -45,7 +45,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from hotspare import layout
-from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.capture.upload import upload_log
+from hotspare.errors import HotspareError
 from hotspare.extentlog import Extent, LogWriter
 from hotspare.store.base import Store
 from hotspare.vm.aws import Ec2Error, aws_call
@@ -221,15 +222,7 @@ class Ec2DeltaCapture:
 
     def _upload(self, writer: LogWriter, tmp: str, snapshot: str) -> str:
         st = self.state
-        meta = writer.close()
-        key = layout.log_key(st.machine, st.disk, st.epoch, meta.first_seq, meta.last_seq)
-        try:
-            self.store.put_file(key, tmp, create_only=True)
-        except AlreadyExists:
-            raise HotspareError(f"{key} already exists: is another capture shipping {st.machine} "
-                                f"disk {st.disk}?") from None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        key, meta = upload_log(self.store, writer, tmp, machine=st.machine, disk=st.disk, epoch=st.epoch)
         st.last_seq = meta.last_seq
         self._save()
         log.info("shipped %s (%d extents, %d data bytes) from %s", key, writer.rows, writer.data_bytes, snapshot)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from hotspare.demodisk import qemu_accel
 from hotspare.errors import HotspareError
-from hotspare.vm.host import VmHandle, VmHost, VmSpec, load_handle, save_handle
-from hotspare.vm.qemu_cmd import DISK_DEVICE, QMP_SOCKET, prepare_chain, qemu_args, serial_name, screendump
-from hotspare.vm.qmp import QmpClient, QmpError
+from hotspare.vm.host import VmHandle, VmSpec, load_handle, save_handle
+from hotspare.vm.qemu_cmd import QemuHost, DISK_DEVICE, QMP_SOCKET, prepare_chain, qemu_args, serial_name, screendump
+from hotspare.vm.qmp import QmpError
 
 QEMU = "qemu-system-x86_64"
 PID_FILE = "qemu.pid"
@@ -50,19 +50,13 @@ def file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-class LocalQemuHost(VmHost):
+class LocalQemuHost(QemuHost):
     kind = "local-qemu"
 
     def __init__(self, qemu: str = QEMU, *, start_timeout: float = 30.0, qmp_timeout: float = 10.0) -> None:
         self.qemu = qemu
         self.start_timeout = start_timeout
         self.qmp_timeout = qmp_timeout
-
-    def qmp(self, handle: VmHandle) -> QmpClient:
-        """A QMP client for the VM (not yet connected: use it in a ``with`` block)."""
-        if not handle.qmp_socket:
-            raise HotspareError(f"VM {handle.vm_id}: its handle has no QMP socket")
-        return QmpClient(handle.qmp_socket, timeout=self.qmp_timeout)
 
     # -- launch --------------------------------------------------------------------------
     def launch(self, spec: VmSpec) -> VmHandle:
@@ -147,23 +141,6 @@ class LocalQemuHost(VmHost):
         if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
             return False  # dead, not yet reaped by its parent
         return f"guest={handle.vm_id}".encode() in cmdline
-
-    def status(self, handle: VmHandle) -> str:
-        if not self.is_alive(handle):
-            return "gone"
-        try:
-            with self.qmp(handle) as q:
-                return str(q.execute("query-status")["status"])
-        except QmpError:
-            if not self.is_alive(handle):
-                return "gone"
-            raise
-
-    def serial_log(self, handle: VmHandle) -> str:
-        try:
-            return Path(handle.serial_log).read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def screendump(self, handle: VmHandle, path: str | os.PathLike[str]) -> Path:
         target = Path(os.path.abspath(path))

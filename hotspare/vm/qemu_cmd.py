@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hotspare.errors import HotspareError
 from hotspare.vm import chain
-from hotspare.vm.host import VmSpec
+from hotspare.vm.host import VmHandle, VmHost, VmSpec
 from hotspare.vm.png import ppm_to_png
 from hotspare.vm.qmp import QmpClient, QmpError
 
@@ -81,3 +81,33 @@ def screendump(q: QmpClient, file: Path) -> None:
             ppm_to_png(ppm, file)
         finally:
             ppm.unlink(missing_ok=True)
+
+
+class QemuHost(VmHost):
+    """What every host running QEMU shares: QMP on a unix socket in the VM's work directory
+    and the serial console in a file there."""
+
+    qmp_timeout: float = 10.0
+
+    def qmp(self, handle: VmHandle) -> QmpClient:
+        """A QMP client for the VM (not yet connected: use it in a ``with`` block)."""
+        if not handle.qmp_socket:
+            raise HotspareError(f"VM {handle.vm_id}: its handle has no QMP socket")
+        return QmpClient(handle.qmp_socket, timeout=self.qmp_timeout)
+
+    def status(self, handle: VmHandle) -> str:
+        if not self.is_alive(handle):
+            return "gone"
+        try:
+            with self.qmp(handle) as q:
+                return str(q.execute("query-status")["status"])
+        except QmpError:
+            if not self.is_alive(handle):
+                return "gone"
+            raise
+
+    def serial_log(self, handle: VmHandle) -> str:
+        try:
+            return Path(handle.serial_log).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""

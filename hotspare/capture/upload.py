@@ -1,0 +1,31 @@
+"""Shipping a finished extent log: close it, upload it create-only under its seq range.
+
+Every capture (the agent's scan tracker, a QEMU VM's overlays, an EC2 instance's
+snapshots) ends a log this way, so the rule is in one place: the key is the log's own seq
+range, and a key that exists already means another capture ships the same disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hotspare import layout
+from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.extentlog import LogMeta, LogWriter
+from hotspare.store.base import Store
+
+
+def upload_log(store: Store, writer: LogWriter, path: str, *, machine: str, disk: str, epoch: int,
+               who: str = "capture") -> tuple[str, LogMeta]:
+    """Close ``writer`` (writing to the local file ``path``), upload it, remove the file;
+    returns the log's key and metadata."""
+    try:
+        meta = writer.close()
+        key = layout.log_key(machine, disk, epoch, meta.first_seq, meta.last_seq)
+        try:
+            store.put_file(key, path, create_only=True)
+        except AlreadyExists:
+            raise HotspareError(f"{key} already exists: is another {who} shipping {machine} disk {disk}?") from None
+    finally:
+        Path(path).unlink(missing_ok=True)
+    return key, meta

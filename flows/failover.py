@@ -23,15 +23,13 @@ from pydantic import BaseModel
 
 from flows.consolidate import consolidate
 from hotspare import failover as engine
-from hotspare.catalog import load_catalog
-from hotspare.consolidate.export import export_point, find_point
 from hotspare.errors import AlreadyExists, HotspareError
-from hotspare.fence import fence_disk
 from hotspare.machine import load_machine
 from hotspare.state import MachineState, commit_state, load_state
 from hotspare.vm.host import VmSpec
 from tasks.common import resolve_store
 from tasks.events import emit_machine_event
+from tasks.failover import fence, launch_vm, materialise_boot_disk
 
 
 class Approval(RunInput):
@@ -130,21 +128,14 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
             return Cancelled(message=msg, data=FailoverResult(machine=machine, outcome="already", message=msg))
     # state is failing-over: continue from its last step.
     old_epoch = state.epoch
-    for d in cfg.disks:
-        fence_disk(st, machine, d, old_epoch, reason=f"failover run {flow_run.id}")
+    fence(st, machine, cfg.disks, old_epoch, f"failover run {flow_run.id}")
     _step("fenced", machine, state, epoch=old_epoch)
     consolidate(machine=machine, store=st.url if store_block is None else None, store_block=store_block)
-    boot = cfg.disks[0]
-    cat = load_catalog(st, machine, boot.name, boot.size)
-    point = find_point(cat)
-    workdir.mkdir(parents=True, exist_ok=True)
-    image = workdir / f"boot-{point.id}.raw"
-    if not image.exists():
-        export_point(st, cat, point, "raw", image)
-    _step("materialised", machine, state, point=point.id)
+    point_id, image = materialise_boot_disk(st, machine, cfg.disks[0], workdir)
+    _step("materialised", machine, state, point=point_id)
     host = engine.vm_host(policy.host)
-    handle = host.launch(VmSpec(machine=machine, boot_disk=image, format="raw", cpus=policy.vm_cpus,
-                                memory_mib=policy.vm_memory_mib, workdir=workdir))
+    handle = launch_vm(policy.host, VmSpec(machine=machine, boot_disk=image, format="raw", cpus=policy.vm_cpus,
+                                           memory_mib=policy.vm_memory_mib, workdir=workdir))
     state = _commit(st, state.next(step="launched", vm=handle.model_dump(mode="json")))
     _step("launched", machine, state, vm_id=handle.vm_id, accel=handle.accel)
     marker = host.wait_for_marker(handle, timeout=120).counter if expect_marker else None
@@ -157,7 +148,7 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
     engine.start_capture(st.url, machine, workdir)
     state = _commit(st, state.next(state="failed-over", step="verified", epoch=old_epoch + 1))
     _step("failed-over", machine, state, vm_id=handle.vm_id, accel=handle.accel, marker=marker)
-    create_table_artifact([{"machine": machine, "point": point.id, "new epoch": old_epoch + 1, "host": policy.host,
+    create_table_artifact([{"machine": machine, "point": point_id, "new epoch": old_epoch + 1, "host": policy.host,
                             "VM": handle.vm_id, "accel": handle.accel, "QMP status": status,
                             "guest marker": marker if marker is not None else "", "VM dir": str(workdir)}],
                           key=f"failover-{_slug(machine)}", description=f"Failover of {machine}")

@@ -49,6 +49,15 @@ def test_failover_is_refused_while_the_heartbeat_is_fresh(tmp_path: Path, demo_d
     assert not (tmp_path / "vms" / "demo" / "handle.json").exists(), "nothing launched"
 
 
+def _drop_automations() -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for a in client.read_automations():
+            if a.name.startswith("hotspare-"):
+                client.delete_automation(a.id)
+
+
 def _run_flow_in_thread(**params):
     from flows.failover import failover
 
@@ -110,12 +119,20 @@ def test_rejected_approval_and_timeout_launch_nothing(tmp_path: Path, demo_disk:
     assert not (tmp_path / "vms" / "demo" / "handle.json").exists()
 
 
+@pytest.mark.parametrize("host", ["local", "docker"])
 def test_heartbeat_loss_starts_failover_and_the_vm_writes_reach_the_replica(
-        tmp_path: Path, demo_disk: Path, prefect_api: str) -> None:
+        tmp_path: Path, demo_disk: Path, prefect_api: str, host: str, request: pytest.FixtureRequest) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter
 
-    env = protect_demo(tmp_path, demo_disk)
+    extra = {}
+    if host == "docker":
+        extra["DOCKER_HOST"] = request.getfixturevalue("dockerd")
+        request.getfixturevalue("qemu_runner_image")
+        os.environ["DOCKER_HOST"] = extra["DOCKER_HOST"]
+        request.addfinalizer(lambda: os.environ.pop("DOCKER_HOST", None))
+    request.addfinalizer(_drop_automations)  # a leftover trigger would fire for the next test's heartbeats
+    env = {**protect_demo(tmp_path, demo_disk, "--host", host), **extra}
     full_env = {**os.environ, **env, "PREFECT_API_URL": prefect_api, "HOTSPARE_REPO": str(REPO),
                 "HOTSPARE_MACHINE": "demo", "HOTSPARE_STORE_BLOCK": ""}
     subprocess.run([PREFECT, "work-pool", "create", "hotspare", "--type", "process", "--overwrite"], env=full_env,
@@ -123,6 +140,9 @@ def test_heartbeat_loss_starts_failover_and_the_vm_writes_reach_the_replica(
     r = subprocess.run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name",
                         "failover"], cwd=REPO, env=full_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+    with get_client(sync_client=True) as client:
+        runs_before = len(client.read_flow_runs(deployment_filter=DeploymentFilter(
+            id={"any_": [client.read_deployment_by_name("failover/failover").id]})))
     r = cli("deploy", "demo", env=full_env)
     assert "automation hotspare-heartbeat-demo applied" in r.stdout
     cli("deploy", "demo", env=full_env)  # applying again replaces, never duplicates
@@ -138,7 +158,7 @@ def test_heartbeat_loss_starts_failover_and_the_vm_writes_reach_the_replica(
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name("failover/failover")
         deadline = time.monotonic() + 90
-        while not client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [dep.id]})):
+        while len(client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [dep.id]}))) <= runs_before:
             assert time.monotonic() < deadline, "the heartbeat-loss automation did not start a failover run"
             time.sleep(1)
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "hotspare", "--run-once"], cwd=REPO,
@@ -155,7 +175,8 @@ def test_heartbeat_loss_starts_failover_and_the_vm_writes_reach_the_replica(
         assert state.is_completed(), f"{state}: {worker.stdout.read() if worker.poll() is not None else ''}"
         st = open_store(env["HOTSPARE_STORE"])
         ms = load_state(st, "demo")
-        assert (ms.state, ms.epoch, ms.approval["by"]) == ("failed-over", 1, "ops")
+        assert (ms.state, ms.epoch, ms.approval["by"], ms.host) == ("failed-over", 1, "ops", host)
+        assert ms.vm["host"] == {"local": "local-qemu", "docker": "docker-qemu"}[host]
         # The guest keeps writing; its markers arrive as epoch-1 logs and in the consolidated VHD.
         deadline = time.monotonic() + 60
         while not list(st.list(layout.logs_prefix("demo", "root", 1))) and time.monotonic() < deadline:

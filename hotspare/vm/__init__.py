@@ -2,7 +2,9 @@
 
 Terms:
 - VM host: a place that runs VMs behind one interface (:class:`~hotspare.vm.host.VmHost`):
-  local QEMU (:class:`~hotspare.vm.local.LocalQemuHost`), later Docker-hosted QEMU and EC2.
+  local QEMU (:class:`~hotspare.vm.local.LocalQemuHost`), Docker-hosted QEMU
+  (:mod:`hotspare.vm.docker`) and EC2 (:mod:`hotspare.vm.ec2`); those two are imported on
+  demand so that ``import hotspare.vm`` loads neither the Docker SDK nor boto3.
 - VM spec: what to boot (:class:`~hotspare.vm.host.VmSpec`): the machine, its boot disk (a
   local raw or VHD image materialised from the replica), CPUs, memory, a work directory.
 - VM handle: the JSON-serialisable record of one launched VM

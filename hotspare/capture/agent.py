@@ -125,8 +125,8 @@ class Agent:
                                 f"{self.state.root}/{spec.name}.json to re-seed")
         catalog = load_catalog(self.store, self.config.name, spec.name, spec.size)
         if catalog.fence_of(state.epoch) is not None:
-            raise Fenced(f"machine {self.config.name} is fenced: epoch {state.epoch} ended at a failover, "
-                         "this agent must not ship; run 'hotspare agent --restore' to fail back")
+            raise Fenced(f"machine {self.config.name} is fenced: epoch {state.epoch} ended at a failover and its "
+                         "VM's replica is the truth now; this agent must not ship until the machine fails back")
         state.last_seq = max(state.last_seq, self._last_shipped_seq(spec.name, state))
         resync_from = None
         if catalog.resync_from is not None and state.resynced_for != catalog.resync_from:

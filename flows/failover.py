@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from flows.consolidate import consolidate
 from hotspare import failover as engine
 from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.faults import crash_point
 from hotspare.machine import load_machine
 from hotspare.state import MachineState, commit_state, load_state
 from hotspare.vm.host import VmSpec
@@ -136,6 +137,7 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
     host = engine.vm_host(policy.host)
     handle = launch_vm(policy.host, VmSpec(machine=machine, boot_disk=image, format="raw", cpus=policy.vm_cpus,
                                            memory_mib=policy.vm_memory_mib, workdir=workdir))
+    crash_point("failover-after-launch")  # a re-run must adopt this VM, not start another
     state = _commit(st, state.next(step="launched", vm=handle.model_dump(mode="json")))
     _step("launched", machine, state, vm_id=handle.vm_id, accel=handle.accel)
     marker = host.wait_for_marker(handle, timeout=120).counter if expect_marker else None

@@ -7,6 +7,7 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 # Prefect: quiet, no telemetry, its own home inside the project so runs never touch ~/.prefect.
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.hotspare/prefect}"
+mkdir -p "$PREFECT_HOME"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_SERVER_UI_ENABLED="${PREFECT_SERVER_UI_ENABLED:-true}"
 cmd=${1:-}

@@ -49,6 +49,31 @@ def test_failover_is_refused_while_the_heartbeat_is_fresh(tmp_path: Path, demo_d
     assert not (tmp_path / "vms" / "demo" / "handle.json").exists(), "nothing launched"
 
 
+def test_failover_killed_after_launch_resumes_without_a_second_vm(tmp_path: Path, demo_disk: Path) -> None:
+    import signal
+
+    env = protect_demo(tmp_path, demo_disk)
+    time.sleep(11)
+    r = cli("failover", "demo", "--approve", env={**env, "HOTSPARE_CRASH_AT": "failover-after-launch"}, check=False)
+    assert r.returncode == -signal.SIGKILL
+    st = open_store(env["HOTSPARE_STORE"])
+    assert load_state(st, "demo").state == "failing-over"
+    from hotspare.vm.host import load_handle
+
+    first = load_handle(tmp_path / "vms" / "demo")
+    assert first is not None and first.pid is not None
+    try:
+        r = cli("failover", "demo", env=env)  # no approval needed: the state says it was given
+        ms = load_state(st, "demo")
+        assert ms.state == "failed-over" and ms.vm["vm_id"] == first.vm_id and ms.vm["pid"] == first.pid
+        qemus = subprocess.run(["pgrep", "-f", f"guest={first.vm_id}"], capture_output=True, text=True).stdout.split()
+        assert qemus == [str(first.pid)], "exactly one VM, the one the crashed run launched"
+        r = cli("failover", "demo", env=env)
+        assert "already failed over" in r.stdout
+    finally:
+        stop_vm(env)
+
+
 def _drop_automations() -> None:
     from prefect.client.orchestration import get_client
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from prefect.blocks.core import Block
-from typing import Literal
-
 from pydantic import Field
 
 from hotspare.machine import Policy
@@ -24,7 +22,7 @@ class MachinePolicy(Block):
                                description="Fail over and cut over without waiting for an operator.")
     approval_timeout: int = Field(3600, ge=1, title="Approval timeout (s)",
                                   description="Seconds to wait for an approval; then the request is rejected.")
-    host: Literal["local", "docker", "ec2"] = Field("local", title="VM host", description="Where the VM runs: local QEMU, Docker-hosted QEMU or EC2.")
+    host: str = Field("local", title="VM host", description="local, docker, ec2, or the name of a VM host block.")
     vm_cpus: int = Field(1, ge=1, title="VM CPUs")
     vm_memory_mib: int = Field(512, ge=64, title="VM memory (MiB)")
     retention_points: int = Field(24, ge=1, title="Recovery points kept")

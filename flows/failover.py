@@ -28,6 +28,7 @@ from hotspare.faults import crash_point
 from hotspare.machine import load_machine
 from hotspare.state import MachineState, commit_state, load_state
 from hotspare.vm.host import VmSpec
+from blocks.vmhost import resolve_vm_host
 from tasks.common import resolve_store
 from tasks.events import emit_machine_event
 from tasks.failover import fence, launch_vm, materialise_boot_disk
@@ -134,7 +135,7 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
     consolidate(machine=machine, store=st.url if store_block is None else None, store_block=store_block)
     point_id, image = materialise_boot_disk(st, machine, cfg.disks[0], workdir)
     _step("materialised", machine, state, point=point_id)
-    host = engine.vm_host(policy.host)
+    host = resolve_vm_host(policy.host)
     handle = launch_vm(policy.host, VmSpec(machine=machine, boot_disk=image, format="raw", cpus=policy.vm_cpus,
                                            memory_mib=policy.vm_memory_mib, workdir=workdir))
     crash_point("failover-after-launch")  # a re-run must adopt this VM, not start another

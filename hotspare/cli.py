@@ -82,7 +82,7 @@ def protect(
     block_size_kib: Annotated[int, typer.Option(help="tracked block size in KiB")] = 64,
     heartbeat_window: Annotated[Optional[int], typer.Option(help="seconds without heartbeat before failover")] = None,
     auto_approve: Annotated[Optional[bool], typer.Option("--auto-approve/--require-approval", help="approval policy")] = None,
-    host: Annotated[Optional[str], typer.Option(help="VM host after a failover: local, docker or ec2")] = None,
+    host: Annotated[Optional[str], typer.Option(help="VM host after a failover: local, docker, ec2 or a VM host block name")] = None,
 ) -> None:
     """Register MACHINE and its disks in the store (or update its policy)."""
     from pydantic import ValidationError
@@ -370,7 +370,13 @@ def _running_vm(st, machine: str, vm_dir: str | None):
     if state.state != "failed-over" or not state.vm:
         raise HotspareError(f"{machine} has no failed-over VM (state {state.state})")
     handle = VmHandle.model_validate(state.vm)
-    return state, handle, engine.vm_host(state.host or "local"), engine.vm_dir(machine, vm_dir)
+    return state, handle, _vm_host(state.host or "local"), engine.vm_dir(machine, vm_dir)
+
+
+def _vm_host(name: str):
+    from blocks.vmhost import resolve_vm_host  # a block name needs the Prefect API
+
+    return resolve_vm_host(name)
 
 
 @vm_app.command("capture")
@@ -397,7 +403,7 @@ def vm_capture(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = N
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    cap = VmCapture(engine.vm_host(state.host or "local"), VmHandle.model_validate(handle.model_dump()), st,
+    cap = VmCapture(_vm_host(state.host or "local"), VmHandle.model_validate(handle.model_dump()), st,
                     disk=cfg.disks[0].name, epoch=epoch, disk_size=cfg.disks[0].size)
     cap.run(interval=interval, stop=stop, on_ship=lambda keys: console.print(f"shipped {len(keys)} log(s)"))
 

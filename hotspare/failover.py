@@ -49,6 +49,9 @@ def vm_dir(machine: str, root: str | None = None) -> Path:
     return Path(base).absolute() / machine
 
 
+BUILTIN_HOSTS = ("local", "docker", "ec2")
+
+
 def vm_host(kind: str) -> VmHost:
     """The VM host a policy names: local, docker, ec2 (configured from the environment)."""
     if kind == "local":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import stat
 from datetime import datetime
-from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -27,7 +26,14 @@ class Policy(BaseModel):
     heartbeat_window: int = Field(60, ge=10, description="seconds without a heartbeat before the machine counts as down")
     auto_approve: bool = Field(False, description="fail over and cut over without waiting for an operator")
     approval_timeout: int = Field(3600, ge=1, description="seconds to wait for an approval before rejecting")
-    host: Literal["local", "docker", "ec2"] = Field("local", description="where the VM runs after a failover")
+    host: str = Field("local", description="where the VM runs after a failover: local, docker, ec2, "
+                                           "or the name of a VM host block")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        layout.check_name("VM host", v)
+        return v
     vm_cpus: int = Field(1, ge=1)
     vm_memory_mib: int = Field(512, ge=64)
     retention_points: int = Field(24, ge=1, description="recovery points kept")

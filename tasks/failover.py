@@ -9,13 +9,13 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from hotspare import failover as engine
 from hotspare.catalog import load_catalog
 from hotspare.consolidate.export import export_point, find_point
 from hotspare.fence import fence_disk
 from hotspare.machine import DiskSpec
 from hotspare.store import Store
 from hotspare.vm.host import VmHandle, VmSpec
+from blocks.vmhost import resolve_vm_host
 from tasks.common import retry_transient
 
 STORE_RETRY = dict(retries=3, retry_delay_seconds=[2, 8, 30], retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
@@ -41,4 +41,4 @@ def materialise_boot_disk(store: Store, machine: str, disk: DiskSpec, workdir: P
 
 @task(name="launch-vm", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def launch_vm(host_kind: str, spec: VmSpec) -> VmHandle:
-    return engine.vm_host(host_kind).launch(spec)
+    return resolve_vm_host(host_kind).launch(spec)

@@ -1,0 +1,90 @@
+"""VM host blocks: where a failed-over machine's VM runs, configured in the Prefect UI.
+
+A machine's policy names its host: ``local``, ``docker`` or ``ec2`` (configured from the
+environment), or the name of one of these blocks. Blocks hold configuration only; ``host()``
+hands out the engine's host object.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+from hotspare import failover as engine
+from hotspare.errors import UsageError
+from hotspare.vm.host import VmHost
+
+
+class LocalQemuHostBlock(Block):
+    """QEMU on the machine that runs the failover flow."""
+
+    _block_type_name = "hotspare-local-qemu"
+    _block_type_slug = "hotspare-local-qemu"
+    _description = "Run failed-over VMs with QEMU on the flow's machine."
+
+    qemu: str = Field("qemu-system-x86_64", title="QEMU binary")
+    start_timeout: float = Field(30.0, gt=0, title="Start timeout (s)")
+
+    def host(self) -> VmHost:
+        from hotspare.vm.local import LocalQemuHost
+
+        return LocalQemuHost(self.qemu, start_timeout=self.start_timeout)
+
+
+class DockerQemuHostBlock(Block):
+    """QEMU inside a container of a Docker daemon (image: deployments/docker/)."""
+
+    _block_type_name = "hotspare-docker-qemu"
+    _block_type_slug = "hotspare-docker-qemu"
+    _description = "Run failed-over VMs with QEMU in Docker containers."
+
+    base_url: str | None = Field(None, title="Docker daemon", description="e.g. unix:///var/run/docker.sock; empty: DOCKER_HOST")
+    image: str = Field("hotspare/qemu-runner:bookworm", title="Runner image")
+
+    def host(self) -> VmHost:
+        from hotspare.vm.docker import DockerQemuHost
+
+        return DockerQemuHost(self.base_url, image=self.image)
+
+
+class Ec2HostBlock(Block):
+    """EC2 instances in one region; credentials as secrets (empty: the standard AWS chain)."""
+
+    _block_type_name = "hotspare-ec2-host"
+    _block_type_slug = "hotspare-ec2-host"
+    _description = "Run failed-over VMs as EC2 instances."
+
+    region: str = Field(title="Region")
+    instance_type: str = Field("t3.micro", title="Instance type")
+    subnet_id: str | None = Field(None, title="Subnet")
+    security_group_ids: list[str] = Field(default_factory=list, title="Security groups")
+    disk_source: Literal["ebs-direct", "import-snapshot"] = Field("ebs-direct", title="Boot disk upload")
+    import_bucket: str | None = Field(None, title="Import bucket")
+    access_key_id: str | None = Field(None, title="Access key ID")
+    secret_access_key: SecretStr | None = Field(None, title="Secret access key")
+
+    def host(self) -> VmHost:
+        from hotspare.vm.ec2 import Ec2Host
+        from hotspare.vm.ec2_config import Ec2HostConfig
+
+        return Ec2Host(Ec2HostConfig(**self.model_dump(include=set(Ec2HostConfig.model_fields) & set(type(self).model_fields))))
+
+
+BLOCK_TYPES: tuple[type[Block], ...] = (LocalQemuHostBlock, DockerQemuHostBlock, Ec2HostBlock)
+
+
+def resolve_vm_host(name: str) -> VmHost:
+    """The host a policy names: a built-in kind, or a VM host block of that name."""
+    if name in engine.BUILTIN_HOSTS:
+        return engine.vm_host(name)
+    from prefect.exceptions import ObjectNotFound
+
+    for block_type in BLOCK_TYPES:
+        try:
+            return block_type.load(name).host()
+        except (ValueError, ObjectNotFound):
+            continue
+    raise UsageError(f"VM host {name!r}: not local, docker or ec2, and no VM host block has that name "
+                     f"(block types: {', '.join(b.get_block_type_slug() for b in BLOCK_TYPES)})")

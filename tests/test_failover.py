@@ -202,6 +202,20 @@ def test_heartbeat_loss_starts_failover_and_the_vm_writes_reach_the_replica(
         ms = load_state(st, "demo")
         assert (ms.state, ms.epoch, ms.approval["by"], ms.host) == ("failed-over", 1, "ops", host)
         assert ms.vm["host"] == {"local": "local-qemu", "docker": "docker-qemu"}[host]
+        # What the operator sees: status, and the run's artifacts (approval, VM screen, table).
+        import json as _json
+
+        status = _json.loads(cli("status", "demo", "--json", env=env).stdout)
+        assert (status["state"], status["vm"]["vm_id"], status["heartbeat"]["fresh"]) == \
+            ("failed-over", ms.vm["vm_id"], False)
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        kinds = {a.type for a in arts}
+        assert {"image", "markdown", "table"} <= kinds, kinds
+        shot = next(a for a in arts if a.type == "image")
+        assert str(shot.data).startswith("data:image/png;base64,")
         # The guest keeps writing; its markers arrive as epoch-1 logs and in the consolidated VHD.
         deadline = time.monotonic() + 60
         while not list(st.list(layout.logs_prefix("demo", "root", 1))) and time.monotonic() < deadline:

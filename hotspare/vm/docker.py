@@ -32,7 +32,7 @@ import shlex
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -266,34 +266,8 @@ class DockerQemuHost(QemuHost):
         return target
 
     # -- ending --------------------------------------------------------------------------
-    def stop(self, handle: VmHandle, timeout: float = 30.0,
-             before_quit: Callable[[], object] | None = None) -> None:
-        if not self.is_alive(handle):
-            self._remove(handle)  # an exited container of a VM that died: nothing to stop
-            return
-        try:
-            with self.qmp(handle) as q:
-                q.execute("stop")  # pause the vCPUs: from here the disk does not change
-        except QmpError:
-            if not self.is_alive(handle):
-                self._remove(handle)
-                return
-            if before_quit is not None:
-                raise  # cannot pause it, so cannot capture its last writes: leave it running
-            self._terminate(handle, timeout)
-            return
-        if before_quit is not None:
-            before_quit()
-        try:
-            with self.qmp(handle) as q:
-                q.execute("quit")
-        except QmpError as err:
-            if err.error_class is not None:
-                raise
-            # The connection dropped: QEMU was already exiting, which is what quit asks for.
-        if not self._wait_gone(handle, timeout):
-            self._terminate(handle, 10.0)
-        self._remove(handle)
+    def _cleanup(self, handle: VmHandle) -> None:
+        self._remove(handle)  # an exited container keeps nothing worth keeping
 
     def kill(self, handle: VmHandle) -> None:
         self._remove(handle)  # a forced removal SIGKILLs the container's process first

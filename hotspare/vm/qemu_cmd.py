@@ -9,6 +9,8 @@ relative names: a unix socket path longer than 107 bytes could not be bound.
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
+from collections.abc import Callable
 import shutil
 from pathlib import Path
 
@@ -111,3 +113,44 @@ class QemuHost(VmHost):
             return Path(handle.serial_log).read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def stop(self, handle: VmHandle, timeout: float = 30.0,
+             before_quit: Callable[[], object] | None = None) -> None:
+        """Pause the vCPUs (from then on the disk does not change), run ``before_quit``,
+        quit through QMP; a VM that does not go in time is terminated."""
+        if not self.is_alive(handle):
+            self._cleanup(handle)  # a VM that died: nothing to stop
+            return
+        try:
+            with self.qmp(handle) as q:
+                q.execute("stop")
+        except QmpError:
+            if not self.is_alive(handle):
+                self._cleanup(handle)
+                return
+            if before_quit is not None:
+                raise  # cannot pause it, so cannot capture its last writes: leave it running
+            self._terminate(handle, timeout)
+            self._cleanup(handle)
+            return
+        if before_quit is not None:
+            before_quit()
+        try:
+            with self.qmp(handle) as q:
+                q.execute("quit")
+        except QmpError as err:
+            if err.error_class is not None:
+                raise
+            # The connection dropped: QEMU was already exiting, which is what quit asks for.
+        if not self._wait_gone(handle, timeout):
+            self._terminate(handle, 10.0)
+        self._cleanup(handle)
+
+    def _cleanup(self, handle: VmHandle) -> None:
+        """What remains of a stopped VM on the host (a container, say); nothing by default."""
+
+    @abstractmethod
+    def _terminate(self, handle: VmHandle, timeout: float) -> None: ...
+
+    @abstractmethod
+    def _wait_gone(self, handle: VmHandle, timeout: float) -> bool: ...

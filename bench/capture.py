@@ -35,6 +35,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.scratch import scratch  # noqa: E402
 from hotspare import layout  # noqa: E402
 from hotspare.capture.agent import Agent  # noqa: E402
 from hotspare.capture.scan import scan  # noqa: E402
@@ -152,20 +153,8 @@ def main() -> int:
         console.print("[red]--size-gib must be at least 1 MiB and --changed in (0, 1][/red]")
         return 2
 
-    root = args.workdir / "capture"  # ours alone: removed before and after
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    try:
+    with scratch(args.workdir, "capture", args.keep, console) as root:
         return run(args, root, size, xxhsum)
-    finally:
-        if args.keep:
-            console.print(f"work files kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-            try:
-                args.workdir.rmdir()  # only if nothing else is in it
-            except OSError:
-                pass
 
 
 def run(args: argparse.Namespace, root: Path, size: int, xxhsum: str) -> int:

@@ -55,7 +55,8 @@ sys.path.insert(0, str(REPO))
 from hotspare.capture.agent import Agent  # noqa: E402
 from hotspare.catalog import Catalog, commit_catalog, load_catalog  # noqa: E402
 from hotspare.consolidate import point as engine  # noqa: E402
-from hotspare.ingest import check_log, list_pending, next_catalog, plan  # noqa: E402
+from hotspare.ingest import ingest_disk  # noqa: E402
+from bench.scratch import scratch  # noqa: E402
 from hotspare.machine import DEFAULT_BLOCK_SIZE, DiskSpec, MachineConfig, save_machine  # noqa: E402
 from hotspare.store import open_store  # noqa: E402
 from hotspare.store.base import Store  # noqa: E402
@@ -204,15 +205,7 @@ def distinct_bytes(writes: list[tuple[int, int]], size: int) -> int:
 
 
 def ingest_all(store: Store, cfg: MachineConfig) -> Catalog:
-    """Accept every pending log (the engine path, as tests/test_capture.py does)."""
-    disk = cfg.disks[0]
-    cat = load_catalog(store, cfg.name, disk.name, disk.size)
-    results = [check_log(store, o.key, cfg.name, disk) for o in list_pending(store, cfg.name, disk.name, cat)]
-    nxt = next_catalog(cat, plan(cat, results))
-    if nxt is not None:
-        commit_catalog(store, nxt)
-        cat = nxt
-    return cat
+    return ingest_disk(store, cfg.name, cfg.disks[0])[0]
 
 
 @dataclass
@@ -363,24 +356,12 @@ def main() -> int:
         console.print("[red]--size-gib must be at least 16 MiB, --changed in (0, 1], --fill in [0, 1][/red]")
         return 2
 
-    root = args.workdir / "consolidate"  # ours alone: removed before and after
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    server = None
-    try:
+    with scratch(args.workdir, "consolidate", args.keep, console) as root:
         server = start_seaweedfs(root / "seaweedfs")
-        return run(args, root, size, server)
-    finally:
-        if server is not None:
+        try:
+            return run(args, root, size, server)
+        finally:
             stop_seaweedfs(server)
-        if args.keep:
-            console.print(f"work files kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-            try:
-                args.workdir.rmdir()  # only if nothing else is in it
-            except OSError:
-                pass
 
 
 def run(args: argparse.Namespace, root: Path, size: int, server: SeaweedFS) -> int:

@@ -47,6 +47,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.scratch import scratch  # noqa: E402
 from hotspare.demodisk import MARKER_RE, qemu_accel  # noqa: E402
 from hotspare.heartbeat import load_heartbeat  # noqa: E402
 from hotspare.machine import Policy  # noqa: E402
@@ -361,20 +362,8 @@ def main() -> int:
     if not hosts or any(h not in ("local", "docker") for h in hosts) or args.window < 10:
         console.print("[red]--hosts takes local and/or docker; --window must be at least 10[/red]")
         return 2
-    root = args.workdir / "rto"  # ours alone: removed before and after
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    try:
+    with scratch(args.workdir, "rto", args.keep, console) as root:
         return bench(args, hosts, root)
-    finally:
-        if args.keep:
-            console.print(f"work files kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-            try:
-                args.workdir.rmdir()  # only if nothing else is in it
-            except OSError:
-                pass
 
 
 def bench(args: argparse.Namespace, hosts: list[str], root: Path) -> int:

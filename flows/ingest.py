@@ -12,16 +12,10 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_table_artifact
 
 from hotspare import ingest as engine
-from hotspare.catalog import load_catalog
-from hotspare.errors import AlreadyExists, HotspareError
-from hotspare.faults import crash_point
 from hotspare.machine import DiskSpec, load_machine
 from hotspare.store import Store
 from tasks.common import resolve_store
 from tasks.ingest import commit, quarantine_log, validate_log
-
-MAX_RACES = 8
-
 
 class Outcome(BaseModel):
     key: str
@@ -51,35 +45,25 @@ class IngestResult(BaseModel):
         return [r for d in self.disks for r in d.rejected]
 
 
+def _validate_as_tasks(store: Store, keys: list[str], machine: str, disk: DiskSpec) -> list:
+    futures = validate_log.map(unmapped(store), keys, unmapped(machine), unmapped(disk))
+    return [f.result() for f in futures]
+
+
 def ingest_disk(store: Store, machine: str, disk: DiskSpec) -> DiskIngest:
     logger = get_run_logger()
-    for _ in range(MAX_RACES):
-        catalog = load_catalog(store, machine, disk.name, disk.size)
-        pending = engine.list_pending(store, machine, disk.name, catalog)
-        futures = validate_log.map(unmapped(store), [o.key for o in pending], unmapped(machine), unmapped(disk))
-        p = engine.plan(catalog, [f.result() for f in futures])
-        nxt = engine.next_catalog(catalog, p)
-        crash_point("ingest-before-commit")
-        if nxt is not None:
-            try:
-                commit(store, nxt)
-            except AlreadyExists:
-                logger.info("catalog v%d of %s was committed by another ingest; re-planning", nxt.version, disk.name)
-                continue
-            catalog = nxt
-        for key, reason in p.rejected:
-            quarantine_log(store, key, reason)
-        if catalog.resync_from is not None:
-            logger.warning("disk %s: rejected logs left a hole at seq %d; the agent will resync the disk",
-                           disk.name, catalog.resync_from)
-        for key, why in p.waiting:
-            logger.info("waiting: %s (%s)", key, why)
-        return DiskIngest(disk=disk.name, catalog_version=catalog.version, applied_seq=catalog.applied_seq(catalog.epoch),
-                          accepted=[Outcome(key=i.key) for i in p.accepted],
-                          accepted_bytes=sum(i.data_bytes for i in p.accepted),
-                          rejected=[Outcome(key=k, detail=r) for k, r in p.rejected],
-                          waiting=[Outcome(key=k, detail=w) for k, w in p.waiting], resync_from=catalog.resync_from)
-    raise HotspareError(f"ingest of {machine}/{disk.name} lost {MAX_RACES} commit races in a row; another ingest is busy")
+    catalog, p = engine.ingest_disk(store, machine, disk, validate=_validate_as_tasks, commit=commit,
+                                    quarantine_one=quarantine_log)
+    if catalog.resync_from is not None:
+        logger.warning("disk %s: rejected logs left a hole at seq %d; the agent will resync the disk",
+                       disk.name, catalog.resync_from)
+    for key, why in p.waiting:
+        logger.info("waiting: %s (%s)", key, why)
+    return DiskIngest(disk=disk.name, catalog_version=catalog.version, applied_seq=catalog.applied_seq(catalog.epoch),
+                      accepted=[Outcome(key=i.key) for i in p.accepted],
+                      accepted_bytes=sum(i.data_bytes for i in p.accepted),
+                      rejected=[Outcome(key=k, detail=r) for k, r in p.rejected],
+                      waiting=[Outcome(key=k, detail=w) for k, w in p.waiting], resync_from=catalog.resync_from)
 
 
 @flow(name="ingest", flow_run_name="ingest {machine}")

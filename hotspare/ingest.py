@@ -172,3 +172,45 @@ def next_catalog(catalog: Catalog, p: Plan) -> Catalog | None:
                                 size=info.size, captured_at=info.captured_at))
     rejected = catalog.rejected + [RejectedLog(key=k, reason=r) for k, r in p.rejected]
     return catalog.next(applied=applied, logs=logs, rejected=rejected, resync_from=resync_from)
+
+
+MAX_RACES = 8
+
+
+def _validate_here(store: Store, keys: list[str], machine: str, disk: DiskSpec) -> list[LogInfo | InvalidLog]:
+    out: list[LogInfo | InvalidLog] = []
+    for key in keys:
+        try:
+            out.append(check_log(store, key, machine, disk))
+        except InvalidLog as err:
+            out.append(err)
+    return out
+
+
+def ingest_disk(store: Store, machine: str, disk: DiskSpec, *, validate=_validate_here, commit=None,
+                quarantine_one=None) -> tuple[Catalog, Plan]:
+    """One disk's ingest: plan, commit create-only (re-planning after a lost race), then
+    quarantine the rejected logs. The flow passes task-backed ``validate``, ``commit`` and
+    ``quarantine_one`` (retries, concurrency); without them everything runs here."""
+    from hotspare.catalog import commit_catalog, load_catalog
+    from hotspare.errors import HotspareError
+    from hotspare.faults import crash_point
+
+    commit = commit or commit_catalog
+    quarantine_one = quarantine_one or quarantine
+    for _ in range(MAX_RACES):
+        catalog = load_catalog(store, machine, disk.name, disk.size)
+        pending = list_pending(store, machine, disk.name, catalog)
+        p = plan(catalog, validate(store, [o.key for o in pending], machine, disk))
+        nxt = next_catalog(catalog, p)
+        crash_point("ingest-before-commit")
+        if nxt is not None:
+            try:
+                commit(store, nxt)
+            except AlreadyExists:
+                continue  # another ingest committed this version: re-plan from its catalog
+            catalog = nxt
+        for key, reason in p.rejected:
+            quarantine_one(store, key, reason)
+        return catalog, p
+    raise HotspareError(f"ingest of {machine}/{disk.name} lost {MAX_RACES} commit races in a row; another ingest is busy")

@@ -14,7 +14,7 @@ import pytest
 from hotspare import layout
 from hotspare.capture.agent import Agent, Fenced
 from hotspare.catalog import Catalog, Fence, commit_catalog, load_catalog
-from hotspare.ingest import check_log, list_pending, next_catalog, plan
+from hotspare.ingest import ingest_disk
 from hotspare.machine import MachineConfig, parse_disk_arg, save_machine
 from hotspare.replay import replay_catalog
 from hotspare.store import open_store
@@ -33,15 +33,8 @@ def setup_machine(tmp_path: Path, size: int, fill: float = 0.25, block_kib: int 
 
 
 def ingest_all(store, cfg) -> Catalog:
-    """Accept every pending log (engine path; the Prefect flow is tested elsewhere)."""
-    disk = cfg.disks[0]
-    cat = load_catalog(store, cfg.name, disk.name, disk.size)
-    results = [check_log(store, o.key, cfg.name, disk) for o in list_pending(store, cfg.name, disk.name, cat)]
-    nxt = next_catalog(cat, plan(cat, results))
-    if nxt is not None:
-        commit_catalog(store, nxt)
-        cat = nxt
-    return cat
+    """Accept every pending log through the engine (the Prefect flow is tested elsewhere)."""
+    return ingest_disk(store, cfg.name, cfg.disks[0])[0]
 
 
 def test_first_pass_ships_only_nonzero_blocks_then_changes(tmp_path: Path) -> None:

@@ -55,11 +55,12 @@ def _step(event: str, machine: str, state: MachineState, **payload) -> None:
     emit_machine_event(f"hotspare.failover.{event}", machine, epoch=state.epoch, payload=payload)
 
 
-def ask_approval(description: str, timeout: int) -> Approval:
-    """Pause for an Approval; no answer within ``timeout`` seconds is a rejection. Shared
-    with failback's cut-over."""
+def ask_approval(description: str, timeout: int, model: type[Approval] = Approval, **shown) -> Approval:
+    """Pause for an Approval (or a subclass showing more, e.g. failback's cut-over); no
+    answer within ``timeout`` seconds is a rejection."""
     try:
-        return pause_flow_run(wait_for_input=Approval.with_initial_data(description=description, approve=False, by=""),
+        return pause_flow_run(wait_for_input=model.with_initial_data(description=description, approve=False, by="",
+                                                                     **shown),
                               timeout=timeout, poll_interval=2)
     except FlowPauseTimeout:
         # The server refuses any end state but Failed for a run whose pause expired; put
@@ -69,7 +70,7 @@ def ask_approval(description: str, timeout: int) -> Approval:
 
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(flow_run.id, Running(message="approval timed out"), force=True)
-        return Approval(approve=False, by="timeout", why=f"no answer in {timeout}s")
+        return model(approve=False, by="timeout", why=f"no answer in {timeout}s", **shown)
 
 
 def _run_name() -> str:
@@ -110,7 +111,7 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
                                   "not down.", policy.approval_timeout)
         create_markdown_artifact(f"**Failover of {machine}**: {'approved' if answer.approve else 'rejected'} "
                                  f"by {answer.by or 'unknown'}: {answer.why or '(no reason given)'}",
-                                 key=f"failover-approval-{_slug(machine)}", description="failover approval")
+                                 key=f"failover-approval-{artifact_slug(machine)}", description="failover approval")
         if not answer.approve:
             outcome = "timed-out" if answer.by == "timeout" else "rejected"
             msg = f"failover of {machine} {outcome.replace('-', ' ')} by {answer.by}: {answer.why}"
@@ -147,14 +148,14 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
         raise HotspareError(f"VM {handle.vm_id} of {machine} is {status}, not running")
     shot = host.screendump(handle, workdir / "screen.png")
     create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(Path(shot).read_bytes()).decode(),
-                          key=f"failover-screen-{_slug(machine)}", description=f"{machine}'s VM screen after boot")
+                          key=f"failover-screen-{artifact_slug(machine)}", description=f"{machine}'s VM screen after boot")
     engine.start_capture(st.url, machine, workdir)
     state = _commit(st, state.next(state="failed-over", step="verified", epoch=old_epoch + 1))
     _step("failed-over", machine, state, vm_id=handle.vm_id, accel=handle.accel, marker=marker)
     create_table_artifact([{"machine": machine, "point": point_id, "new epoch": old_epoch + 1, "host": policy.host,
                             "VM": handle.vm_id, "accel": handle.accel, "QMP status": status,
                             "guest marker": marker if marker is not None else "", "VM dir": str(workdir)}],
-                          key=f"failover-{_slug(machine)}", description=f"Failover of {machine}")
+                          key=f"failover-{artifact_slug(machine)}", description=f"Failover of {machine}")
     logger.info("%s failed over: VM %s (%s), epoch %d", machine, handle.vm_id, handle.accel, old_epoch + 1)
     return FailoverResult(machine=machine, outcome="failed-over", message=f"{machine} runs as VM {handle.vm_id}",
                           epoch=old_epoch + 1, vm_id=handle.vm_id, accel=handle.accel, marker=marker)
@@ -167,5 +168,5 @@ def _commit(st, state: MachineState) -> MachineState:
         raise HotspareError(f"{state.machine}'s state moved under this failover (another flow?); stopping") from None
 
 
-def _slug(machine: str) -> str:
+def artifact_slug(machine: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in machine.lower())

@@ -127,8 +127,11 @@ def agent(
                                                      help="agent state directory (default ./.hotspare/agent)")] = None,
     log_target_mib: Annotated[int, typer.Option(help="target size of one extent log, MiB")] = 64,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    restore: Annotated[bool, typer.Option("--restore", help="the machine returns after a failover: ship nothing, "
+                                          "report divergence, apply the failback flow's orders")] = False,
 ) -> None:
-    """Scan MACHINE's disks and ship their changes as extent logs, with a heartbeat per cycle."""
+    """Scan MACHINE's disks and ship their changes as extent logs, with a heartbeat per cycle.
+    With --restore, fail back instead, then continue protecting in the new epoch."""
     from hotspare.capture.agent import Agent, CycleReport
     from hotspare.machine import load_machine
     from hotspare.progress import bar_factory
@@ -145,6 +148,9 @@ def agent(
             emit = emit_heartbeat
     except ImportError:  # the agent runs without Prefect installed on the machine
         pass
+    if restore and not _restore(st, cfg, _agent_state_dir(state_dir, machine), emit, interval, once):
+        return
+    cfg = load_machine(st, machine)  # a failback to replacement disks changed their paths
     with Agent(st, cfg, _agent_state_dir(state_dir, machine), log_target=log_target_mib << 20, emit=emit) as ag:
         progress = None if quiet or not console.is_terminal else bar_factory(console)
         ag.progress = progress
@@ -165,6 +171,29 @@ def agent(
                               f"{d.zero_bytes} zero bytes, last seq {d.last_seq}" + (" (resync)" if d.resync else ""))
 
         ag.run(interval=interval, once=once, on_cycle=on_cycle)
+
+
+def _restore(st, cfg, state_dir: Path, emit, interval: float, once: bool) -> bool:
+    """Restore mode until the failback finishes (True) or a stop (False)."""
+    from hotspare.capture.agent import Agent
+    from hotspare.failback.restore import Restorer
+
+    with Agent(st, cfg, state_dir):  # the same lock: one agent per machine, either mode
+        r = Restorer(st, cfg, state_dir, emit=emit, say=lambda s: console.print(f"{cfg.name} (restore): {s}"))
+
+        def on_signal(signum, frame):
+            if r.stop_requested:
+                raise KeyboardInterrupt
+            r.stop_requested = True
+            err_console.print("stopping after the current data log (Ctrl-C again to abort)")
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        console.print(f"{cfg.name}: restore mode; shipping nothing, waiting for the failback flow's orders")
+        done = r.run(interval=interval, once=once)
+    if done and not once:
+        console.print(f"{cfg.name}: failback finished; protecting again")
+    return done and not once
 
 
 @app.command("ingest")
@@ -338,6 +367,43 @@ VmDirOpt = Annotated[Optional[str], typer.Option("--vm-dir", envvar="HOTSPARE_VM
                                                  help="where VMs keep their files (default ./.hotspare/vms)")]
 
 
+@app.command("failback")
+def failback_cmd(machine: MachineArg, store: StoreOpt = None,
+                 approve: Annotated[bool, typer.Option(help="approve the cut-over now instead of in the Prefect UI")] = False,
+                 target_disk: Annotated[Optional[list[str]], typer.Option(
+                     help="NAME=PATH: restore disk NAME onto another disk or image (replacement hardware); repeatable")] = None,
+                 vm_dir: VmDirOpt = None,
+                 catch_up_mib: Annotated[int, typer.Option(help="catch-up rounds run while more than this changed, MiB")] = 64) -> None:
+    """Fail MACHINE back from its VM (runs the failback flow; its agent must run with --restore)."""
+    from hotspare.store import open_store
+
+    targets = {}
+    for arg in target_disk or []:
+        name, sep, path = arg.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"--target-disk {arg!r}: use NAME=PATH")
+        targets[name] = os.path.abspath(path)
+    if catch_up_mib < 0:
+        raise typer.BadParameter("--catch-up-mib must not be negative")
+    url = open_store(store).url
+    _flows()
+    from flows.failback import failback
+
+    _report(failback(machine=machine, store=url, approve=approve, target_disk=targets or None, vm_dir=vm_dir,
+                     catch_up_bytes=catch_up_mib << 20, return_state=True), "failback")
+
+
+def _report(state, what: str) -> None:
+    """A flow's final state in one line; an error exits 1 without a traceback."""
+    if state.is_completed():
+        result = state.result()
+        console.print(result.message if hasattr(result, "message") else str(result))
+        return
+    if state.is_cancelled():
+        raise HotspareError(state.message or f"{what} cancelled")
+    state.result()  # re-raises the flow's error, printed in one line by main()
+
+
 @app.command("failover")
 def failover_cmd(machine: MachineArg, store: StoreOpt = None,
                  approve: Annotated[bool, typer.Option(help="approve now instead of waiting in the Prefect UI")] = False,
@@ -350,15 +416,8 @@ def failover_cmd(machine: MachineArg, store: StoreOpt = None,
     _flows()
     from flows.failover import failover
 
-    state = failover(machine=machine, store=url, approve=approve, vm_dir=vm_dir, expect_marker=expect_marker,
-                     return_state=True)
-    if state.is_completed():
-        result = state.result()
-        console.print(result.message if hasattr(result, "message") else str(result))
-        return
-    if state.is_cancelled():
-        raise HotspareError(state.message or "failover cancelled")
-    state.result()  # re-raises the flow's error, printed in one line by main()
+    _report(failover(machine=machine, store=url, approve=approve, vm_dir=vm_dir, expect_marker=expect_marker,
+                     return_state=True), "failover")
 
 
 def _running_vm(st, machine: str, vm_dir: str | None):
@@ -442,6 +501,7 @@ def deploy(machines: Annotated[Optional[list[str]], typer.Argument(help="machine
     failover_id = auto.deployment_id("failover/failover")
     items = [auto.heartbeat_loss(load_machine(st, m), failover_id, params) for m in (machines or list_machines(st))]
     items.append(auto.alert_down(failover_id, params))
+    items.append(auto.restore_heartbeat(auto.deployment_id("failback/failback"), params))
     for name in auto.apply(items):
         console.print(f"automation {name} applied")
 

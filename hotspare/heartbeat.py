@@ -1,8 +1,11 @@
-"""Reading a machine's last heartbeat (``heartbeat.json``), validated."""
+"""A machine's heartbeat (``heartbeat.json``): written by its agent each cycle, read validated."""
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+import socket
+from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -20,6 +23,7 @@ class Heartbeat(BaseModel):
     time: datetime
     host: str = ""
     disks: dict[str, dict[str, Any]] = {}
+    restore: dict[str, Any] | None = None  # restore mode: divergence and apply progress
 
     @property
     def age(self) -> float:
@@ -36,3 +40,17 @@ def load_heartbeat(store: Store, machine: str) -> Heartbeat | None:
         return Heartbeat.model_validate_json(raw)
     except ValidationError as err:
         raise InvalidObject(key, field_error(err)) from err
+
+
+def send_heartbeat(store: Store, machine: str, *, mode: str, epoch: int, disks: dict[str, dict[str, Any]],
+                   restore: dict[str, Any] | None = None, emit: Callable[[dict], None] | None = None) -> dict:
+    """Write ``heartbeat.json`` and, when ``emit`` is given, send the same payload as an event."""
+    payload: dict[str, Any] = {"machine": machine, "mode": mode, "epoch": epoch,
+                               "time": datetime.now(timezone.utc).isoformat(), "host": socket.gethostname(),
+                               "disks": disks}
+    if restore is not None:
+        payload["restore"] = restore
+    store.put(layout.heartbeat_key(machine), json.dumps(payload, indent=1).encode())
+    if emit:
+        emit(payload)
+    return payload

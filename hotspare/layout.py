@@ -69,6 +69,24 @@ def parse_log_name(key: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def failback_prefix(machine: str, vm_epoch: int) -> str:
+    """The failback of VM epoch ``vm_epoch``: orders from the flow, data and hash maps."""
+    return f"machines/{machine}/failback/{num(vm_epoch)}/"
+
+
+def failback_orders_prefix(machine: str, vm_epoch: int) -> str:
+    return f"{failback_prefix(machine, vm_epoch)}orders/"
+
+
+def failback_data_key(machine: str, vm_epoch: int, order: int, disk: str, n: int) -> str:
+    return f"{failback_prefix(machine, vm_epoch)}data/{num(order)}/{disk}/{n:06d}.parquet"
+
+
+def failback_hashes_key(machine: str, vm_epoch: int, what: str, disk: str) -> str:
+    """A hash map the restoring agent uploads: ``divergence`` or ``scan-<order>``."""
+    return f"{failback_prefix(machine, vm_epoch)}hashes/{what}/{disk}.npy"
+
+
 def catalog_prefix(machine: str, disk: str) -> str:
     return f"{disk_prefix(machine, disk)}catalog/"
 

@@ -4,26 +4,33 @@ catalog says a disk holds, used to check replicas and to apply logs to a machine
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from hotspare.catalog import Catalog
 from hotspare.extentlog import iter_extents
 from hotspare.store.base import Store
 
 
-def apply_log(store: Store, key: str, fd: int) -> int:
-    """Write one log's extents into the open file ``fd`` in seq order; returns bytes written."""
+def write_extents(f: BinaryIO, key: str, fd: int, after_first: Callable[[], None] | None = None) -> int:
+    """Write the extents of the log in ``f`` into the open file ``fd`` in seq order; returns
+    bytes written. ``after_first`` runs once after the first extent (a crash point)."""
     written = 0
-    with store.open(key) as f:
-        for offsets, lengths, data in iter_extents(f, key):
-            for off, length, d in zip(offsets.tolist(), lengths.tolist(), data):
-                buf = d.as_buffer()
-                if buf is None:
-                    os.pwrite(fd, bytes(length), off)
-                else:
-                    os.pwrite(fd, memoryview(buf), off)
-                written += length
+    for offsets, lengths, data in iter_extents(f, key):
+        for off, length, d in zip(offsets.tolist(), lengths.tolist(), data):
+            buf = d.as_buffer()
+            os.pwrite(fd, bytes(length) if buf is None else memoryview(buf), off)
+            if not written and after_first:
+                after_first()
+            written += length
     return written
+
+
+def apply_log(store: Store, key: str, fd: int) -> int:
+    """Write one stored log's extents into the open file ``fd``; returns bytes written."""
+    with store.open(key) as f:
+        return write_extents(f, key, fd)
 
 
 def replay_catalog(store: Store, catalog: Catalog, out: Path, *, epochs: list[int] | None = None) -> int:

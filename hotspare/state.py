@@ -35,6 +35,7 @@ class MachineState(BaseModel):
     host: str | None = None
     vm: dict[str, Any] | None = Field(None, description="the VM handle, while a VM serves")
     approval: dict[str, Any] | None = None
+    failback: dict[str, Any] | None = Field(None, description="a failback's targets, timings and outcome")
 
     def next(self, **changes: Any) -> "MachineState":
         data = self.model_dump()

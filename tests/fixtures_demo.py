@@ -80,8 +80,10 @@ class DemoVM:
     """One QEMU process booting a disk image from its own boot loader."""
 
     def __init__(self, image: Path, log: Path, *, qemu: str = QEMU, accel: str | None = None,
-                 interface: str = "virtio", memory_mib: int = 256, others: Sequence[Path] = ()) -> None:
-        """``others``: more disks, attached (virtio) before ``image``, which still boots."""
+                 interface: str = "virtio", memory_mib: int = 256, others: Sequence[Path] = (),
+                 fmt: str = "raw") -> None:
+        """``others``: more disks, attached (virtio) before ``image``, which still boots.
+        ``fmt``: QEMU's format of ``image`` (``vpc`` for a VHD); ``others`` are raw."""
         self.image = Path(image)
         self.log = Path(log)
         self.accel = accel or qemu_accel(qemu)
@@ -91,10 +93,10 @@ class DemoVM:
             for i, other in enumerate(others):
                 drives += ["-drive", f"file={other},if=none,id=other{i},format=raw",
                            "-device", f"virtio-blk-pci,drive=other{i}"]
-            drives += ["-drive", f"file={self.image},if=none,id=boot,format=raw",
+            drives += ["-drive", f"file={self.image},if=none,id=boot,format={fmt}",
                        "-device", f"{'virtio-blk-pci' if interface == 'virtio' else 'ide-hd'},drive=boot,bootindex=0"]
         else:
-            drives = ["-drive", f"file={self.image},if={interface},format=raw"]
+            drives = ["-drive", f"file={self.image},if={interface},format={fmt}"]
         self.cmd = [
             qemu, "-accel", self.accel, "-m", str(memory_mib), "-nographic", "-nodefaults", "-no-reboot",
             *drives, "-serial", f"file:{self.log}",

@@ -11,9 +11,7 @@ before the scan position is in an uploaded log.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from hotspare.catalog import load_catalog
 from hotspare.capture.upload import upload_log
 from hotspare.errors import HotspareError
 from hotspare.faults import crash_point
+from hotspare.heartbeat import send_heartbeat
 from hotspare.extentlog import Extent, LogWriter
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.machine import DiskSpec, MachineConfig, device_size
@@ -126,7 +125,8 @@ class Agent:
         catalog = load_catalog(self.store, self.config.name, spec.name, spec.size)
         if catalog.fence_of(state.epoch) is not None:
             raise Fenced(f"machine {self.config.name} is fenced: epoch {state.epoch} ended at a failover and its "
-                         "VM's replica is the truth now; this agent must not ship until the machine fails back")
+                         "VM's replica is the truth now; nothing shipped. Run `hotspare agent "
+                         f"{self.config.name} --restore` to fail back")
         state.last_seq = max(state.last_seq, self._last_shipped_seq(spec.name, state))
         resync_from = None
         if catalog.resync_from is not None and state.resynced_for != catalog.resync_from:
@@ -201,21 +201,11 @@ class Agent:
         return last
 
     # -- heartbeat -----------------------------------------------------------------------
-    def heartbeat(self, reports: list[DiskReport], mode: str = "normal") -> dict:
-        epoch = max((r.epoch for r in reports), default=0)
-        payload = {
-            "machine": self.config.name,
-            "mode": mode,
-            "epoch": epoch,
-            "time": datetime.now(timezone.utc).isoformat(),
-            "host": socket.gethostname(),
-            "disks": {r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes}
-                      for r in reports},
-        }
-        self.store.put(layout.heartbeat_key(self.config.name), json.dumps(payload, indent=1).encode())
-        if self.emit:
-            self.emit(payload)
-        return payload
+    def heartbeat(self, reports: list[DiskReport]) -> dict:
+        return send_heartbeat(self.store, self.config.name, mode="normal",
+                              epoch=max((r.epoch for r in reports), default=0), emit=self.emit,
+                              disks={r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes}
+                                     for r in reports})
 
     def run(self, *, interval: float, once: bool, on_cycle: Callable[[CycleReport], None] | None = None) -> None:
         while True:

@@ -54,6 +54,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 class StateDir:
     """The agent's state directory for one machine."""
 
@@ -93,12 +104,6 @@ class StateDir:
             os.fsync(f.fileno())
         meta = dict(epoch=state.epoch, last_seq=state.last_seq, block_size=state.block_size,
                     disk_size=state.disk_size, hashes=name, resynced_for=state.resynced_for)
-        tmp = self.root / f".{disk}.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._json(disk))
-        _fsync_dir(self.root)
+        write_json_atomic(self._json(disk), meta)
         if old and old != name:
             (self.root / old).unlink(missing_ok=True)

@@ -1,0 +1,429 @@
+"""The failback flow: bring the returning machine's disk to the replica's state while the
+VM serves, cut over with only the last deltas, verify every block, resume protection.
+
+1. plan: the byte ranges to move are the VM epoch's writes, the machine's divergence (its
+   unshipped writes) and its late logs, all taking the replica's content; when one of them
+   cannot be known (or with ``target_disk``, replacement hardware) every block of the disk
+   is compared with the replica instead. A table artifact shows them.
+2. phase one, the VM still serving: apply the replica's content at point T1, then short
+   catch-up rounds while the remaining delta exceeds ``catch_up_bytes``.
+3. cut-over approval (a RunInput showing the remaining bytes and the estimated downtime;
+   auto-approve per policy; a rejection or timeout leaves the VM serving).
+4. cut-over: stop the VM with its last writes shipped; phase two applies only what changed
+   after the last applied point.
+5. verify: the agent hashes every block; any difference from the replica fails the run with
+   the block's offset and keeps the fence (a re-run repairs and verifies again).
+6. finish: fence the VM epoch (a new epoch begins), the agent adopts the verified hash map
+   and returns to normal protection, the VM's files are removed.
+
+Every step is recorded in the machine's state (``failing-back`` with ``phase``) and every
+order is idempotent by its label, so a re-run after a crash continues where it stopped and
+never stops the VM twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+
+import numpy as np
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from prefect.states import Cancelled, Completed
+from pydantic import BaseModel
+
+from blocks.vmhost import resolve_vm_host
+from flows.consolidate import consolidate
+from flows.failover import Approval, artifact_slug, ask_approval
+from hotspare import failover as engine
+from hotspare import layout
+from hotspare.catalog import RecoveryPoint, load_catalog
+from hotspare.catalog.model import utcnow
+from hotspare.errors import AlreadyExists, HotspareError, UsageError
+from hotspare.failback import ranges as rg
+from hotspare.failback.orders import Order, RestoreProgress, load_orders
+from hotspare.failback.content import differing_ranges
+from hotspare.failback.plan import divergence_ranges, late_log_ranges, read_hashes, replica_changes
+from hotspare.faults import crash_point
+from hotspare.fence import fence_disk
+from hotspare.machine import DiskSpec, MachineConfig, load_machine, save_machine
+from hotspare.state import MachineState, commit_state, load_state
+from hotspare.store import Store
+from hotspare.vm.capture import VmCapture
+from hotspare.vm.host import VmHandle
+from tasks.common import resolve_store
+from tasks.events import emit_machine_event
+from tasks.failback import find_order, hash_replica, publish, publish_apply, restore_progress, wait_for_agent
+
+DEFAULT_RATE = 100e6  # bytes/s assumed for estimates until the agent has measured its own
+VM_STOP_SECONDS = 5.0
+
+
+class CutoverApproval(Approval):
+    remaining_bytes: int = 0
+    estimated_downtime_s: float = 0.0
+
+
+class FailbackResult(BaseModel):
+    machine: str
+    outcome: str  # failed-back, refused, rejected, timed-out, already
+    message: str
+    epoch: int | None = None
+    bytes_moved: dict[str, int] = {}
+    downtime_s: float | None = None
+    verified_blocks: int | None = None
+
+
+def _run_name() -> str:
+    return f"failback {engine.machine_name(flow_run.parameters['machine'])}"
+
+
+@flow(name="failback", flow_run_name=_run_name)
+def failback(machine: str, store: str | None = None, store_block: str | None = None, approve: bool = False,
+             target_disk: dict[str, str] | None = None, vm_dir: str | None = None, agent_timeout: float = 1800,
+             catch_up_bytes: int = 64 << 20, max_catch_up: int = 3):
+    """Fail ``machine`` back from its VM onto its own (or a replacement) disk; see the module docstring."""
+    machine = engine.machine_name(machine)
+    st = resolve_store(store, store_block)
+    cfg = load_machine(st, machine)
+    state = load_state(st, machine)
+    if state.state == "protected":
+        done = state.step == "failed-back"
+        msg = f"{machine} is protected in epoch {state.epoch}: " + ("its failback is finished" if done else "nothing to fail back")
+        return (Completed if done else Cancelled)(
+            message=msg, data=FailbackResult(machine=machine, outcome="already" if done else "refused", message=msg))
+    if state.state == "failing-over":
+        msg = f"{machine} is failing over; fail back once it has failed over"
+        return Cancelled(message=msg, data=FailbackResult(machine=machine, outcome="refused", message=msg))
+    run = _Failback(st, cfg, state, store_block=store_block, vm_dir=vm_dir, agent_timeout=agent_timeout)
+    if state.phase != "finish" and restore_progress(st, machine, state.epoch, run.silence) is None:
+        msg = (f"{machine}'s agent is not reporting in restore mode: run `hotspare agent {machine} --restore` on "
+               "the machine (the VM keeps serving)")
+        run.event("refused", reason=msg)
+        return Cancelled(message=msg, data=FailbackResult(machine=machine, outcome="refused", message=msg))
+    targets = _targets(cfg, target_disk, state)
+    try:
+        if state.state == "failed-over":
+            run.state = commit_state(st, state.next(state="failing-back", phase="phase-one", step="started",
+                                                    flow_run_id=str(flow_run.id),
+                                                    failback={"targets": targets, "round": 0}))
+        elif state.flow_run_id != str(flow_run.id):
+            run.state = commit_state(st, state.next(flow_run_id=str(flow_run.id)))
+    except AlreadyExists:
+        msg = f"another flow moved {machine} first; not failing back twice"
+        return Cancelled(message=msg, data=FailbackResult(machine=machine, outcome="already", message=msg))
+    run.targets = run.state.failback.get("targets", {}) if run.state.failback else {}
+
+    while True:
+        phase = run.state.phase
+        if phase == "phase-one":
+            answer = run.phase_one(approve, catch_up_bytes, max_catch_up)
+            if not answer.approve:
+                outcome = "timed-out" if answer.by == "timeout" else "rejected"
+                msg = (f"cut-over of {machine} {outcome.replace('-', ' ')} by {answer.by}: {answer.why}; the VM keeps "
+                       "serving and the machine stays in restore mode (re-run the failback to try again)")
+                run.commit(step=f"cut-over {outcome}")
+                run.event(outcome, by=answer.by, why=answer.why)
+                return Cancelled(message=msg, data=FailbackResult(machine=machine, outcome=outcome, message=msg))
+        elif phase == "cut-over":
+            run.cut_over()
+        elif phase == "phase-two":
+            run.phase_two()
+        elif phase == "verify":
+            run.verify()
+        elif phase == "finish":
+            return run.finish()
+        else:
+            raise HotspareError(f"{machine}'s state has an unknown failback phase {phase!r}")
+
+
+def _targets(cfg: MachineConfig, target_disk: dict[str, str] | None, state: MachineState) -> dict[str, str]:
+    names = {d.name for d in cfg.disks}
+    for name in target_disk or {}:
+        if name not in names:
+            raise UsageError(f"--target-disk {name}=...: {cfg.name} has no disk {name!r} (disks: {', '.join(sorted(names))})")
+    recorded = (state.failback or {}).get("targets") if state.state == "failing-back" else None
+    if recorded is not None and target_disk and target_disk != recorded:
+        raise UsageError(f"{cfg.name}'s failback already runs with target disks {recorded}; finish it first")
+    return dict(target_disk or recorded or {})
+
+
+class _Failback:
+    """One failback run's context and phases (each ends by committing the next phase)."""
+
+    def __init__(self, st: Store, cfg: MachineConfig, state: MachineState, *, store_block: str | None,
+                 vm_dir: str | None, agent_timeout: float) -> None:
+        self.st, self.cfg, self.state = st, cfg, state
+        self.machine = cfg.name
+        self.vm_epoch = state.epoch
+        self.store_block = store_block
+        self.workdir = engine.vm_dir(cfg.name, vm_dir)
+        self.agent_timeout = agent_timeout
+        self.silence = max(60.0, 3.0 * cfg.policy.heartbeat_window)
+        self.targets: dict[str, str] = {}
+        self.log = get_run_logger()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def event(self, name: str, **payload) -> None:
+        self.log.info("%s: %s", name, payload or "")
+        emit_machine_event(f"hotspare.failback.{name}", self.machine, mode="restore", epoch=self.vm_epoch - 1,
+                           payload=payload)
+
+    def commit(self, fb: dict | None = None, **changes) -> MachineState:
+        if fb:
+            changes["failback"] = {**(self.state.failback or {}), **fb}
+        try:
+            self.state = commit_state(self.st, self.state.next(**changes))
+        except AlreadyExists:
+            raise HotspareError(f"{self.machine}'s state moved under this failback (another run?); stopping") from None
+        return self.state
+
+    def orders(self) -> list[Order]:
+        return load_orders(self.st, self.machine, self.vm_epoch)
+
+    def wait(self, order: Order) -> RestoreProgress:
+        return wait_for_agent(self.st, self.machine, order, self.agent_timeout, self.silence)
+
+    def progress(self) -> RestoreProgress:
+        p = restore_progress(self.st, self.machine, self.vm_epoch, self.silence)
+        if p is None:
+            raise HotspareError(f"{self.machine}'s agent stopped reporting in restore mode; restart it with --restore")
+        return p
+
+    def points(self, fresh: bool) -> dict[str, RecoveryPoint]:
+        """Each disk's newest recovery point, after ingesting and consolidating if ``fresh``."""
+        if fresh:
+            consolidate(machine=self.machine, store=self.st.url if self.store_block is None else None,
+                        store_block=self.store_block)
+        out = {}
+        for d in self.cfg.disks:
+            point = load_catalog(self.st, self.machine, d.name, d.size).point("current")
+            if point is None:
+                raise HotspareError(f"{self.machine}/{d.name} has no consolidated point to fail back from")
+            out[d.name] = point
+        return out
+
+    def last_upto(self, disk: str) -> tuple[int, int]:
+        ups = [o.disks[disk].upto for o in self.orders() if o.kind == "apply" and disk in o.disks and o.disks[disk].upto]
+        if not ups:
+            raise HotspareError(f"no failback order of {self.machine} has applied {disk} yet")
+        return tuple(ups[-1])  # type: ignore[return-value]
+
+    def moved(self) -> dict[str, int]:
+        """Bytes applied per phase: phase one (with its catch-up rounds), phase two, repair."""
+        groups = {"phase-1": "phase one", "catch-up": "phase one", "phase-2": "phase two", "repair": "repair"}
+        out: dict[str, int] = {}
+        for o in self.orders():
+            group = next((g for prefix, g in groups.items() if o.label.startswith(prefix)), None)
+            if o.kind == "apply" and group:
+                out[group] = out.get(group, 0) + o.bytes
+        return out
+
+    def compare(self, label: str, points: dict[str, RecoveryPoint], disks: list[str]) -> dict[str, rg.Ranges]:
+        """The ranges where the machine's disks differ from the points: the agent hashes
+        every block, the replica is hashed here."""
+        specs = [d for d in self.cfg.disks if d.name in disks]
+        order = publish(self.st, self.machine, self.vm_epoch, label, "scan", specs, self.targets)
+        self.wait(order)
+        return {d.name: _differing(self.st, _scan_key(order, d.name), d, hash_replica(self.st, points[d.name], d))
+                for d in specs}
+
+    def changes_since_applied(self, points: dict[str, RecoveryPoint], label: str) -> dict[str, rg.Ranges]:
+        moves: dict[str, rg.Ranges | None] = {}
+        for d in self.cfg.disks:
+            cat = load_catalog(self.st, self.machine, d.name, d.size)
+            moves[d.name] = replica_changes(self.st, cat, self.last_upto(d.name), points[d.name].position)
+        return self._known(moves, points, label)
+
+    def _known(self, moves: dict[str, rg.Ranges | None], points, label: str) -> dict[str, rg.Ranges]:
+        unknown = [name for name, r in moves.items() if r is None]
+        if unknown:
+            self.log.info("%s: changed ranges unknown for %s; comparing every block", label, ", ".join(unknown))
+            moves.update(self.compare(f"compare-{label}", points, unknown))
+        return moves  # type: ignore[return-value]
+
+    # -- phases -------------------------------------------------------------------------------
+    def plan(self, points: dict[str, RecoveryPoint]) -> dict[str, rg.Ranges]:
+        progress = self.progress()
+        moves: dict[str, rg.Ranges | None] = {}
+        rows = []
+        for d in self.cfg.disks:
+            cat = load_catalog(self.st, self.machine, d.name, d.size)
+            fence = cat.fence_of(self.vm_epoch - 1)
+            if fence is None:
+                raise HotspareError(f"{self.machine}/{d.name} has no fence of epoch {self.vm_epoch - 1}")
+            if d.name in self.targets:
+                moves[d.name] = None
+                rows.append({"disk": d.name, "source": f"replacement disk {self.targets[d.name]}: every block that "
+                             "differs", "ranges": "", "bytes": ""})
+                continue
+            sources = {
+                "VM epoch writes": replica_changes(self.st, cat, (fence.epoch, fence.after_seq), points[d.name].position),
+                "machine divergence (never shipped)": divergence_ranges(self.st, d, progress.divergence.get(d.name)),
+                "machine logs after the fence": late_log_ranges(self.st, self.machine, d.name, cat, fence.epoch),
+            }
+            for name, r in sources.items():
+                rows.append({"disk": d.name, "source": name, "ranges": "unknown" if r is None else len(r),
+                             "bytes": "unknown: every block compared" if r is None else rg.total(r)})
+            moves[d.name] = None if any(r is None for r in sources.values()) else rg.union(*sources.values())
+        known = self._known(moves, points, "phase-1")
+        rate = progress.apply_rate or DEFAULT_RATE
+        for name, r in known.items():
+            rows.append({"disk": name, "source": "to move (union, replica's content)", "ranges": len(r),
+                         "bytes": rg.total(r)})
+        total = sum(rg.total(r) for r in known.values())
+        rows.append({"disk": "all", "source": f"estimated phase one at {rate / 1e6:.0f} MB/s"
+                     + ("" if progress.apply_rate else " (assumed, not yet measured)"),
+                     "ranges": "", "bytes": f"{total} bytes, {total / rate:.1f} s"})
+        create_table_artifact(rows, key=f"failback-plan-{artifact_slug(self.machine)}", description=f"Failback plan of {self.machine}")
+        self.event("planned", bytes=total)
+        return known
+
+    def phase_one(self, approve: bool, catch_up_bytes: int, max_catch_up: int) -> Approval:
+        for o in self.orders():  # a re-run first waits for what was already ordered
+            self.wait(o)
+        if find_order(self.st, self.machine, self.vm_epoch, "phase-1") is None:
+            points = self.points(fresh=True)
+            order = publish_apply(self.st, self.machine, self.vm_epoch, "phase-1", self.cfg.disks, points,
+                                  self.plan(points), self.targets)
+            self.event("phase-one", bytes=order.bytes, upto={k: v.upto for k, v in order.disks.items()})
+            crash_point("failback-after-order")  # a re-run must wait for this order, not plan another
+            self.wait(order)
+        rounds = sum(1 for o in self.orders() if o.label.startswith("catch-up"))
+        while True:
+            points = self.points(fresh=True)
+            delta = self.changes_since_applied(points, f"catch-up-{rounds + 1}")
+            remaining = sum(rg.total(r) for r in delta.values())
+            if remaining <= catch_up_bytes or rounds >= max_catch_up:
+                break
+            rounds += 1
+            order = publish_apply(self.st, self.machine, self.vm_epoch, f"catch-up-{rounds}", self.cfg.disks, points,
+                                  delta, self.targets)
+            self.event("catch-up", round=rounds, bytes=order.bytes)
+            self.wait(order)
+        self.commit(step="phase one applied")
+        progress = self.progress()
+        size = sum(d.size for d in self.cfg.disks)
+        estimate = (remaining / (progress.apply_rate or DEFAULT_RATE) + size / (progress.scan_rate or DEFAULT_RATE)
+                    + VM_STOP_SECONDS)
+        policy = self.cfg.policy
+        if approve or policy.auto_approve:
+            answer = CutoverApproval(approve=True, by="policy" if policy.auto_approve else "operator (--approve)",
+                                     why="auto-approve" if policy.auto_approve else "approved when started",
+                                     remaining_bytes=remaining, estimated_downtime_s=round(estimate, 1))
+        else:
+            self.event("approval-requested", remaining_bytes=remaining, estimated_downtime_s=round(estimate, 1))
+            answer = ask_approval(
+                f"**Cut over {self.machine} to its own disk?** Phase one is applied; {remaining} bytes changed on the "
+                f"VM since. Approving stops the VM (estimated downtime {estimate:.0f} s: the VM's last writes, phase "
+                "two and a block-for-block verification). Rejecting leaves the VM serving.",
+                policy.approval_timeout, CutoverApproval, remaining_bytes=remaining,
+                estimated_downtime_s=round(estimate, 1))
+        create_markdown_artifact(f"**Cut-over of {self.machine}**: {'approved' if answer.approve else 'rejected'} by "
+                                 f"{answer.by or 'unknown'}: {answer.why or '(no reason given)'}; {remaining} bytes "
+                                 f"remaining, estimated downtime {estimate:.0f} s",
+                                 key=f"failback-approval-{artifact_slug(self.machine)}", description="cut-over approval")
+        if answer.approve:
+            self.commit(phase="cut-over", step="approved", approval=answer.model_dump(),
+                        fb={"cutover_at": utcnow().isoformat(), "estimated_downtime_s": round(estimate, 1)})
+        return answer
+
+    def cut_over(self) -> None:
+        """Stop the VM with its last writes shipped (once: the phase moves on right after)."""
+        vm = self.state.vm
+        if vm:
+            handle = VmHandle.model_validate(vm)
+            engine.stop_capture(self.workdir)
+            disk = self.cfg.disks[0]
+            keys = VmCapture(resolve_vm_host(self.state.host or "local"), handle, self.st, disk=disk.name,
+                             epoch=self.vm_epoch, disk_size=disk.size).final_capture()
+            self.event("vm-stopped", vm_id=handle.vm_id, last_logs=len(keys))
+        crash_point("failback-after-vm-stop")
+        self.commit(phase="phase-two", step="vm stopped", vm=None, fb={"vm": vm or (self.state.failback or {}).get("vm")})
+
+    def phase_two(self) -> None:
+        order = find_order(self.st, self.machine, self.vm_epoch, "phase-2")
+        if order is None:
+            points = self.points(fresh=True)
+            order = publish_apply(self.st, self.machine, self.vm_epoch, "phase-2", self.cfg.disks, points,
+                                  self.changes_since_applied(points, "phase-2"), self.targets)
+        self.event("phase-two", bytes=order.bytes)
+        self.wait(order)
+        self.commit(phase="verify", step="phase two applied")
+
+    def verify(self) -> None:
+        fb = self.state.failback or {}
+        rnd = int(fb.get("round", 0))
+        points = self.points(fresh=False)
+        if self.state.step == "verify-failed":  # a re-run repairs what the last verification found
+            last = find_order(self.st, self.machine, self.vm_epoch, f"verify-{rnd - 1}")
+            assert last is not None
+            repair = {d.name: _differing(self.st, _scan_key(last, d.name), d, hash_replica(self.st, points[d.name], d))
+                      for d in self.cfg.disks}
+            order = publish_apply(self.st, self.machine, self.vm_epoch, f"repair-{rnd}", self.cfg.disks, points,
+                                  repair, self.targets)
+            self.event("repair", bytes=order.bytes)
+            self.wait(order)
+            self.commit(step="repaired")
+        order = publish(self.st, self.machine, self.vm_epoch, f"verify-{rnd}", "scan", self.cfg.disks, self.targets)
+        self.wait(order)
+        scans = {d.name: _scan_key(order, d.name) for d in self.cfg.disks}
+        rows, bad, blocks = [], [], 0
+        for d in self.cfg.disks:
+            if points[d.name].position != self.last_upto(d.name):
+                raise HotspareError(f"{self.machine}/{d.name}: the replica moved to {points[d.name].id} after the last "
+                                    "applied point; the VM may still be writing")
+            disk_h = read_hashes(self.st, scans[d.name], -(-d.size // d.block_size))
+            diff = np.flatnonzero(disk_h != hash_replica(self.st, points[d.name], d))
+            blocks += len(disk_h)
+            rows.append({"disk": d.name, "point": points[d.name].id, "blocks": len(disk_h), "differing": len(diff),
+                         "first differing offset": int(diff[0]) * d.block_size if len(diff) else ""})
+            if len(diff):
+                bad.append(f"disk {d.name} differs from the replica in {len(diff)} block(s) of {d.block_size} bytes, "
+                           f"first at offset {int(diff[0]) * d.block_size}")
+        create_table_artifact(rows, key=f"failback-verify-{artifact_slug(self.machine)}",
+                              description=f"Block-for-block verification of {self.machine}")
+        if bad:
+            self.commit(step="verify-failed", fb={"round": rnd + 1, "mismatch": bad})
+            self.event("verify-failed", mismatch=bad)
+            raise HotspareError(f"verification of {self.machine} failed: {'; '.join(bad)}. The fence stays: the "
+                                f"replica (epoch {self.vm_epoch}) is still the truth and can boot the VM again; "
+                                "re-run the failback to repair and verify again")
+        self.event("verified", blocks=blocks)
+        self.commit(phase="finish", step="verified", fb={"verified_blocks": blocks, "scans": scans})
+
+    def finish(self) -> FailbackResult:
+        fb = self.state.failback or {}
+        new_epoch = self.vm_epoch + 1
+        for d in self.cfg.disks:
+            fence_disk(self.st, self.machine, d, self.vm_epoch, f"failback run {flow_run.id}")
+        if self.targets:  # the replacement disks are the machine's disks from now on
+            disks = [d.model_copy(update={"path": self.targets.get(d.name, d.path)}) for d in self.cfg.disks]
+            save_machine(self.st, self.cfg.model_copy(update={"disks": disks}), create_only=False)
+        order = publish(self.st, self.machine, self.vm_epoch, "finish", "finish", self.cfg.disks, self.targets,
+                        new_epoch=new_epoch, scans=fb.get("scans", {}))
+        self.wait(order)
+        shutil.rmtree(self.workdir, ignore_errors=True)  # the VM's overlays and boot image
+        downtime = (utcnow() - datetime.fromisoformat(fb["cutover_at"])).total_seconds() if fb.get("cutover_at") else None
+        moved = self.moved()
+        self.commit(state="protected", epoch=new_epoch, phase="", step="failed-back", vm=None,
+                    fb={"moved": moved, "downtime_s": downtime, "finished_at": utcnow().isoformat()})
+        rows = [{"phase": k, "bytes moved": v} for k, v in moved.items()]
+        rows += [{"phase": "cut-over downtime (VM stop to verified disk)", "bytes moved": f"{downtime:.1f} s" if downtime else ""},
+                 {"phase": "verification", "bytes moved": f"{fb.get('verified_blocks')} blocks equal the replica"}]
+        create_table_artifact(rows, key=f"failback-{artifact_slug(self.machine)}", description=f"Failback of {self.machine}")
+        self.event("finished", epoch=new_epoch, moved=moved, downtime_s=downtime)
+        msg = f"{self.machine} failed back: protected in epoch {new_epoch}, {sum(moved.values())} bytes moved"
+        return FailbackResult(machine=self.machine, outcome="failed-back", message=msg, epoch=new_epoch,
+                              bytes_moved=moved, downtime_s=downtime, verified_blocks=fb.get("verified_blocks"))
+
+
+def _scan_key(order: Order, disk: str) -> str:
+    return layout.failback_hashes_key(order.machine, order.vm_epoch, f"scan-{order.version}", disk)
+
+
+def _differing(st: Store, key: str, disk: DiskSpec, replica: np.ndarray) -> rg.Ranges:
+    return differing_ranges(read_hashes(st, key, len(replica)), replica, disk.block_size, disk.size)
+
+

@@ -381,7 +381,8 @@ def bench(args: argparse.Namespace, hosts: list[str], root: Path) -> int:
         env["PREFECT_API_URL"] = url
         os.environ["PREFECT_API_URL"] = url  # this process's client
         run([PREFECT, "work-pool", "create", "hotspare", "--type", "process", "--overwrite"], env, "work-pool create")
-        run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "failover"],
+        run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "failover",
+             "--name", "failback"],
             env, "prefect deploy")
         build = None
         if "docker" in hosts:

@@ -23,7 +23,6 @@ never stops the VM twice.
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime
 
 import numpy as np
@@ -404,7 +403,7 @@ class _Failback:
         order = publish(self.st, self.machine, self.vm_epoch, "finish", "finish", self.cfg.disks, self.targets,
                         new_epoch=new_epoch, scans=fb.get("scans", {}))
         self.wait(order)
-        shutil.rmtree(self.workdir, ignore_errors=True)  # the VM's overlays and boot image
+        engine.discard_vm_files(self.workdir)
         downtime = (utcnow() - datetime.fromisoformat(fb["cutover_at"])).total_seconds() if fb.get("cutover_at") else None
         moved = self.moved()
         self.commit(state="protected", epoch=new_epoch, phase="", step="failed-back", vm=None,

@@ -6,15 +6,20 @@ into the image, and its guest writes a counter to its data partition every secon
 agent ships the changes. Then the machine loses power (QEMU killed, agent stopped): its last
 writes never leave it. After the heartbeat window, the failover flow (auto-approve policy)
 fences the machine, consolidates, boots the replica as a VM, and captures the VM's writes
-as a new epoch; the VM continues counting from what the replica held. Finally the VM is
-stopped with its last writes shipped, a last consolidation runs, and the newest recovery
-point is checked to hold the VM's last counter.
+as a new epoch; the VM continues counting from what the replica held. Then the machine
+returns: its agent runs in restore mode (its unshipped writes are its divergence) and the
+failback flow (auto-approve) applies the VM's changes while the VM serves, stops the VM,
+applies the last deltas, verifies every block and lifts the fence. The machine's disk is
+checked to equal the newest recovery point, and the machine boots from it and counts on,
+protected again in a new epoch.
 """
 
 from __future__ import annotations
 
+import filecmp
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +31,9 @@ from hotspare.catalog import load_catalog
 from hotspare.consolidate.export import export_point, find_point
 from hotspare.demodisk import build_demo_disk, parse_markers, qemu_accel, read_marker
 from hotspare.errors import HotspareError
+from hotspare.failback.restore import Restorer
 from hotspare.machine import MachineConfig, Policy, parse_disk_arg, save_machine
+from hotspare.state import load_state
 from hotspare.store import open_store
 
 MACHINE = "demo"
@@ -52,8 +59,6 @@ def _wait_marker(serial: Path, timeout: float, after: int = 0) -> int:
 
 
 def run_demo(workdir: Path, *, size_mib: int, console: Console) -> None:
-    from hotspare import failover as fo
-
     root = (workdir / "demo").absolute()
     vms = root / "vms"
     _stop_previous(root, vms)
@@ -109,29 +114,45 @@ def run_demo(workdir: Path, *, size_mib: int, console: Console) -> None:
 
     t = time.monotonic()
     time.sleep(6)
-    from hotspare.state import commit_state, load_state
-    from hotspare.vm.capture import VmCapture
-    from hotspare.vm.host import VmHandle
-
-    state = load_state(store, MACHINE)
-    handle = VmHandle.model_validate(state.vm)
-    fo.stop_capture(vms / MACHINE)
-    VmCapture(fo.vm_host("local"), handle, store, disk="root", epoch=state.epoch,
-              disk_size=cfg.disks[0].size).final_capture()
-    commit_state(store, state.next(step="vm-stopped", vm=None))
-    vm_last = parse_markers(Path(handle.serial_log).read_text(errors="replace"))[-1].counter
-    step("the VM serves", f"it wrote up to counter {vm_last}; stopped with its last writes shipped as epoch "
-                          f"{state.epoch} logs", t)
+    serial = Path(load_state(store, MACHINE).vm["serial_log"])
+    vm_now = parse_markers(serial.read_text(errors="replace"))[-1].counter
+    step("the VM serves", f"it counts on to {vm_now}; its writes ship as epoch {result.epoch} logs every 2 s", t)
 
     t = time.monotonic()
-    consolidate(machine=MACHINE, store=store.url)
-    cat = load_catalog(store, MACHINE, "root", cfg.disks[0].size)
+    from flows.failback import failback
+
+    restorer = Restorer(store, cfg, root / "agent", say=lambda s: console.print(f"  machine (restore mode): {s}"))
+    done: list[bool] = []
+    agent_thread = threading.Thread(target=lambda: done.append(restorer.run(interval=0.5)), daemon=True)
+    agent_thread.start()
+    _wait_restore_heartbeat(store, agent_thread)
+    back = failback(machine=MACHINE, store=store.url, vm_dir=str(vms))
+    agent_thread.join(60)
+    vm_last = parse_markers(serial.read_text(errors="replace"))[-1].counter
+    moved = ", ".join(f"{k} {v} bytes" for k, v in back.bytes_moved.items())
+    step("failback", f"the machine returned in restore mode; {moved}; cut-over downtime {back.downtime_s:.1f}s; "
+                     f"{back.verified_blocks} blocks verified equal to the replica; protected again in epoch {back.epoch}", t)
+
+    t = time.monotonic()
     out = root / "newest-point.raw"
+    cat = load_catalog(store, MACHINE, "root", cfg.disks[0].size)
     export_point(store, cat, find_point(cat), "raw", out)
-    replica = read_marker(out)
-    ok = replica is not None and replica.counter == vm_last
-    step("replica check", f"newest point {cat.points[-1].id} holds counter "
-                          f"{replica.counter if replica else None} (the VM's last: {vm_last})", t)
+    on_disk = read_marker(image)
+    ok = filecmp.cmp(image, out, shallow=False) and on_disk is not None and on_disk.counter in (vm_last, vm_last + 1)
+    step("machine check", f"the machine's disk equals the newest point {cat.points[-1].id} byte for byte and holds "
+                          f"counter {on_disk.counter if on_disk else None} (the VM printed {vm_last} last)", t)
+
+    t = time.monotonic()
+    physical = _boot_physical(image, root / "physical-serial-2.log")
+    try:
+        again = _wait_marker(root / "physical-serial-2.log", 120)
+        with Agent(store, cfg, root / "agent") as agent:
+            shipped = sum(len(d.logs) for d in agent.cycle().disks)
+    finally:
+        physical.kill()
+        physical.wait()
+    step("protected again", f"the machine boots from its own disk and counts on at {again}; its agent shipped "
+                            f"{shipped} log(s) in epoch {back.epoch}", t)
 
     table = Table(title="hotspare demo: what happened")
     for col in ("step", "what", "seconds"):
@@ -141,12 +162,26 @@ def run_demo(workdir: Path, *, size_mib: int, console: Console) -> None:
     console.print(table)
     console.print(f"time from the machine's silence to the VM's first marker: {rto:.1f}s "
                   f"(heartbeat window {WINDOW}s included)")
-    console.print(f"store: {store.url}\nPrefect UI: flow runs 'consolidate demo' and 'failover demo' with their "
-                  "artifacts (approval, VM screen, tables); run `prefect server start` and set PREFECT_API_URL "
-                  "before the demo to keep them.")
+    console.print(f"store: {store.url}\nPrefect UI: flow runs 'consolidate demo', 'failover demo' and 'failback demo' "
+                  "with their artifacts (approvals, VM screen, failback plan, progress, verification, summary); run "
+                  "`prefect server start` and set PREFECT_API_URL before the demo to keep them.")
     if not ok:
-        raise HotspareError("the newest recovery point does not hold the VM's last write")
-    console.print("[green]the replica holds the VM's last write[/]")
+        raise HotspareError("the machine's disk does not equal the replica's final state")
+    console.print("[green]the machine's disk holds the VM's last write, verified block for block[/]")
+
+
+def _wait_restore_heartbeat(store, agent_thread: threading.Thread, timeout: float = 120) -> None:
+    """The failback starts once the returning machine reports in restore mode."""
+    from hotspare.heartbeat import load_heartbeat
+
+    deadline = time.monotonic() + timeout
+    while True:
+        hb = load_heartbeat(store, MACHINE)
+        if hb is not None and hb.mode == "restore":
+            return
+        if not agent_thread.is_alive() or time.monotonic() > deadline:
+            raise HotspareError("the returning machine's agent did not report in restore mode")
+        time.sleep(0.2)
 
 
 def _stop_previous(root: Path, vms: Path) -> None:

@@ -7,6 +7,7 @@ over, and the check is made again after the approval, just before the fence.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,20 @@ def check_silent(store: Store, cfg: MachineConfig, state: MachineState) -> str:
 def vm_dir(machine: str, root: str | None = None) -> Path:
     base = root or os.environ.get("HOTSPARE_VM_DIR") or "./.hotspare/vms"
     return Path(base).absolute() / machine
+
+
+def discard_vm_files(workdir: Path) -> None:
+    """Remove a stopped VM's disks, handle and sockets; keep its logs and screen image for
+    the post-mortem."""
+    if not workdir.is_dir():
+        return
+    for p in workdir.iterdir():
+        if p.suffix in (".log", ".png"):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 BUILTIN_HOSTS = ("local", "docker", "ec2")

@@ -9,6 +9,7 @@ from tests.helpers import cli
 
 def test_demo_runs_the_whole_cycle(tmp_path: Path, qemu_system: str) -> None:
     r = cli("demo", "--workdir", str(tmp_path), timeout=600)
-    assert "the replica holds the VM's last write" in r.stdout
-    assert "failover" in r.stdout and "Traceback" not in r.stderr
+    assert "the machine's disk holds the VM's last write, verified block for block" in r.stdout
+    assert "failover" in r.stdout and "failback" in r.stdout and "Traceback" not in r.stderr
+    assert "protected again" in r.stdout
     assert (tmp_path / "demo" / "store" / "machines" / "demo" / "machine.json").exists()

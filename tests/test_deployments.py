@@ -35,7 +35,7 @@ def test_deployments_have_schedules(deployed: dict[str, str]) -> None:
 
     with get_client(sync_client=True) as client:
         found = {d.name: d for d in client.read_deployments()}
-        assert {"ingest", "consolidate"} <= set(found)
+        assert {"ingest", "consolidate", "failover", "failback"} <= set(found)
         for name, seconds in (("ingest", 300), ("consolidate", 900)):
             d = found[name]
             scheds = client.read_deployment_schedules(d.id)

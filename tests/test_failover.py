@@ -74,6 +74,16 @@ def test_failover_killed_after_launch_resumes_without_a_second_vm(tmp_path: Path
         stop_vm(env)
 
 
+def deploy_flows(full_env: dict[str, str]) -> None:
+    """The work pool and the failover and failback deployments, as an operator applies them
+    (``hotspare deploy`` needs both for its automations)."""
+    subprocess.run([PREFECT, "work-pool", "create", "hotspare", "--type", "process", "--overwrite"], env=full_env,
+                   check=True, capture_output=True)
+    r = subprocess.run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name",
+                        "failover", "--name", "failback"], cwd=REPO, env=full_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def _drop_automations() -> None:
     from prefect.client.orchestration import get_client
 
@@ -160,11 +170,7 @@ def test_heartbeat_loss_starts_failover_and_the_vm_writes_reach_the_replica(
     env = {**protect_demo(tmp_path, demo_disk, "--host", host), **extra}
     full_env = {**os.environ, **env, "PREFECT_API_URL": prefect_api, "HOTSPARE_REPO": str(REPO),
                 "HOTSPARE_MACHINE": "demo", "HOTSPARE_STORE_BLOCK": ""}
-    subprocess.run([PREFECT, "work-pool", "create", "hotspare", "--type", "process", "--overwrite"], env=full_env,
-                   check=True, capture_output=True)
-    r = subprocess.run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name",
-                        "failover"], cwd=REPO, env=full_env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    deploy_flows(full_env)
     with get_client(sync_client=True) as client:
         runs_before = len(client.read_flow_runs(deployment_filter=DeploymentFilter(
             id={"any_": [client.read_deployment_by_name("failover/failover").id]})))

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 
 from blocks.vmhost import resolve_vm_host
 from flows.consolidate import consolidate
+from flows.ingest import ingest
 from flows.failover import Approval, artifact_slug, ask_approval
 from hotspare import failover as engine
 from hotspare import layout
@@ -41,11 +42,11 @@ from hotspare.catalog import RecoveryPoint, load_catalog
 from hotspare.catalog.model import utcnow
 from hotspare.errors import AlreadyExists, HotspareError, UsageError
 from hotspare.failback import ranges as rg
-from hotspare.failback.orders import Order, RestoreProgress, load_orders
 from hotspare.failback.content import differing_ranges
-from hotspare.failback.plan import divergence_ranges, late_log_ranges, read_hashes, replica_changes
+from hotspare.failback.orders import Order, RestoreProgress, applied_upto, bytes_per_phase, load_orders
+from hotspare.failback.plan import phase_one_sources, read_hashes, replica_changes
 from hotspare.faults import crash_point
-from hotspare.fence import fence_disk
+from hotspare.fence import ReplicaMoved, fence_disk
 from hotspare.machine import DiskSpec, MachineConfig, load_machine, save_machine
 from hotspare.state import MachineState, commit_state, load_state
 from hotspare.store import Store
@@ -132,7 +133,8 @@ def failback(machine: str, store: str | None = None, store_block: str | None = N
         elif phase == "verify":
             run.verify()
         elif phase == "finish":
-            return run.finish()
+            if (result := run.finish()) is not None:
+                return result
         else:
             raise HotspareError(f"{machine}'s state has an unknown failback phase {phase!r}")
 
@@ -204,20 +206,10 @@ class _Failback:
         return out
 
     def last_upto(self, disk: str) -> tuple[int, int]:
-        ups = [o.disks[disk].upto for o in self.orders() if o.kind == "apply" and disk in o.disks and o.disks[disk].upto]
-        if not ups:
+        upto = applied_upto(self.orders(), disk)
+        if upto is None:
             raise HotspareError(f"no failback order of {self.machine} has applied {disk} yet")
-        return tuple(ups[-1])  # type: ignore[return-value]
-
-    def moved(self) -> dict[str, int]:
-        """Bytes applied per phase: phase one (with its catch-up rounds), phase two, repair."""
-        groups = {"phase-1": "phase one", "catch-up": "phase one", "phase-2": "phase two", "repair": "repair"}
-        out: dict[str, int] = {}
-        for o in self.orders():
-            group = next((g for prefix, g in groups.items() if o.label.startswith(prefix)), None)
-            if o.kind == "apply" and group:
-                out[group] = out.get(group, 0) + o.bytes
-        return out
+        return upto
 
     def compare(self, label: str, points: dict[str, RecoveryPoint], disks: list[str]) -> dict[str, rg.Ranges]:
         """The ranges where the machine's disks differ from the points: the agent hashes
@@ -235,6 +227,20 @@ class _Failback:
             moves[d.name] = replica_changes(self.st, cat, self.last_upto(d.name), points[d.name].position)
         return self._known(moves, points, label)
 
+    def remaining(self) -> int | None:
+        """Bytes the VM wrote since the last applied point, from the ingested logs (no
+        consolidation); None when unknown."""
+        ingest(machine=self.machine, store=self.st.url if self.store_block is None else None,
+               store_block=self.store_block)
+        total = 0
+        for d in self.cfg.disks:
+            cat = load_catalog(self.st, self.machine, d.name, d.size)
+            r = replica_changes(self.st, cat, self.last_upto(d.name), (self.vm_epoch, cat.applied_seq(self.vm_epoch)))
+            if r is None:
+                return None
+            total += rg.total(r)
+        return total
+
     def _known(self, moves: dict[str, rg.Ranges | None], points, label: str) -> dict[str, rg.Ranges]:
         unknown = [name for name, r in moves.items() if r is None]
         if unknown:
@@ -248,33 +254,27 @@ class _Failback:
         moves: dict[str, rg.Ranges | None] = {}
         rows = []
         for d in self.cfg.disks:
-            cat = load_catalog(self.st, self.machine, d.name, d.size)
-            fence = cat.fence_of(self.vm_epoch - 1)
-            if fence is None:
-                raise HotspareError(f"{self.machine}/{d.name} has no fence of epoch {self.vm_epoch - 1}")
             if d.name in self.targets:
                 moves[d.name] = None
                 rows.append({"disk": d.name, "source": f"replacement disk {self.targets[d.name]}: every block that "
-                             "differs", "ranges": "", "bytes": ""})
+                             "differs", "blocks": "", "bytes": ""})
                 continue
-            sources = {
-                "VM epoch writes": replica_changes(self.st, cat, (fence.epoch, fence.after_seq), points[d.name].position),
-                "machine divergence (never shipped)": divergence_ranges(self.st, d, progress.divergence.get(d.name)),
-                "machine logs after the fence": late_log_ranges(self.st, self.machine, d.name, cat, fence.epoch),
-            }
+            cat = load_catalog(self.st, self.machine, d.name, d.size)
+            sources = phase_one_sources(self.st, cat, d, points[d.name].position, progress.divergence.get(d.name))
             for name, r in sources.items():
-                rows.append({"disk": d.name, "source": name, "ranges": "unknown" if r is None else len(r),
+                rows.append({"disk": d.name, "source": name, "blocks": "unknown" if r is None else rg.blocks(r, d.block_size),
                              "bytes": "unknown: every block compared" if r is None else rg.total(r)})
             moves[d.name] = None if any(r is None for r in sources.values()) else rg.union(*sources.values())
         known = self._known(moves, points, "phase-1")
         rate = progress.apply_rate or DEFAULT_RATE
-        for name, r in known.items():
-            rows.append({"disk": name, "source": "to move (union, replica's content)", "ranges": len(r),
-                         "bytes": rg.total(r)})
+        for d in self.cfg.disks:
+            r = known[d.name]
+            rows.append({"disk": d.name, "source": "to move (union, replica's content)",
+                         "blocks": rg.blocks(r, d.block_size), "bytes": rg.total(r)})
         total = sum(rg.total(r) for r in known.values())
         rows.append({"disk": "all", "source": f"estimated phase one at {rate / 1e6:.0f} MB/s"
                      + ("" if progress.apply_rate else " (assumed, not yet measured)"),
-                     "ranges": "", "bytes": f"{total} bytes, {total / rate:.1f} s"})
+                     "blocks": "", "bytes": f"{total} bytes, {total / rate:.1f} s"})
         create_table_artifact(rows, key=f"failback-plan-{artifact_slug(self.machine)}", description=f"Failback plan of {self.machine}")
         self.event("planned", bytes=total)
         return known
@@ -291,6 +291,9 @@ class _Failback:
             self.wait(order)
         rounds = sum(1 for o in self.orders() if o.label.startswith("catch-up"))
         while True:
+            remaining = self.remaining()  # cheap: ingest only; consolidate when a round is due
+            if remaining is not None and (remaining <= catch_up_bytes or rounds >= max_catch_up):
+                break
             points = self.points(fresh=True)
             delta = self.changes_since_applied(points, f"catch-up-{rounds + 1}")
             remaining = sum(rg.total(r) for r in delta.values())
@@ -342,19 +345,31 @@ class _Failback:
         self.commit(phase="phase-two", step="vm stopped", vm=None, fb={"vm": vm or (self.state.failback or {}).get("vm")})
 
     def phase_two(self) -> None:
-        order = find_order(self.st, self.machine, self.vm_epoch, "phase-2")
+        """What changed after the last applied point (again, if the replica moved after it)."""
+        n = int((self.state.failback or {}).get("phase_two_round", 0))
+        label = "phase-2" if n == 0 else f"phase-2-{n}"
+        order = find_order(self.st, self.machine, self.vm_epoch, label)
         if order is None:
             points = self.points(fresh=True)
-            order = publish_apply(self.st, self.machine, self.vm_epoch, "phase-2", self.cfg.disks, points,
-                                  self.changes_since_applied(points, "phase-2"), self.targets)
+            order = publish_apply(self.st, self.machine, self.vm_epoch, label, self.cfg.disks, points,
+                                  self.changes_since_applied(points, label), self.targets)
         self.event("phase-two", bytes=order.bytes)
         self.wait(order)
         self.commit(phase="verify", step="phase two applied")
+
+    def replica_moved(self, why: str) -> None:
+        """Logs arrived after the last applied point: apply them in another phase-two round."""
+        n = int((self.state.failback or {}).get("phase_two_round", 0)) + 1
+        self.log.warning("%s: %s; applying what changed in phase two again", self.machine, why)
+        self.commit(phase="phase-two", step="replica moved", fb={"phase_two_round": n})
 
     def verify(self) -> None:
         fb = self.state.failback or {}
         rnd = int(fb.get("round", 0))
         points = self.points(fresh=False)
+        moved = [d.name for d in self.cfg.disks if points[d.name].position != self.last_upto(d.name)]
+        if moved:
+            return self.replica_moved(f"the replica of {', '.join(moved)} moved past the last applied point")
         if self.state.step == "verify-failed":  # a re-run repairs what the last verification found
             last = find_order(self.st, self.machine, self.vm_epoch, f"verify-{rnd - 1}")
             assert last is not None
@@ -370,9 +385,6 @@ class _Failback:
         scans = {d.name: _scan_key(order, d.name) for d in self.cfg.disks}
         rows, bad, blocks = [], [], 0
         for d in self.cfg.disks:
-            if points[d.name].position != self.last_upto(d.name):
-                raise HotspareError(f"{self.machine}/{d.name}: the replica moved to {points[d.name].id} after the last "
-                                    "applied point; the VM may still be writing")
             disk_h = read_hashes(self.st, scans[d.name], -(-d.size // d.block_size))
             diff = np.flatnonzero(disk_h != hash_replica(self.st, points[d.name], d))
             blocks += len(disk_h)
@@ -392,11 +404,16 @@ class _Failback:
         self.event("verified", blocks=blocks)
         self.commit(phase="finish", step="verified", fb={"verified_blocks": blocks, "scans": scans})
 
-    def finish(self) -> FailbackResult:
+    def finish(self) -> FailbackResult | None:
         fb = self.state.failback or {}
         new_epoch = self.vm_epoch + 1
-        for d in self.cfg.disks:
-            fence_disk(self.st, self.machine, d, self.vm_epoch, f"failback run {flow_run.id}")
+        for d in self.cfg.disks:  # at the verified point: any later log of the VM epoch is refused
+            try:
+                fence_disk(self.st, self.machine, d, self.vm_epoch, f"failback run {flow_run.id}",
+                           after_seq=self.last_upto(d.name)[1])
+            except ReplicaMoved as err:
+                self.replica_moved(str(err))
+                return None
         if self.targets:  # the replacement disks are the machine's disks from now on
             disks = [d.model_copy(update={"path": self.targets.get(d.name, d.path)}) for d in self.cfg.disks]
             save_machine(self.st, self.cfg.model_copy(update={"disks": disks}), create_only=False)
@@ -405,11 +422,11 @@ class _Failback:
         self.wait(order)
         engine.discard_vm_files(self.workdir)
         downtime = (utcnow() - datetime.fromisoformat(fb["cutover_at"])).total_seconds() if fb.get("cutover_at") else None
-        moved = self.moved()
+        moved = bytes_per_phase(self.orders())
         self.commit(state="protected", epoch=new_epoch, phase="", step="failed-back", vm=None,
                     fb={"moved": moved, "downtime_s": downtime, "finished_at": utcnow().isoformat()})
         rows = [{"phase": k, "bytes moved": v} for k, v in moved.items()]
-        rows += [{"phase": "cut-over downtime (VM stop to verified disk)", "bytes moved": f"{downtime:.1f} s" if downtime else ""},
+        rows += [{"phase": "cut-over downtime (VM stop to protected again)", "bytes moved": f"{downtime:.1f} s" if downtime else ""},
                  {"phase": "verification", "bytes moved": f"{fb.get('verified_blocks')} blocks equal the replica"}]
         create_table_artifact(rows, key=f"failback-{artifact_slug(self.machine)}", description=f"Failback of {self.machine}")
         self.event("finished", epoch=new_epoch, moved=moved, downtime_s=downtime)

@@ -152,17 +152,8 @@ def agent(
         return
     cfg = load_machine(st, machine)  # a failback to replacement disks changed their paths
     with Agent(st, cfg, _agent_state_dir(state_dir, machine), log_target=log_target_mib << 20, emit=emit) as ag:
-        progress = None if quiet or not console.is_terminal else bar_factory(console)
-        ag.progress = progress
-
-        def on_sigint(signum, frame):
-            if ag.stop_requested:
-                raise KeyboardInterrupt
-            ag.stop_requested = True
-            err_console.print("stopping after the current log (Ctrl-C again to abort)")
-
-        signal.signal(signal.SIGINT, on_sigint)
-        signal.signal(signal.SIGTERM, on_sigint)
+        ag.progress = None if quiet or not console.is_terminal else bar_factory(console)
+        _stop_on_signals(ag, "log")
 
         def on_cycle(report: CycleReport) -> None:
             for d in report.disks:
@@ -173,6 +164,19 @@ def agent(
         ag.run(interval=interval, once=once, on_cycle=on_cycle)
 
 
+def _stop_on_signals(worker, unit: str) -> None:
+    """Ctrl-C or SIGTERM asks ``worker`` to stop after its current ``unit`` (never halfway
+    through one); a second Ctrl-C aborts."""
+    def on_signal(signum, frame):
+        if worker.stop_requested:
+            raise KeyboardInterrupt
+        worker.stop_requested = True
+        err_console.print(f"stopping after the current {unit} (Ctrl-C again to abort)")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
 def _restore(st, cfg, state_dir: Path, emit, interval: float, once: bool) -> bool:
     """Restore mode until the failback finishes (True) or a stop (False)."""
     from hotspare.capture.agent import Agent
@@ -180,15 +184,7 @@ def _restore(st, cfg, state_dir: Path, emit, interval: float, once: bool) -> boo
 
     with Agent(st, cfg, state_dir):  # the same lock: one agent per machine, either mode
         r = Restorer(st, cfg, state_dir, emit=emit, say=lambda s: console.print(f"{cfg.name} (restore): {s}"))
-
-        def on_signal(signum, frame):
-            if r.stop_requested:
-                raise KeyboardInterrupt
-            r.stop_requested = True
-            err_console.print("stopping after the current data log (Ctrl-C again to abort)")
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        _stop_on_signals(r, "data log")
         console.print(f"{cfg.name}: restore mode; shipping nothing, waiting for the failback flow's orders")
         done = r.run(interval=interval, once=once)
     if done and not once:
@@ -329,7 +325,8 @@ def machine_status(st, machine: str) -> dict:
         "phase": state.phase or None, "host": state.host, "vm": state.vm,
         "heartbeat": None if hb is None else {"time": hb.time.isoformat(), "age_seconds": round(hb.age, 1),
                                               "mode": hb.mode, "epoch": hb.epoch,
-                                              "fresh": hb.age <= cfg.policy.heartbeat_window},
+                                              "fresh": hb.age <= cfg.policy.heartbeat_window,
+                                              "restore": hb.restore},
         "policy": cfg.policy.model_dump(), "disks": disks,
     }
 
@@ -526,6 +523,27 @@ def demo(
 
     run_demo(Path(workdir), size_mib=size_mib, console=console)
 
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Click's usage-error base classes: typer raises its vendored copy's, not click's."""
+    found: list[type[Exception]] = []
+    try:
+        from typer._click.exceptions import ClickException as Vendored
+
+        found.append(Vendored)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+_CLICK_ERRORS = _click_errors()
+
+
 
 def main() -> None:
     # Prefect, when a command runs a flow: no telemetry from a machine that may have no
@@ -549,9 +567,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except __import__("click").ClickException as err:
+    except _CLICK_ERRORS as err:  # bad arguments: click's usage message, no traceback
         err.show()
         sys.exit(err.exit_code)
+
 
 
 if __name__ == "__main__":

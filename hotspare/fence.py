@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hotspare import layout
 from hotspare.catalog import Catalog, Fence, commit_catalog, load_catalog
-from hotspare.errors import AlreadyExists
+from hotspare.errors import AlreadyExists, HotspareError
 from hotspare.machine import DiskSpec
 from hotspare.store.base import Store
 
@@ -26,13 +26,24 @@ def chain_end(store: Store, machine: str, disk: str, catalog: Catalog, epoch: in
     return end
 
 
-def fence_disk(store: Store, machine: str, disk: DiskSpec, epoch: int, reason: str) -> Catalog:
-    """Commit the fence of ``epoch`` on ``disk`` (idempotent: an existing fence is kept)."""
+class ReplicaMoved(HotspareError):
+    """The catalog applied logs past the seq a fence was asked for."""
+
+
+def fence_disk(store: Store, machine: str, disk: DiskSpec, epoch: int, reason: str,
+               after_seq: int | None = None) -> Catalog:
+    """Commit the fence of ``epoch`` on ``disk`` (idempotent: an existing fence is kept).
+
+    It ends the epoch after ``after_seq`` when given (a failback fences the VM epoch at the
+    point it verified; later logs are refused), else after the chain of logs present."""
     for _ in range(8):
         cat = load_catalog(store, machine, disk.name, disk.size)
         if cat.fence_of(epoch) is not None:
             return cat
-        end = chain_end(store, machine, disk.name, cat, epoch)
+        if after_seq is not None and cat.applied_seq(epoch) > after_seq:
+            raise ReplicaMoved(f"{machine}/{disk.name}: epoch {epoch} is applied up to seq "
+                               f"{cat.applied_seq(epoch)}, past seq {after_seq}")
+        end = after_seq if after_seq is not None else chain_end(store, machine, disk.name, cat, epoch)
         nxt = cat.next(epoch=epoch + 1, fences=[*cat.fences, Fence(epoch=epoch, after_seq=end, reason=reason)])
         try:
             commit_catalog(store, nxt)

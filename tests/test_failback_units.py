@@ -49,6 +49,10 @@ def test_union_equals_brute_force_coverage() -> None:
     assert rg.total(rg.union()) == 0
     assert rg.from_blocks(np.array([0, 1, 3]), 4096, 3 * 4096 + 512).tolist() == [[0, 8192], [12288, 12800]]
     assert list(rg.pieces(np.array([[0, 10]]), 4)) == [(0, 4), (4, 4), (8, 2)]
+    blocks = np.zeros(11_000 // 64 + 1, dtype=bool)
+    for a, b in u.tolist():
+        blocks[a // 64:(b - 1) // 64 + 1] = True
+    assert rg.blocks(u, 64) == int(blocks.sum())
 
 
 def _log(key: str, epoch: int, first: int, last: int) -> AcceptedLog:
@@ -157,3 +161,30 @@ def test_restore_reports_divergence_and_never_applies_a_corrupt_data_log(tmp_pat
         assert f.read(4096) == data
     hb = json.loads(st.get(layout.heartbeat_key("m")))
     assert (hb["restore"]["done"], hb["restore"]["error"]) == (0, None)
+
+
+def test_cli_refuses_bad_failback_arguments_in_one_line(tmp_path: Path) -> None:
+    from tests.helpers import cli
+
+    env = {"HOTSPARE_STORE": str(tmp_path / "store")}
+    r = cli("failback", "m", "--target-disk", "root", env=env, check=False)
+    assert r.returncode == 2 and "--target-disk 'root': use NAME=PATH" in r.stderr
+    r = cli("failback", env=env, check=False)
+    assert r.returncode == 2 and "Missing" in r.stderr and "Traceback" not in r.stderr
+    r = cli("agent", "m", "--restore", env=env, check=False)
+    assert r.returncode == 1 and "machine 'm' is not protected" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_failback_fences_the_vm_epoch_at_the_verified_seq(tmp_path: Path) -> None:
+    from hotspare.catalog import commit_catalog, load_catalog
+    from hotspare.fence import ReplicaMoved
+
+    st = open_store(str(tmp_path / "store"))
+    spec = parse_disk_arg(f"root={_image(tmp_path, 1)}")
+    commit_catalog(st, Catalog(machine="m", disk="root", version=1, disk_size=spec.size, epoch=1, applied={0: 9, 1: 5}))
+    _put_log(st, "m", "root", 1, 6, [(0, b"late" * 128)], spec.size)  # shipped after the verified seq 5
+    with pytest.raises(ReplicaMoved, match="epoch 1 is applied up to seq 5, past seq 3"):
+        fence_disk(st, "m", spec, 1, "failback", after_seq=3)
+    cat = fence_disk(st, "m", spec, 1, "failback", after_seq=5)
+    assert (cat.epoch, cat.fence_of(1).after_seq) == (2, 5), "the late log's seq 6 is refused from now on"
+    assert load_catalog(st, "m", "root", spec.size).fence_of(1).after_seq == 5

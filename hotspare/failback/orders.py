@@ -85,3 +85,22 @@ def commit_order(store: Store, order: Order) -> Order:
     """Commit ``order`` create-only (AlreadyExists when that version exists)."""
     commit(store, layout.failback_orders_prefix(order.machine, order.vm_epoch), order)
     return order
+
+
+PHASES = {"phase-1": "phase one", "catch-up": "phase one", "phase-2": "phase two", "repair": "repair"}
+
+
+def bytes_per_phase(orders: list[Order]) -> dict[str, int]:
+    """Bytes applied per phase: phase one (with its catch-up rounds), phase two, repair."""
+    out: dict[str, int] = {}
+    for o in orders:
+        group = next((g for prefix, g in PHASES.items() if o.label.startswith(prefix)), None)
+        if o.kind == "apply" and group:
+            out[group] = out.get(group, 0) + o.bytes
+    return out
+
+
+def applied_upto(orders: list[Order], disk: str) -> tuple[int, int] | None:
+    """The replica position of the last apply order's content for ``disk``."""
+    ups = [o.disks[disk].upto for o in orders if o.kind == "apply" and disk in o.disks and o.disks[disk].upto]
+    return tuple(ups[-1]) if ups else None  # type: ignore[return-value]

@@ -96,3 +96,16 @@ def divergence_ranges(store: Store, spec: DiskSpec, div: DiskDivergence | None) 
     if len(blocks) and int(blocks.max()) >= -(-spec.size // spec.block_size):
         raise InvalidObject(div.key, f"names block {int(blocks.max())}, past the end of disk {spec.name}")
     return rg.from_blocks(blocks, spec.block_size, spec.size)
+
+
+def phase_one_sources(store: Store, catalog: Catalog, spec: DiskSpec, upto: Position,
+                      divergence: DiskDivergence | None) -> dict[str, rg.Ranges | None]:
+    """What phase one moves for a disk, per source (None: unknown), all up to ``upto``."""
+    fence = catalog.fence_of(upto[0] - 1)
+    if fence is None:
+        raise HotspareError(f"{catalog.machine}/{spec.name} has no fence of epoch {upto[0] - 1}")
+    return {
+        "VM epoch writes": replica_changes(store, catalog, (fence.epoch, fence.after_seq), upto),
+        "machine divergence (never shipped)": divergence_ranges(store, spec, divergence),
+        "machine logs after the fence": late_log_ranges(store, catalog.machine, spec.name, catalog, fence.epoch),
+    }

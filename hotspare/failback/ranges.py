@@ -43,6 +43,14 @@ def total(r: Ranges) -> int:
     return int((r[:, 1] - r[:, 0]).sum()) if len(r) else 0
 
 
+def blocks(r: Ranges, block_size: int) -> int:
+    """How many ``block_size`` blocks the ranges touch (a block two ranges share counts once)."""
+    if not len(r):
+        return 0
+    first, last = r[:, 0] // block_size, (r[:, 1] - 1) // block_size
+    return int((last - first + 1).sum() - (first[1:] == last[:-1]).sum())
+
+
 def pieces(r: Ranges, max_len: int):
     """(offset, length) pieces of at most ``max_len`` bytes covering ``r``, in order."""
     for start, end in r.tolist():

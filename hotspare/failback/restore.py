@@ -60,13 +60,18 @@ def open_target(path: str, size: int) -> int:
     return fd
 
 
-def hash_disk(path: str, spec: DiskSpec, start: np.ndarray | None) -> np.ndarray:
+def hash_disk(path: str, spec: DiskSpec, start: np.ndarray | None,
+              progress: Callable[[int], None] | None = None) -> np.ndarray:
     """The xxh3 hash map of a disk; ``start`` (a previous map) only saves copying the
     blocks it already matches."""
     hashes = start.copy() if start is not None else zero_hashes(spec.size, spec.block_size)
-    for _ in scan(path, hashes, spec.block_size, spec.size, max_run=MAX_EXTENT):
+    for _ in scan(path, hashes, spec.block_size, spec.size, max_run=MAX_EXTENT, progress=progress):
         pass
     return hashes
+
+
+class _Stopped(Exception):
+    """A stop was requested between two data logs of an order."""
 
 
 class Restorer:
@@ -82,6 +87,7 @@ class Restorer:
         self.stop_requested = False
         self.progress: RestoreProgress | None = None
         self._last_beat = 0.0
+        self._ready = False
 
     @property
     def _file(self):
@@ -115,6 +121,7 @@ class Restorer:
             if spec.name not in self.progress.divergence:
                 self.progress.divergence[spec.name] = self._divergence(spec)
                 self._save()
+        self._ready = True
         return self.progress
 
     def _divergence(self, spec: DiskSpec) -> DiskDivergence:
@@ -124,7 +131,7 @@ class Restorer:
             return DiskDivergence(error="no hash map of what this machine shipped in the fenced epoch")
         t0 = time.monotonic()
         try:
-            now = hash_disk(spec.path, spec, shipped.hashes)
+            now = hash_disk(spec.path, spec, shipped.hashes, progress=self._beat)
         except (HotspareError, OSError) as err:
             return DiskDivergence(error=str(err))
         self.progress.scan_rate = spec.size / max(1e-6, time.monotonic() - t0)
@@ -149,6 +156,8 @@ class Restorer:
                     if order.kind == "finish":
                         self._file.unlink(missing_ok=True)
                         return True
+            except _Stopped:
+                return False
             except HotspareError as err:  # reported to the flow; retried next round
                 progress.error = str(err)
                 self.say(f"cannot carry out the failback's order: {err}")
@@ -182,6 +191,8 @@ class Restorer:
         items = [(disk, key) for disk in sorted(order.disks) for key in order.disks[disk].logs]
         t0, moved = time.monotonic(), 0
         for i in range(p.position, len(items)):
+            if self.stop_requested:  # between data logs: the progress says where to resume
+                raise _Stopped
             disk, key = items[i]
             spec = self._spec(disk)
             raw = self.store.get(key)
@@ -209,7 +220,7 @@ class Restorer:
             os.close(open_target(path, spec.size))
             shipped = self.state.load(disk)
             t0 = time.monotonic()
-            hashes = hash_disk(path, spec, shipped.hashes if shipped else None)
+            hashes = hash_disk(path, spec, shipped.hashes if shipped else None, progress=self._beat)
             p.scan_rate = spec.size / max(1e-6, time.monotonic() - t0)
             key = layout.failback_hashes_key(self.config.name, order.vm_epoch, f"scan-{order.version}", disk)
             self.store.put(key, hashes_bytes(hashes))
@@ -227,6 +238,12 @@ class Restorer:
         self.say(f"failback finished: protection resumes in epoch {order.new_epoch}")
 
     # -- heartbeat ----------------------------------------------------------------------------
+    def _beat(self, _bytes: int) -> None:
+        """Keep beating through a long scan, so the flow knows the agent is alive (not during
+        the divergence scan: the first restore heartbeat starts the failback, which needs it)."""
+        if self._ready:
+            self.heartbeat()
+
     def heartbeat(self, force: bool = False) -> dict | None:
         """A restore-mode heartbeat with the progress (at most one a second unless forced)."""
         if self.progress is None or (not force and time.monotonic() - self._last_beat < 1.0):

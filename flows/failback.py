@@ -38,13 +38,13 @@ from flows.ingest import ingest
 from flows.failover import Approval, artifact_slug, ask_approval
 from hotspare import failover as engine
 from hotspare import layout
-from hotspare.catalog import RecoveryPoint, load_catalog
+from hotspare.catalog import load_catalog
 from hotspare.catalog.model import utcnow
 from hotspare.errors import AlreadyExists, HotspareError, UsageError
 from hotspare.failback import ranges as rg
 from hotspare.failback.content import differing_ranges
 from hotspare.failback.orders import Order, RestoreProgress, applied_upto, bytes_per_phase, load_orders
-from hotspare.failback.plan import phase_one_sources, read_hashes, replica_changes
+from hotspare.failback.plan import Position, phase_one_sources, read_hashes, replica_changes
 from hotspare.faults import crash_point
 from hotspare.fence import ReplicaMoved, fence_disk
 from hotspare.machine import DiskSpec, MachineConfig, load_machine, save_machine
@@ -192,18 +192,27 @@ class _Failback:
             raise HotspareError(f"{self.machine}'s agent stopped reporting in restore mode; restart it with --restore")
         return p
 
-    def points(self, fresh: bool) -> dict[str, RecoveryPoint]:
-        """Each disk's newest recovery point, after ingesting and consolidating if ``fresh``."""
-        if fresh:
-            consolidate(machine=self.machine, store=self.st.url if self.store_block is None else None,
-                        store_block=self.store_block)
+    def _store_params(self) -> dict:
+        return {"machine": self.machine, "store": self.st.url if self.store_block is None else None,
+                "store_block": self.store_block}
+
+    def consolidated(self) -> dict[str, Position]:
+        """Each disk's newest recovery point after a consolidation (phase one's T1)."""
+        consolidate(**self._store_params())
         out = {}
         for d in self.cfg.disks:
             point = load_catalog(self.st, self.machine, d.name, d.size).point("current")
             if point is None:
                 raise HotspareError(f"{self.machine}/{d.name} has no consolidated point to fail back from")
-            out[d.name] = point
+            out[d.name] = point.position
         return out
+
+    def applied(self) -> dict[str, Position]:
+        """Each disk's newest accepted position of the VM epoch, after an ingest (no
+        consolidation: the content comes from the last point plus the logs after it)."""
+        ingest(**self._store_params())
+        return {d.name: (self.vm_epoch, load_catalog(self.st, self.machine, d.name, d.size).applied_seq(self.vm_epoch))
+                for d in self.cfg.disks}
 
     def last_upto(self, disk: str) -> tuple[int, int]:
         upto = applied_upto(self.orders(), disk)
@@ -211,45 +220,34 @@ class _Failback:
             raise HotspareError(f"no failback order of {self.machine} has applied {disk} yet")
         return upto
 
-    def compare(self, label: str, points: dict[str, RecoveryPoint], disks: list[str]) -> dict[str, rg.Ranges]:
-        """The ranges where the machine's disks differ from the points: the agent hashes
-        every block, the replica is hashed here."""
+    def replica_hashes(self, disk: DiskSpec, upto: Position) -> np.ndarray:
+        return hash_replica(self.st, self.machine, self.vm_epoch, disk, upto)
+
+    def compare(self, label: str, uptos: dict[str, Position], disks: list[str]) -> dict[str, rg.Ranges]:
+        """The ranges where the machine's disks differ from the replica at ``uptos``: the
+        agent hashes every block, the replica is hashed here."""
         specs = [d for d in self.cfg.disks if d.name in disks]
         order = publish(self.st, self.machine, self.vm_epoch, label, "scan", specs, self.targets)
         self.wait(order)
-        return {d.name: _differing(self.st, _scan_key(order, d.name), d, hash_replica(self.st, points[d.name], d))
+        return {d.name: _differing(self.st, _scan_key(order, d.name), d, self.replica_hashes(d, uptos[d.name]))
                 for d in specs}
 
-    def changes_since_applied(self, points: dict[str, RecoveryPoint], label: str) -> dict[str, rg.Ranges]:
+    def changes_since_applied(self, uptos: dict[str, Position], label: str) -> dict[str, rg.Ranges]:
         moves: dict[str, rg.Ranges | None] = {}
         for d in self.cfg.disks:
             cat = load_catalog(self.st, self.machine, d.name, d.size)
-            moves[d.name] = replica_changes(self.st, cat, self.last_upto(d.name), points[d.name].position)
-        return self._known(moves, points, label)
+            moves[d.name] = replica_changes(self.st, cat, self.last_upto(d.name), uptos[d.name])
+        return self._known(moves, uptos, label)
 
-    def remaining(self) -> int | None:
-        """Bytes the VM wrote since the last applied point, from the ingested logs (no
-        consolidation); None when unknown."""
-        ingest(machine=self.machine, store=self.st.url if self.store_block is None else None,
-               store_block=self.store_block)
-        total = 0
-        for d in self.cfg.disks:
-            cat = load_catalog(self.st, self.machine, d.name, d.size)
-            r = replica_changes(self.st, cat, self.last_upto(d.name), (self.vm_epoch, cat.applied_seq(self.vm_epoch)))
-            if r is None:
-                return None
-            total += rg.total(r)
-        return total
-
-    def _known(self, moves: dict[str, rg.Ranges | None], points, label: str) -> dict[str, rg.Ranges]:
+    def _known(self, moves: dict[str, rg.Ranges | None], uptos: dict[str, Position], label: str) -> dict[str, rg.Ranges]:
         unknown = [name for name, r in moves.items() if r is None]
         if unknown:
             self.log.info("%s: changed ranges unknown for %s; comparing every block", label, ", ".join(unknown))
-            moves.update(self.compare(f"compare-{label}", points, unknown))
+            moves.update(self.compare(f"compare-{label}", uptos, unknown))
         return moves  # type: ignore[return-value]
 
     # -- phases -------------------------------------------------------------------------------
-    def plan(self, points: dict[str, RecoveryPoint]) -> dict[str, rg.Ranges]:
+    def plan(self, uptos: dict[str, Position]) -> dict[str, rg.Ranges]:
         progress = self.progress()
         moves: dict[str, rg.Ranges | None] = {}
         rows = []
@@ -260,12 +258,12 @@ class _Failback:
                              "differs", "blocks": "", "bytes": ""})
                 continue
             cat = load_catalog(self.st, self.machine, d.name, d.size)
-            sources = phase_one_sources(self.st, cat, d, points[d.name].position, progress.divergence.get(d.name))
+            sources = phase_one_sources(self.st, cat, d, uptos[d.name], progress.divergence.get(d.name))
             for name, r in sources.items():
                 rows.append({"disk": d.name, "source": name, "blocks": "unknown" if r is None else rg.blocks(r, d.block_size),
                              "bytes": "unknown: every block compared" if r is None else rg.total(r)})
             moves[d.name] = None if any(r is None for r in sources.values()) else rg.union(*sources.values())
-        known = self._known(moves, points, "phase-1")
+        known = self._known(moves, uptos, "phase-1")
         rate = progress.apply_rate or DEFAULT_RATE
         for d in self.cfg.disks:
             r = known[d.name]
@@ -283,28 +281,27 @@ class _Failback:
         for o in self.orders():  # a re-run first waits for what was already ordered
             self.wait(o)
         if find_order(self.st, self.machine, self.vm_epoch, "phase-1") is None:
-            points = self.points(fresh=True)
-            order = publish_apply(self.st, self.machine, self.vm_epoch, "phase-1", self.cfg.disks, points,
-                                  self.plan(points), self.targets)
+            uptos = self.consolidated()
+            order = publish_apply(self.st, self.machine, self.vm_epoch, "phase-1", self.cfg.disks, uptos,
+                                  self.plan(uptos), self.targets)
             self.event("phase-one", bytes=order.bytes, upto={k: v.upto for k, v in order.disks.items()})
             crash_point("failback-after-order")  # a re-run must wait for this order, not plan another
             self.wait(order)
         rounds = sum(1 for o in self.orders() if o.label.startswith("catch-up"))
         while True:
-            remaining = self.remaining()  # cheap: ingest only; consolidate when a round is due
-            if remaining is not None and (remaining <= catch_up_bytes or rounds >= max_catch_up):
-                break
-            points = self.points(fresh=True)
-            delta = self.changes_since_applied(points, f"catch-up-{rounds + 1}")
+            uptos = self.applied()
+            delta = self.changes_since_applied(uptos, f"catch-up-{rounds + 1}")
             remaining = sum(rg.total(r) for r in delta.values())
             if remaining <= catch_up_bytes or rounds >= max_catch_up:
                 break
             rounds += 1
-            order = publish_apply(self.st, self.machine, self.vm_epoch, f"catch-up-{rounds}", self.cfg.disks, points,
+            order = publish_apply(self.st, self.machine, self.vm_epoch, f"catch-up-{rounds}", self.cfg.disks, uptos,
                                   delta, self.targets)
             self.event("catch-up", round=rounds, bytes=order.bytes)
             self.wait(order)
         self.commit(step="phase one applied")
+        for d in self.cfg.disks:  # hash the replica's base point now, not during the downtime
+            self.replica_hashes(d, self.last_upto(d.name))
         progress = self.progress()
         size = sum(d.size for d in self.cfg.disks)
         estimate = (remaining / (progress.apply_rate or DEFAULT_RATE) + size / (progress.scan_rate or DEFAULT_RATE)
@@ -350,9 +347,9 @@ class _Failback:
         label = "phase-2" if n == 0 else f"phase-2-{n}"
         order = find_order(self.st, self.machine, self.vm_epoch, label)
         if order is None:
-            points = self.points(fresh=True)
-            order = publish_apply(self.st, self.machine, self.vm_epoch, label, self.cfg.disks, points,
-                                  self.changes_since_applied(points, label), self.targets)
+            uptos = self.applied()
+            order = publish_apply(self.st, self.machine, self.vm_epoch, label, self.cfg.disks, uptos,
+                                  self.changes_since_applied(uptos, label), self.targets)
         self.event("phase-two", bytes=order.bytes)
         self.wait(order)
         self.commit(phase="verify", step="phase two applied")
@@ -366,16 +363,16 @@ class _Failback:
     def verify(self) -> None:
         fb = self.state.failback or {}
         rnd = int(fb.get("round", 0))
-        points = self.points(fresh=False)
-        moved = [d.name for d in self.cfg.disks if points[d.name].position != self.last_upto(d.name)]
+        uptos = {d.name: self.last_upto(d.name) for d in self.cfg.disks}
+        moved = [name for name, at in self.applied().items() if at != uptos[name]]
         if moved:
             return self.replica_moved(f"the replica of {', '.join(moved)} moved past the last applied point")
         if self.state.step == "verify-failed":  # a re-run repairs what the last verification found
             last = find_order(self.st, self.machine, self.vm_epoch, f"verify-{rnd - 1}")
             assert last is not None
-            repair = {d.name: _differing(self.st, _scan_key(last, d.name), d, hash_replica(self.st, points[d.name], d))
+            repair = {d.name: _differing(self.st, _scan_key(last, d.name), d, self.replica_hashes(d, uptos[d.name]))
                       for d in self.cfg.disks}
-            order = publish_apply(self.st, self.machine, self.vm_epoch, f"repair-{rnd}", self.cfg.disks, points,
+            order = publish_apply(self.st, self.machine, self.vm_epoch, f"repair-{rnd}", self.cfg.disks, uptos,
                                   repair, self.targets)
             self.event("repair", bytes=order.bytes)
             self.wait(order)
@@ -386,9 +383,10 @@ class _Failback:
         rows, bad, blocks = [], [], 0
         for d in self.cfg.disks:
             disk_h = read_hashes(self.st, scans[d.name], -(-d.size // d.block_size))
-            diff = np.flatnonzero(disk_h != hash_replica(self.st, points[d.name], d))
+            diff = np.flatnonzero(disk_h != self.replica_hashes(d, uptos[d.name]))
             blocks += len(disk_h)
-            rows.append({"disk": d.name, "point": points[d.name].id, "blocks": len(disk_h), "differing": len(diff),
+            rows.append({"disk": d.name, "replica at": "{}-{}".format(*uptos[d.name]), "blocks": len(disk_h),
+                         "differing": len(diff),
                          "first differing offset": int(diff[0]) * d.block_size if len(diff) else ""})
             if len(diff):
                 bad.append(f"disk {d.name} differs from the replica in {len(diff)} block(s) of {d.block_size} bytes, "
@@ -425,6 +423,11 @@ class _Failback:
         moved = bytes_per_phase(self.orders())
         self.commit(state="protected", epoch=new_epoch, phase="", step="failed-back", vm=None,
                     fb={"moved": moved, "downtime_s": downtime, "finished_at": utcnow().isoformat()})
+        try:  # the VM's last writes into a recovery point, now that the machine serves again
+            consolidate(**self._store_params())
+        except Exception as err:  # noqa: BLE001 - the scheduled consolidation catches up
+            self.log.warning("consolidation after the failback of %s failed (%s); the schedule will retry",
+                             self.machine, err)
         rows = [{"phase": k, "bytes moved": v} for k, v in moved.items()]
         rows += [{"phase": "cut-over downtime (VM stop to protected again)", "bytes moved": f"{downtime:.1f} s" if downtime else ""},
                  {"phase": "verification", "bytes moved": f"{fb.get('verified_blocks')} blocks equal the replica"}]

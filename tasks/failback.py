@@ -4,6 +4,7 @@ fault may pass; publishing is idempotent (an order of the same label is reused).
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -11,11 +12,13 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from hotspare.catalog import RecoveryPoint
+from hotspare import layout
+from hotspare.catalog import load_catalog
 from hotspare.errors import AlreadyExists, HotspareError
 from hotspare.failback import ranges as rg
-from hotspare.failback.content import replica_hashes, write_data_logs
+from hotspare.failback.content import cached_point_hashes, hashes_at, materialise, replica_at, write_data_logs
 from hotspare.failback.orders import DiskOrder, Order, RestoreProgress, commit_order, load_orders
+from hotspare.failback.plan import Position
 from hotspare.heartbeat import load_heartbeat
 from hotspare.machine import DiskSpec
 from hotspare.store import Store
@@ -38,18 +41,20 @@ def _commit(store: Store, order: Order) -> Order:
 
 @task(name="publish-apply", **STORE_RETRY)
 def publish_apply(store: Store, machine: str, vm_epoch: int, label: str, disks: list[DiskSpec],
-                  points: dict[str, RecoveryPoint], moves: dict[str, rg.Ranges], targets: dict[str, str]) -> Order:
-    """The replica's content (at each disk's point) for the ranges to move, as data logs,
-    and the order to apply them; an existing order of that label is returned as is."""
+                  uptos: dict[str, Position], moves: dict[str, rg.Ranges], targets: dict[str, str]) -> Order:
+    """The replica's content (at each disk's position) for the ranges to move, as data
+    logs, and the order to apply them; an existing order of that label is returned as is."""
     if (old := find_order(store, machine, vm_epoch, label)) is not None:
         return old
     version = len(load_orders(store, machine, vm_epoch))
     orders = {}
     for d in disks:
-        keys, _ = write_data_logs(store, points[d.name], moves[d.name], machine=machine, disk=d.name,
-                                  disk_size=d.size, vm_epoch=vm_epoch, order=version)
+        rep = replica_at(store, load_catalog(store, machine, d.name, d.size), uptos[d.name])
+        with materialise(store, rep, moves[d.name], d.block_size) as fd:
+            keys, _ = write_data_logs(store, lambda off, n: os.pread(fd, n, off), moves[d.name], machine=machine,
+                                      disk=d.name, disk_size=d.size, vm_epoch=vm_epoch, order=version)
         orders[d.name] = DiskOrder(logs=keys, bytes=rg.total(moves[d.name]), target=targets.get(d.name),
-                                   upto=points[d.name].position)
+                                   upto=uptos[d.name])
     return _commit(store, Order(machine=machine, vm_epoch=vm_epoch, version=version, label=label, kind="apply",
                                 disks=orders))
 
@@ -66,8 +71,11 @@ def publish(store: Store, machine: str, vm_epoch: int, label: str, kind: str, di
 
 
 @task(name="replica-hashes", **STORE_RETRY)
-def hash_replica(store: Store, point: RecoveryPoint, disk: DiskSpec) -> np.ndarray:
-    return replica_hashes(store, point, disk.size, disk.block_size)
+def hash_replica(store: Store, machine: str, vm_epoch: int, disk: DiskSpec, upto: Position) -> np.ndarray:
+    """The replica's block hashes at ``upto`` (its base point's are kept for re-use)."""
+    rep = replica_at(store, load_catalog(store, machine, disk.name, disk.size), upto)
+    cache = layout.failback_hashes_key(machine, vm_epoch, f"replica-{rep.base.id}", disk.name)
+    return hashes_at(store, rep, disk, cached_point_hashes(store, rep.base, disk, cache))
 
 
 def restore_progress(store: Store, machine: str, vm_epoch: int, max_age: float) -> RestoreProgress | None:

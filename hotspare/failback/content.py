@@ -1,14 +1,24 @@
-"""The replica's side of failback: its content for the ranges to move, as data logs in the
-store, and its block hashes for the verification.
+"""The replica's side of failback: its content and its block hashes at any position of the
+VM epoch, at a cost that follows the changed bytes, not the disk's size.
 
-Both read the recovery point's VHD with ranged reads: the data logs cost the bytes moved;
-the hashes read only the VHD blocks that hold data (the rest hash as zeros).
+The replica at position P is the newest consolidated point at or before P (its VHD, the
+*base*) plus the accepted logs after it. ``materialise`` writes into a sparse scratch file
+the base's content for the ranges asked and for every block those logs touch, then replays
+the logs over it in seq order: those ranges then hold the replica's content at P. So the
+rounds after phase one, phase two included, need no new consolidation while the VM is
+stopped. The base's hashes are computed once per point (reading only the VHD blocks that
+hold data) and kept in the store; the hashes at P re-hash only the blocks the logs touch.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -16,20 +26,72 @@ import xxhash
 
 from hotspare import layout
 from hotspare.capture.state import zero_hashes
-from hotspare.catalog import RecoveryPoint
+from hotspare.catalog import AcceptedLog, Catalog, RecoveryPoint
+from hotspare.errors import HotspareError, InvalidObject, NotFound
 from hotspare.extentlog import Extent, LogWriter
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.failback import ranges as rg
+from hotspare.failback.plan import Position, hashes_bytes, read_hashes, replica_changes
+from hotspare.machine import DiskSpec
+from hotspare.replay import apply_log
 from hotspare.store.base import Store
 from hotspare.vhd import VhdReader
 
 LOG_TARGET = 64 << 20
 
 
-def write_data_logs(store: Store, point: RecoveryPoint, ranges: rg.Ranges, *, machine: str, disk: str,
+@dataclass
+class ReplicaAt:
+    """The replica of a disk at ``upto``: ``base`` plus ``logs``, which wrote ``touched``."""
+
+    catalog: Catalog
+    upto: Position
+    base: RecoveryPoint
+    logs: list[AcceptedLog]
+    touched: rg.Ranges
+
+
+def replica_at(store: Store, catalog: Catalog, upto: Position) -> ReplicaAt:
+    base = catalog.point("current")
+    where = f"{catalog.machine}/{catalog.disk}"
+    if base is None or base.position > upto:
+        raise HotspareError(f"{where} has no consolidated point at or before {upto}")
+    touched = replica_changes(store, catalog, base.position, upto)
+    if touched is None:
+        raise HotspareError(f"{where}: the logs from point {base.id} to {upto} are not all in the catalog")
+    logs = sorted((lg for lg in catalog.logs if base.position < lg.position <= upto), key=lambda lg: lg.position)
+    return ReplicaAt(catalog, upto, base, logs, touched)
+
+
+def _whole_blocks(r: rg.Ranges, block_size: int, disk_size: int) -> rg.Ranges:
+    if not len(r):
+        return r
+    return rg.union(np.stack([r[:, 0] // block_size * block_size,
+                              np.minimum(-(-r[:, 1] // block_size) * block_size, disk_size)], axis=1))
+
+
+@contextmanager
+def materialise(store: Store, rep: ReplicaAt, ranges: rg.Ranges, block_size: int) -> Iterator[int]:
+    """A sparse scratch file (its descriptor) whose ``ranges``, and every block the logs
+    after the base touch, hold the replica's content at ``rep.upto``."""
+    size = rep.catalog.disk_size
+    need = rg.union(ranges, _whole_blocks(rep.touched, block_size, size))
+    with tempfile.TemporaryFile(prefix="hotspare-replica-") as f:
+        f.truncate(size)
+        fd = f.fileno()
+        with store.open(rep.base.vhd, buffer_size=4 << 20) as v:
+            reader = VhdReader(v, rep.base.vhd)
+            for off, n in rg.pieces(need, MAX_EXTENT):
+                os.pwrite(fd, reader.read(off, n), off)
+        for lg in rep.logs:
+            apply_log(store, lg.key, fd)
+        yield fd
+
+
+def write_data_logs(store: Store, read: Callable[[int, int], bytes], ranges: rg.Ranges, *, machine: str, disk: str,
                     disk_size: int, vm_epoch: int, order: int, log_target: int = LOG_TARGET) -> tuple[list[str], int]:
-    """Write the point's content of ``ranges`` as data logs of order ``order``; returns
-    their keys and the data bytes they carry (zeros travel as null extents)."""
+    """Write the content ``read`` gives for ``ranges`` as data logs of order ``order``;
+    returns their keys and the data bytes they carry (zeros travel as null extents)."""
     keys: list[str] = []
     data_bytes = 0
     writer: LogWriter | None = None
@@ -47,25 +109,24 @@ def write_data_logs(store: Store, point: RecoveryPoint, ranges: rg.Ranges, *, ma
         keys.append(key)
         writer, sink = None, io.BytesIO()
 
-    with store.open(point.vhd, buffer_size=4 << 20) as f:
-        reader = VhdReader(f, point.vhd)
-        for off, length in rg.pieces(ranges, MAX_EXTENT):
-            data = reader.read(off, length)
-            zero = not np.frombuffer(data, dtype=np.uint8).any()
-            if writer is None:
-                writer = LogWriter(sink, machine=machine, disk=disk, epoch=vm_epoch, disk_size=disk_size)
-            writer.add(Extent(seq=seq, offset=off, length=length, data=None if zero else data, ts=ts))
-            seq += 1
-            data_bytes += 0 if zero else length
-            if writer.data_bytes + writer.rows * 64 >= log_target:
-                flush()
+    for off, length in rg.pieces(ranges, MAX_EXTENT):
+        data = read(off, length)
+        zero = not np.frombuffer(data, dtype=np.uint8).any()
+        if writer is None:
+            writer = LogWriter(sink, machine=machine, disk=disk, epoch=vm_epoch, disk_size=disk_size)
+        writer.add(Extent(seq=seq, offset=off, length=length, data=None if zero else data, ts=ts))
+        seq += 1
+        data_bytes += 0 if zero else length
+        if writer.data_bytes + writer.rows * 64 >= log_target:
+            flush()
     if writer is not None:
         flush()
     return keys, data_bytes
 
 
-def replica_hashes(store: Store, point: RecoveryPoint, disk_size: int, block_size: int) -> np.ndarray:
-    """xxh3-64 of every ``block_size`` block of the point, as the agent hashes its disk."""
+def point_hashes(store: Store, point: RecoveryPoint, disk_size: int, block_size: int) -> np.ndarray:
+    """xxh3-64 of every ``block_size`` block of a consolidated point, as the agent hashes
+    its disk; only the VHD blocks that hold data are read."""
     hashes = zero_hashes(disk_size, block_size)
     h = xxhash.xxh3_64_intdigest
     with store.open(point.vhd, buffer_size=4 << 20) as f:
@@ -76,6 +137,32 @@ def replica_hashes(store: Store, point: RecoveryPoint, disk_size: int, block_siz
             mv = memoryview(reader.read(off, min(unit, disk_size - off)))
             part = [h(mv[i:i + block_size]) for i in range(0, len(mv), block_size)]
             hashes[off // block_size:off // block_size + len(part)] = part
+    return hashes
+
+
+def cached_point_hashes(store: Store, point: RecoveryPoint, disk: DiskSpec, cache_key: str) -> np.ndarray:
+    """``point_hashes``, computed once and kept at ``cache_key`` (a re-run reads them)."""
+    n = -(-disk.size // disk.block_size)
+    try:
+        return read_hashes(store, cache_key, n)
+    except (NotFound, InvalidObject):
+        hashes = point_hashes(store, point, disk.size, disk.block_size)
+        store.put(cache_key, hashes_bytes(hashes))
+        return hashes
+
+
+def hashes_at(store: Store, rep: ReplicaAt, disk: DiskSpec, base_hashes: np.ndarray) -> np.ndarray:
+    """The replica's block hashes at ``rep.upto``: the base's, with the blocks the later
+    logs touched hashed again from their replayed content."""
+    hashes = base_hashes.copy()
+    if not len(rep.touched):
+        return hashes
+    h = xxhash.xxh3_64_intdigest
+    bs = disk.block_size
+    with materialise(store, rep, rg.EMPTY, bs) as fd:
+        for off, n in rg.pieces(_whole_blocks(rep.touched, bs, disk.size), MAX_EXTENT - MAX_EXTENT % bs):
+            mv = memoryview(os.pread(fd, n, off))
+            hashes[off // bs:off // bs + -(-n // bs)] = [h(mv[i:i + bs]) for i in range(0, n, bs)]
     return hashes
 
 

@@ -406,9 +406,10 @@ class _Failback:
         fb = self.state.failback or {}
         new_epoch = self.vm_epoch + 1
         for d in self.cfg.disks:  # at the verified point: any later log of the VM epoch is refused
+            upto = self.last_upto(d.name)
             try:
                 fence_disk(self.st, self.machine, d, self.vm_epoch, f"failback run {flow_run.id}",
-                           after_seq=self.last_upto(d.name)[1])
+                           after_seq=upto[1] if upto[0] == self.vm_epoch else -1)
             except ReplicaMoved as err:
                 self.replica_moved(str(err))
                 return None

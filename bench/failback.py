@@ -326,15 +326,15 @@ def run(args: argparse.Namespace, root: Path, size: int) -> int:
     r_thread.start()
     while True:
         hb = load_heartbeat(store, MACHINE)
-        if hb is not None and hb.mode == "restore" and (hb.restore or {}).get("divergence", {}).get(DISK):
+        if hb is not None and hb.mode == "restore" and hb.restore is not None and DISK in hb.restore.divergence:
             break
         if not r_thread.is_alive():
             console.print(f"[red]FAIL: the restore agent stopped: {r_out.get('error')!r}[/red]")
             return 1
         time.sleep(0.05)
     div_seconds = time.perf_counter() - t_r
-    reported = hb.restore["divergence"][DISK]
-    console.print(f"restore agent: divergence {reported.get('blocks')} block(s) reported after "
+    reported = hb.restore.divergence[DISK]
+    console.print(f"restore agent: divergence {reported.blocks} block(s) reported after "
                   f"{div_seconds:.1f} s (it hashes the whole disk)")
 
     # -- the failback, with the VM still writing during phase one ----------------------------------

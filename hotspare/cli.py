@@ -326,7 +326,7 @@ def machine_status(st, machine: str) -> dict:
         "heartbeat": None if hb is None else {"time": hb.time.isoformat(), "age_seconds": round(hb.age, 1),
                                               "mode": hb.mode, "epoch": hb.epoch,
                                               "fresh": hb.age <= cfg.policy.heartbeat_window,
-                                              "restore": hb.restore},
+                                              "restore": hb.restore.model_dump(mode="json") if hb.restore else None},
         "policy": cfg.policy.model_dump(), "disks": disks,
     }
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from hotspare import layout
 from hotspare.catalog.model import utcnow
 from hotspare.errors import InvalidObject, NotFound, field_error
+from hotspare.failback.orders import RestoreProgress
 from hotspare.store.base import Store
 
 
@@ -23,7 +24,7 @@ class Heartbeat(BaseModel):
     time: datetime
     host: str = ""
     disks: dict[str, dict[str, Any]] = {}
-    restore: dict[str, Any] | None = None  # restore mode: divergence and apply progress
+    restore: RestoreProgress | None = None  # restore mode: divergence and apply progress
 
     @property
     def age(self) -> float:

@@ -33,16 +33,19 @@ def apply_log(store: Store, key: str, fd: int) -> int:
         return write_extents(f, key, fd)
 
 
+def apply_logs(store: Store, keys: list[str], fd: int) -> int:
+    """Apply ``keys`` in the order given (seq order) to the open file ``fd``; returns bytes written."""
+    return sum(apply_log(store, key, fd) for key in keys)
+
+
 def replay_catalog(store: Store, catalog: Catalog, out: Path, *, epochs: list[int] | None = None) -> int:
     """Materialise ``catalog``'s accepted logs over zeros into ``out``; returns bytes applied."""
     with open(out, "wb") as f:
         f.truncate(catalog.disk_size)
     fd = os.open(out, os.O_WRONLY)
     try:
-        total = 0
-        for log in sorted(catalog.logs, key=lambda lg: (lg.epoch, lg.first_seq)):
-            if epochs is None or log.epoch in epochs:
-                total += apply_log(store, log.key, fd)
+        logs = sorted(catalog.logs, key=lambda lg: (lg.epoch, lg.first_seq))
+        total = apply_logs(store, [lg.key for lg in logs if epochs is None or lg.epoch in epochs], fd)
         os.fsync(fd)
     finally:
         os.close(fd)

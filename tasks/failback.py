@@ -83,8 +83,7 @@ def restore_progress(store: Store, machine: str, vm_epoch: int, max_age: float) 
     hb = load_heartbeat(store, machine)
     if hb is None or hb.mode != "restore" or hb.restore is None or hb.age > max_age:
         return None
-    p = RestoreProgress.model_validate(hb.restore)
-    return p if p.vm_epoch == vm_epoch else None
+    return hb.restore if hb.restore.vm_epoch == vm_epoch else None
 
 
 def _resumed(store: Store, machine: str, order: Order) -> bool:

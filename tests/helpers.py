@@ -56,6 +56,29 @@ def random_image(path: Path, size: int, seed: int = 1, fill: float = 0.25) -> No
                 f.write(rng.integers(0, 256, min(1 << 20, size - off), dtype=np.uint8).tobytes())
 
 
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def replay_over(store, keys: list[str], base: Path, out: Path) -> Path:
+    """A copy of ``base`` with the logs ``keys`` applied in order (how a replica is checked)."""
+    from hotspare.replay import apply_logs
+
+    shutil.copyfile(base, out)
+    fd = os.open(out, os.O_WRONLY)
+    try:
+        apply_logs(store, keys, fd)
+    finally:
+        os.close(fd)
+    return out
+
+
 def same_file(a: Path, b: Path) -> bool:
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:

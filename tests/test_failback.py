@@ -4,12 +4,10 @@ protection resumes in a new epoch."""
 
 from __future__ import annotations
 
-import contextvars
 import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +22,8 @@ from hotspare.state import load_state
 from hotspare.store import open_store
 from hotspare.vm.host import VmHandle
 from tests.helpers import HOTSPARE, cli, qemu_io, require
-from tests.test_failover import PREFECT, REPO, _drop_automations, _wait_paused, deploy_flows, protect_demo, stop_vm
+from tests.test_failover import (PREFECT, REPO, _drop_automations, _wait_paused, deploy_flows, protect_demo,
+                                 run_flow_in_thread, stop_vm)
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 TAIL = 60 << 20  # where the machine writes its unshipped tail (inside the 64 MiB demo disk)
@@ -59,7 +58,7 @@ class RestoreAgent:
         deadline = time.monotonic() + timeout
         while True:
             hb = load_heartbeat(st, "demo")
-            if hb is not None and hb.mode == "restore" and hb.restore and hb.restore.get("divergence"):
+            if hb is not None and hb.mode == "restore" and hb.restore and hb.restore.divergence:
                 return
             assert self.proc.poll() is None, f"restore agent exited:\n{self.output()}"
             assert time.monotonic() < deadline, f"no restore heartbeat:\n{self.output()}"
@@ -128,21 +127,10 @@ def assert_tail_gone(image: Path) -> None:
         assert f.read(128 << 10) != b"\xab" * (128 << 10), "the machine's unshipped tail is still on its disk"
 
 
-def _flow_in_thread(**params):
-    from flows.failback import failback
-
-    out: dict = {}
-
-    def run() -> None:
-        out["state"] = failback(return_state=True, **params)
-
-    t = threading.Thread(target=contextvars.copy_context().run, args=(run,))
-    t.start()
-    return t, out
-
-
 def test_cut_over_refusals_keep_the_vm_and_a_bad_block_fails_verification(tmp_path: Path, demo_disk: Path) -> None:
     from prefect.client.orchestration import get_client
+
+    from flows.failback import failback
 
     env = fail_over(tmp_path, demo_disk)
     st = open_store(env["HOTSPARE_STORE"])
@@ -152,7 +140,7 @@ def test_cut_over_refusals_keep_the_vm_and_a_bad_block_fails_verification(tmp_pa
     try:
         agent.wait_restore_heartbeat(st)
         # Rejected: the VM keeps serving, the machine stays in restore mode.
-        t, out = _flow_in_thread(**params)
+        t, out = run_flow_in_thread(failback, **params)
         run = _wait_paused("failback demo", timeout=120)
         assert run.state.state_details.run_input_keyset, "the pause waits for a RunInput"
         with get_client(sync_client=True) as client:
@@ -167,13 +155,13 @@ def test_cut_over_refusals_keep_the_vm_and_a_bad_block_fails_verification(tmp_pa
         cfg = load_machine(st, "demo")
         save_machine(st, cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"approval_timeout": 3})}),
                      create_only=False)
-        t, out = _flow_in_thread(**params)
+        t, out = run_flow_in_thread(failback, **params)
         t.join(180)
         assert out["state"].is_cancelled() and "timed out" in out["state"].message, out["state"]
         assert vm_host("local").status(VmHandle.model_validate(load_state(st, "demo").vm)) == "running"
         save_machine(st, cfg, create_only=False)
         # Approved, but a block changes on the machine behind the agent's back between the phases.
-        t, out = _flow_in_thread(**params)
+        t, out = run_flow_in_thread(failback, **params)
         run = _wait_paused("failback demo", timeout=120)
         qemu_io(demo_disk, "write -P 0xcd 50M 4k")
         with get_client(sync_client=True) as client:

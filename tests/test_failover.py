@@ -93,13 +93,13 @@ def _drop_automations() -> None:
                 client.delete_automation(a.id)
 
 
-def _run_flow_in_thread(**params):
-    from flows.failover import failover
-
+def run_flow_in_thread(flow_fn, **params):
+    """Run a flow in a thread of this process (with this context: the test's Prefect API);
+    ``out["state"]`` holds its final state once the thread ends."""
     out: dict = {}
 
     def run() -> None:
-        out["state"] = failover(return_state=True, **params)
+        out["state"] = flow_fn(return_state=True, **params)
 
     t = threading.Thread(target=contextvars.copy_context().run, args=(run,))
     t.start()
@@ -126,9 +126,11 @@ def _wait_paused(flow_name: str, timeout: float = 60):
 def test_rejected_approval_and_timeout_launch_nothing(tmp_path: Path, demo_disk: Path) -> None:
     from prefect.client.orchestration import get_client
 
+    from flows.failover import failover
+
     env = protect_demo(tmp_path, demo_disk)
     time.sleep(11)  # the machine goes silent
-    t, out = _run_flow_in_thread(machine="demo", store=env["HOTSPARE_STORE"], vm_dir=env["HOTSPARE_VM_DIR"])
+    t, out = run_flow_in_thread(failover, machine="demo", store=env["HOTSPARE_STORE"], vm_dir=env["HOTSPARE_VM_DIR"])
     run = _wait_paused("failover demo")
     with get_client(sync_client=True) as client:
         client.resume_flow_run(run.id, run_input={"approve": False, "by": "ops", "why": "it is only a network blip"})
@@ -147,7 +149,7 @@ def test_rejected_approval_and_timeout_launch_nothing(tmp_path: Path, demo_disk:
     cfg = load_machine(st, "demo")
     save_machine(st, cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"approval_timeout": 3})}),
                  create_only=False)
-    t, out = _run_flow_in_thread(machine="demo", store=env["HOTSPARE_STORE"], vm_dir=env["HOTSPARE_VM_DIR"])
+    t, out = run_flow_in_thread(failover, machine="demo", store=env["HOTSPARE_STORE"], vm_dir=env["HOTSPARE_VM_DIR"])
     t.join(120)
     assert out["state"].is_cancelled() and "timed out" in out["state"].message
     assert load_state(st, "demo").state == "protected"

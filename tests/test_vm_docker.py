@@ -5,8 +5,6 @@ fixture's finalizer, which then fails the test that left it."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import subprocess
 import time
@@ -20,22 +18,13 @@ from hotspare import layout
 from hotspare.demodisk import qemu_accel, read_marker
 from hotspare.errors import HotspareError
 from hotspare.extentlog import validate_log
-from hotspare.replay import apply_log
 from hotspare.store import open_store
 from hotspare.vm import VmCapture, VmHandle, VmSpec, load_handle
 from hotspare.vm.docker import LABEL_MACHINE, LABEL_VM, DockerQemuHost
 from hotspare.vm.png import SIGNATURE, png_size
-from tests.helpers import require, same_file
+from tests.helpers import replay_over, require, same_file, sha256_file
 
 MACHINE, DISK, EPOCH = "web1", "disk0", 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture
@@ -60,7 +49,7 @@ def _spec(disk: Path, workdir: Path) -> VmSpec:
 
 def test_docker_vm_boots_is_adopted_and_stops(docker_host: DockerQemuHost, demo_disk: Path, tmp_path: Path) -> None:
     host = docker_host
-    digest = _sha256(demo_disk)
+    digest = sha256_file(demo_disk)
     spec = _spec(demo_disk, tmp_path / "vm")
 
     started = time.monotonic()
@@ -104,7 +93,7 @@ def test_docker_vm_boots_is_adopted_and_stops(docker_host: DockerQemuHost, demo_
     host.stop(handle)  # idempotent
     host.kill(handle)
     assert host.find_running(spec.workdir) is None
-    assert _sha256(demo_disk) == digest, "the boot disk (the replica image) was modified"
+    assert sha256_file(demo_disk) == digest, "the boot disk (the replica image) was modified"
     print(f"\nQEMU in container: launch() {launched:.1f} s, launch to first marker {boot_seconds:.1f} s "
           f"(accel {handle.accel}, marker {first.counter})")
 
@@ -159,14 +148,7 @@ def test_capture_ships_epoch_logs_from_a_docker_vm(docker_host: DockerQemuHost, 
             info = validate_log(f, key, machine=MACHINE, disk=DISK, epoch=EPOCH, disk_size=pristine.stat().st_size)
         assert info.meta.first_seq == expect, key
         expect = info.meta.last_seq + 1
-    replay = tmp_path / "replay.img"
-    shutil.copyfile(pristine, replay)
-    fd = os.open(replay, os.O_WRONLY)
-    try:
-        for key in keys:
-            apply_log(store, key, fd)
-    finally:
-        os.close(fd)
+    replay = replay_over(store, keys, pristine, tmp_path / "replay.img")
     marker = read_marker(replay)
     assert marker is not None and marker.boot_id == last_console.boot_id
     assert marker.counter >= last_console.counter

@@ -12,7 +12,6 @@ host: what is tested and what is not". S3 is never mocked: nothing here uses S3.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +23,12 @@ from moto import mock_aws  # noqa: E402
 
 from hotspare.errors import HotspareError, UsageError  # noqa: E402
 from hotspare.extentlog import iter_extents, validate_log  # noqa: E402
-from hotspare.replay import apply_log  # noqa: E402
 from hotspare.store import open_store  # noqa: E402
 from hotspare.vhd import write_dynamic  # noqa: E402
 from hotspare.vm import VmHandle, VmSpec, load_handle  # noqa: E402
 from hotspare.vm import ec2_capture  # noqa: E402
 from hotspare.vm.aws import Ec2Error  # noqa: E402
+from tests.helpers import replay_over  # noqa: E402
 from hotspare.vm.ebs import (  # noqa: E402
     EBS_BLOCK,
     block_checksum,
@@ -262,14 +261,7 @@ def test_delta_capture_by_listings_replays_parent_into_child(host: Ec2Host, tmp_
     assert (info.meta.first_seq, info.meta.last_seq, info.rows) == (0, 4, 5)
 
     def replay(base: Path, logs: list[str], out: Path) -> bytes:
-        shutil.copyfile(base, out)
-        fd = os.open(out, os.O_WRONLY)
-        try:
-            for key in logs:
-                apply_log(store, key, fd)
-        finally:
-            os.close(fd)
-        return out.read_bytes()
+        return replay_over(store, logs, base, out).read_bytes()
 
     assert replay(parent_img, keys, tmp_path / "replayed.img") == child_img.read_bytes()
 

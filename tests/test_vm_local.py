@@ -4,7 +4,6 @@ fixture's finalizer, which also checks that none is left."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -22,21 +21,12 @@ from hotspare import layout
 from hotspare.demodisk import data_partition, parse_markers, parse_record, qemu_accel, read_marker
 from hotspare.errors import HotspareError
 from hotspare.extentlog import iter_extents, validate_log
-from hotspare.replay import apply_log
 from hotspare.store import Store, open_store
 from hotspare.vm import LocalQemuHost, QmpError, VmCapture, VmHandle, VmSpec
 from hotspare.vm.png import SIGNATURE, png_size, ppm_to_png
-from tests.helpers import require, same_file
+from tests.helpers import replay_over, require, same_file, sha256_file
 
 MACHINE, DISK, EPOCH = "web1", "disk0", 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _qemu_pids(vm_id: str) -> list[int]:
@@ -89,14 +79,8 @@ def vms(qemu_system: str) -> Iterator[Vms]:
 
 def _replay(store: Store, base_image: Path, out: Path) -> list[str]:
     """Apply every log of the VM epoch, in seq order, over a copy of ``base_image``."""
-    shutil.copyfile(base_image, out)
     keys = [o.key for o in store.list(layout.logs_prefix(MACHINE, DISK, EPOCH))]
-    fd = os.open(out, os.O_WRONLY)
-    try:
-        for key in keys:
-            apply_log(store, key, fd)
-    finally:
-        os.close(fd)
+    replay_over(store, keys, base_image, out)
     return keys
 
 
@@ -127,7 +111,7 @@ def test_vm_boots_is_captured_and_stops(vms: Vms, demo_disk: Path, tmp_path: Pat
     host = vms.host
     pristine = tmp_path / "pristine.img"
     shutil.copyfile(demo_disk, pristine)
-    digest = _sha256(demo_disk)
+    digest = sha256_file(demo_disk)
     spec = VmSpec(machine=MACHINE, boot_disk=demo_disk, format="raw", cpus=1, memory_mib=256,
                   workdir=tmp_path / "vm")
 
@@ -213,7 +197,7 @@ def test_vm_boots_is_captured_and_stops(vms: Vms, demo_disk: Path, tmp_path: Pat
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(tmp_path / "vm.img")], check=True)
     assert same_file(tmp_path / "replay.img", tmp_path / "vm.img")
     assert len(list((spec.workdir / "overlays").glob("*.qcow2"))) == 2  # base + active: commits kept it short
-    assert _sha256(demo_disk) == digest, "the boot disk (the replica image) was modified"
+    assert sha256_file(demo_disk) == digest, "the boot disk (the replica image) was modified"
     print(f"\nQEMU start to first marker: {boot_seconds:.1f} s (accel {handle.accel}, marker {first.counter}); "
           f"first log {first_log_seconds:.2f} s after capture start; write-to-upload latency over "
           f"{len(latencies)} logs: median {statistics.median(latencies):.2f} s, max {max(latencies):.2f} s")
@@ -293,7 +277,7 @@ def test_vhd_boot_disk(vms: Vms, demo_disk: Path, tmp_path: Path) -> None:
     vhd = tmp_path / "boot.vhd"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on",
                     str(demo_disk), str(vhd)], check=True)
-    digest = _sha256(vhd)
+    digest = sha256_file(vhd)
     spec = VmSpec(machine=MACHINE, boot_disk=vhd, format="vpc", memory_mib=256, workdir=tmp_path / "vm")
     handle = vms.launch(spec)
     first = vms.host.wait_for_marker(handle, timeout=90)
@@ -305,4 +289,4 @@ def test_vhd_boot_disk(vms: Vms, demo_disk: Path, tmp_path: Path) -> None:
     _replay(store, demo_disk, tmp_path / "replay.img")
     marker = read_marker(tmp_path / "replay.img")
     assert marker is not None and marker.counter >= last.counter
-    assert _sha256(vhd) == digest
+    assert sha256_file(vhd) == digest

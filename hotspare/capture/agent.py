@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hotspare import layout
 from hotspare.capture.scan import scan
 from hotspare.capture.state import DiskState, StateDir
 from hotspare.catalog import load_catalog
-from hotspare.capture.upload import upload_log
+from hotspare.capture.upload import last_seq_in_store, upload_log
 from hotspare.errors import HotspareError
 from hotspare.faults import crash_point
 from hotspare.heartbeat import send_heartbeat
@@ -127,7 +126,7 @@ class Agent:
             raise Fenced(f"machine {self.config.name} is fenced: epoch {state.epoch} ended at a failover and its "
                          "VM's replica is the truth now; nothing shipped. Run `hotspare agent "
                          f"{self.config.name} --restore` to fail back")
-        state.last_seq = max(state.last_seq, self._last_shipped_seq(spec.name, state))
+        state.last_seq = last_seq_in_store(self.store, self.config.name, spec.name, state.epoch, state.last_seq)
         resync_from = None
         if catalog.resync_from is not None and state.resynced_for != catalog.resync_from:
             # A log was rejected and left a hole: re-send every block (zeros included), and
@@ -186,19 +185,6 @@ class Agent:
         report.last_seq = state.last_seq
         report.seconds = time.monotonic() - t0
         return report
-
-    def _last_shipped_seq(self, disk: str, state: DiskState) -> int:
-        """The highest seq in the store for this disk's epoch past the persisted one: a crash
-        after an upload but before the checkpoint leaves such an orphan, and new logs must
-        not reuse its seqs."""
-        prefix = layout.logs_prefix(self.config.name, disk, state.epoch)
-        after = f"{prefix}{layout.num(state.last_seq)}-~" if state.last_seq >= 0 else None
-        last = state.last_seq
-        for info in self.store.list(prefix, start_after=after):
-            seqs = layout.parse_log_name(info.key)
-            if seqs:
-                last = max(last, seqs[1])
-        return last
 
     # -- heartbeat -----------------------------------------------------------------------
     def heartbeat(self, reports: list[DiskReport]) -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 
 from hotspare.errors import HotspareError
 from hotspare.extentlog.schema import zero_checksum
+from hotspare.localfile import write_atomic
 
 
 @dataclass
@@ -44,25 +45,6 @@ def zero_hashes(disk_size: int, block_size: int) -> np.ndarray:
     if tail != block_size:
         hashes[-1] = zero_checksum(tail)
     return hashes
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class StateDir:
@@ -104,6 +86,6 @@ class StateDir:
             os.fsync(f.fileno())
         meta = dict(epoch=state.epoch, last_seq=state.last_seq, block_size=state.block_size,
                     disk_size=state.disk_size, hashes=name, resynced_for=state.resynced_for)
-        write_json_atomic(self._json(disk), meta)
+        write_atomic(self._json(disk), json.dumps(meta))
         if old and old != name:
             (self.root / old).unlink(missing_ok=True)

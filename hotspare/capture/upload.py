@@ -29,3 +29,17 @@ def upload_log(store: Store, writer: LogWriter, path: str, *, machine: str, disk
     finally:
         Path(path).unlink(missing_ok=True)
     return key, meta
+
+
+def last_seq_in_store(store: Store, machine: str, disk: str, epoch: int, known: int) -> int:
+    """The highest seq of the epoch in the store, at least ``known`` (the last one the
+    capture persisted): a crash after an upload but before the capture saved its state
+    leaves such a log, and new logs must not reuse its seqs."""
+    prefix = layout.logs_prefix(machine, disk, epoch)
+    after = f"{prefix}{layout.num(known)}-~" if known >= 0 else None
+    last = known
+    for info in store.list(prefix, start_after=after):
+        seqs = layout.parse_log_name(info.key)
+        if seqs and seqs[1] > last:
+            last = seqs[1]
+    return last

@@ -17,7 +17,7 @@ from typing import Literal
 from hotspare.catalog import Catalog, RecoveryPoint
 from hotspare.consolidate.point import disk_uuid
 from hotspare.errors import UsageError
-from hotspare.replay import apply_log
+from hotspare.replay import apply_logs
 from hotspare.store.base import Store
 from hotspare.vhd import VhdReader, write_dynamic, write_fixed, write_raw
 
@@ -87,8 +87,7 @@ def export_point(store: Store, catalog: Catalog, point: RecoveryPoint, fmt: Expo
             write_raw(VhdReader(f, base.vhd).read, size, r)
         fd = os.open(raw, os.O_WRONLY)
         try:
-            for lg in logs:
-                apply_log(store, lg.key, fd)
+            apply_logs(store, [lg.key for lg in logs], fd)
         finally:
             os.close(fd)
         with open(raw, "rb") as r:

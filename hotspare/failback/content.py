@@ -33,7 +33,7 @@ from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.failback import ranges as rg
 from hotspare.failback.plan import Position, hashes_bytes, read_hashes, replica_changes
 from hotspare.machine import DiskSpec
-from hotspare.replay import apply_log
+from hotspare.replay import apply_logs
 from hotspare.store.base import Store
 from hotspare.vhd import VhdReader
 
@@ -83,8 +83,7 @@ def materialise(store: Store, rep: ReplicaAt, ranges: rg.Ranges, block_size: int
             reader = VhdReader(v, rep.base.vhd)
             for off, n in rg.pieces(need, MAX_EXTENT):
                 os.pwrite(fd, reader.read(off, n), off)
-        for lg in rep.logs:
-            apply_log(store, lg.key, fd)
+        apply_logs(store, [lg.key for lg in rep.logs], fd)
         yield fd
 
 

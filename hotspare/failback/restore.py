@@ -24,7 +24,7 @@ import numpy as np
 
 from hotspare import layout
 from hotspare.capture.scan import scan
-from hotspare.capture.state import DiskState, StateDir, write_json_atomic, zero_hashes
+from hotspare.capture.state import DiskState, StateDir, zero_hashes
 from hotspare.errors import HotspareError, UsageError
 from hotspare.extentlog import validate_log
 from hotspare.extentlog.schema import MAX_EXTENT
@@ -33,6 +33,7 @@ from hotspare.failback.orders import DiskDivergence, Order, RestoreProgress, loa
 from hotspare.failback.plan import hashes_bytes, read_hashes
 from hotspare.faults import crash_point
 from hotspare.heartbeat import send_heartbeat
+from hotspare.localfile import load_model, write_atomic
 from hotspare.machine import DiskSpec, MachineConfig
 from hotspare.replay import write_extents
 from hotspare.state import load_state
@@ -96,7 +97,7 @@ class Restorer:
     def _save(self) -> None:
         assert self.progress is not None
         self.state.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self._file, self.progress.model_dump(mode="json"))
+        write_atomic(self._file, self.progress.model_dump_json())
 
     def _spec(self, disk: str) -> DiskSpec:
         for d in self.config.disks:
@@ -106,17 +107,14 @@ class Restorer:
 
     # -- start: which failback, and the divergence ----------------------------------------
     def start(self) -> RestoreProgress:
-        try:
-            self.progress = RestoreProgress.model_validate_json(self._file.read_text())
-        except FileNotFoundError:
+        self.progress = load_model(self._file, RestoreProgress, "restore progress")
+        if self.progress is None:
             ms = load_state(self.store, self.config.name)
             if ms.state not in ("failed-over", "failing-back"):
                 raise UsageError(f"machine {self.config.name} is {ms.state} in epoch {ms.epoch}: nothing to "
-                                 "restore; run the agent without --restore") from None
+                                 "restore; run the agent without --restore")
             self.progress = RestoreProgress(vm_epoch=ms.epoch)
             self._save()
-        except ValueError as err:
-            raise HotspareError(f"{self._file}: restore progress unreadable ({err})") from err
         for spec in self.config.disks:
             if spec.name not in self.progress.divergence:
                 self.progress.divergence[spec.name] = self._divergence(spec)

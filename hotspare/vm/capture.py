@@ -52,7 +52,7 @@ from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.faults import crash_point
 from hotspare.store.base import Store
 from hotspare.vm import chain
-from hotspare.vm.capture_state import CaptureState, last_shipped_seq, load_state, save_state
+from hotspare.vm.capture_state import CaptureState, load_state, save_state
 from hotspare.vm.host import VmHandle
 from hotspare.vm.local import file_lock
 from hotspare.vm.qmp import QmpClient, QmpError
@@ -102,7 +102,7 @@ class VmCapture:
 
     def _step(self, final: bool) -> list[str]:
         with self._lock, file_lock(self.workdir / "capture.lock"):
-            self.state.last_seq = last_shipped_seq(self.store, self.state)
+            self.state.last_seq = self.state.last_in_store(self.store)
             live = self.host.is_alive(self.handle)
             if live:
                 try:

@@ -47,7 +47,6 @@ from hotspare.errors import HotspareError
 from hotspare.vm.host import VmHandle, VmSpec, load_handle, save_handle
 from hotspare.vm.local import file_lock
 from hotspare.vm.qemu_cmd import QemuHost, DISK_DEVICE, QMP_SOCKET, prepare_chain, qemu_args, screendump, serial_name
-from hotspare.vm.qmp import QmpError
 
 DEFAULT_IMAGE = "hotspare/qemu-runner:bookworm"
 QEMU = "qemu-system-x86_64"
@@ -131,7 +130,8 @@ class DockerQemuHost(QemuHost):
                               overlays=layers, disk_device=DISK_DEVICE)
             container = self._run(spec, handle)
             handle = handle.model_copy(update={"container_id": container.id})
-            self._wait_ready(handle)
+            self._wait_ready(handle, lambda: self._start_failure(handle),
+                             f"container {handle.container_id} removed")
             save_handle(handle)
             return handle
 
@@ -173,26 +173,14 @@ class DockerQemuHost(QemuHost):
                 network_mode="none", restart_policy={"Name": "no"}, working_dir=workdir,
                 user=f"{os.getuid()}:{os.getgid()}", volumes=volumes, stdin_open=False, tty=False, **extra)
 
-    def _wait_ready(self, handle: VmHandle) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            if not self.is_alive(handle):
-                log = Path(handle.workdir) / f"qemu-{handle.vm_id}.log"
-                tail = log.read_text(errors="replace").strip()[-1500:] if log.exists() else ""
-                self._remove(handle)
-                raise HotspareError(f"VM {handle.vm_id}: QEMU in container {handle.container_id} of image "
-                                    f"{self.image} exited at start: {tail or '(no output)'}")
-            try:
-                with self.qmp(handle) as q:
-                    q.execute("query-status")
-                return
-            except QmpError:
-                if time.monotonic() > deadline:
-                    self.kill(handle)
-                    raise HotspareError(f"VM {handle.vm_id}: QEMU's QMP socket did not answer in "
-                                        f"{self.start_timeout:.0f} s; container {handle.container_id} "
-                                        "removed") from None
-                time.sleep(0.05)
+    def _start_failure(self, handle: VmHandle) -> str | None:
+        if self.is_alive(handle):
+            return None
+        log = Path(handle.workdir) / f"qemu-{handle.vm_id}.log"
+        tail = log.read_text(errors="replace").strip()[-1500:] if log.exists() else ""
+        self._remove(handle)
+        return (f"QEMU in container {handle.container_id} of image {self.image} exited at start: "
+                f"{tail or '(no output)'}")
 
     # -- finding and watching ------------------------------------------------------------
     def _containers_of(self, workdir: str | os.PathLike[str], *, everything: bool) -> list[Container]:

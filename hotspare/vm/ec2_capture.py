@@ -42,12 +42,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field
 
 from hotspare import layout
 from hotspare.capture.upload import upload_log
 from hotspare.errors import HotspareError
 from hotspare.extentlog import Extent, LogWriter
+from hotspare.localfile import load_model, write_atomic
 from hotspare.store.base import Store
 from hotspare.vm.aws import Ec2Error, aws_call
 from hotspare.vm.ebs import (
@@ -61,6 +62,7 @@ from hotspare.vm.ebs import (
     wait_snapshot,
 )
 from hotspare.vm.ec2 import TAG_ROLE, Ec2Host, tag_list
+from hotspare.vm.capture_state import CaptureCursor
 from hotspare.vm.host import VmHandle
 from hotspare.vm.local import file_lock
 
@@ -72,12 +74,7 @@ LOG_TARGET = 64 << 20
 _UNCHANGED = object()
 
 
-class Ec2CaptureState(BaseModel):
-    machine: str
-    disk: str
-    epoch: int = Field(ge=0)
-    disk_size: int = Field(gt=0)
-    last_seq: int = Field(-1, ge=-1, description="last seq uploaded in this epoch")
+class Ec2CaptureState(CaptureCursor):
     base_snapshot: str | None = Field(None, description="the snapshot the next delta is taken against; "
                                                         "None: the VM's boot snapshot")
 
@@ -152,7 +149,7 @@ class Ec2DeltaCapture:
         else:
             changes = changed_blocks_by_listing(ebs, first, second)
         st = self.state
-        st.last_seq = self._last_seq_in_store()
+        st.last_seq = st.last_in_store(self.store)
         keys: list[str] = []
         writer: LogWriter | None = None
         tmp = ""
@@ -228,31 +225,8 @@ class Ec2DeltaCapture:
         log.info("shipped %s (%d extents, %d data bytes) from %s", key, writer.rows, writer.data_bytes, snapshot)
         return key
 
-    def _last_seq_in_store(self) -> int:
-        """The highest seq of the epoch in the store, at least the state's: a crash after an
-        upload but before the state was saved leaves such a log."""
-        st = self.state
-        prefix = layout.logs_prefix(st.machine, st.disk, st.epoch)
-        after = f"{prefix}{layout.num(st.last_seq)}-~" if st.last_seq >= 0 else None
-        last = st.last_seq
-        for info in self.store.list(prefix, start_after=after):
-            seqs = layout.parse_log_name(info.key)
-            if seqs and seqs[1] > last:
-                last = seqs[1]
-        return last
-
     def _load(self) -> Ec2CaptureState | None:
-        try:
-            return Ec2CaptureState.model_validate_json(self.state_path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValidationError) as err:
-            raise HotspareError(f"{self.state_path}: unreadable capture state ({err})") from err
+        return load_model(self.state_path, Ec2CaptureState, "capture state")
 
     def _save(self) -> None:
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(self.state.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
+        write_atomic(self.state_path, self.state.model_dump_json(indent=1))

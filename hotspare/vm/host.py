@@ -10,7 +10,6 @@ another one.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from abc import ABC, abstractmethod
@@ -19,11 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hotspare import layout
 from hotspare.demodisk import Marker, parse_markers
 from hotspare.errors import HotspareError
+from hotspare.localfile import load_model, write_atomic
 
 HostKind = Literal["local-qemu", "docker-qemu", "ec2"]
 DiskFormat = Literal["raw", "vpc"]
@@ -83,24 +83,13 @@ def handle_path(workdir: str | os.PathLike[str]) -> Path:
 def save_handle(handle: VmHandle) -> Path:
     """Write ``<workdir>/handle.json`` atomically (a reader never sees half a handle)."""
     path = handle_path(handle.workdir)
-    tmp = path.with_name(f".{HANDLE_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(handle.model_dump_json(indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, handle.model_dump_json(indent=1))
     return path
 
 
 def load_handle(workdir: str | os.PathLike[str]) -> VmHandle | None:
     """The handle last written in ``workdir``, or None when no VM was launched there."""
-    path = handle_path(workdir)
-    try:
-        return VmHandle.model_validate_json(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValidationError, json.JSONDecodeError) as err:
-        raise HotspareError(f"{path}: unreadable VM handle ({err}); remove it if no VM runs there") from err
+    return load_model(handle_path(workdir), VmHandle, "VM handle", "remove it if no VM runs there")
 
 
 class VmHost(ABC):

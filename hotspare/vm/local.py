@@ -29,7 +29,6 @@ from hotspare.demodisk import qemu_accel
 from hotspare.errors import HotspareError
 from hotspare.vm.host import VmHandle, VmSpec, load_handle, save_handle
 from hotspare.vm.qemu_cmd import QemuHost, DISK_DEVICE, QMP_SOCKET, prepare_chain, qemu_args, serial_name, screendump
-from hotspare.vm.qmp import QmpError
 
 QEMU = "qemu-system-x86_64"
 PID_FILE = "qemu.pid"
@@ -92,31 +91,20 @@ class LocalQemuHost(QemuHost):
                               boot_disk=str(spec.boot_disk), format=spec.format, accel=accel, pid=proc.pid,
                               qmp_socket=str(workdir / QMP_SOCKET), serial_log=str(serial),
                               overlays=layers, disk_device=DISK_DEVICE)
-            self._wait_ready(handle, proc, qemu_log, cmd)
+            self._wait_ready(handle, lambda: self._start_failure(proc, qemu_log, cmd), "QEMU killed")
             save_handle(handle)
             return handle
 
     def _prepare_chain(self, spec: VmSpec) -> list[str]:
         return prepare_chain(spec)
 
-    def _wait_ready(self, handle: VmHandle, proc: subprocess.Popen[bytes], qemu_log: Path, cmd: list[str]) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            if proc.poll() is not None:
-                _children.pop(proc.pid, None)
-                tail = qemu_log.read_text(errors="replace").strip()[-1500:]
-                raise HotspareError(f"VM {handle.vm_id}: QEMU exited with {proc.returncode} at start: {tail}\n"
-                                    f"command: {' '.join(cmd)}")
-            try:
-                with self.qmp(handle) as q:
-                    q.execute("query-status")
-                return
-            except QmpError:
-                if time.monotonic() > deadline:
-                    self.kill(handle)
-                    raise HotspareError(f"VM {handle.vm_id}: QEMU's QMP socket did not answer in "
-                                        f"{self.start_timeout:.0f} s; QEMU killed") from None
-                time.sleep(0.05)
+    @staticmethod
+    def _start_failure(proc: subprocess.Popen[bytes], qemu_log: Path, cmd: list[str]) -> str | None:
+        if proc.poll() is None:
+            return None
+        _children.pop(proc.pid, None)
+        tail = qemu_log.read_text(errors="replace").strip()[-1500:]
+        return f"QEMU exited with {proc.returncode} at start: {tail}\ncommand: {' '.join(cmd)}"
 
     # -- finding and watching ------------------------------------------------------------
     def find_running(self, workdir: str | os.PathLike[str]) -> VmHandle | None:

@@ -12,6 +12,7 @@ import os
 from abc import abstractmethod
 from collections.abc import Callable
 import shutil
+import time
 from pathlib import Path
 
 from hotspare.errors import HotspareError
@@ -90,6 +91,26 @@ class QemuHost(VmHost):
     and the serial console in a file there."""
 
     qmp_timeout: float = 10.0
+    start_timeout: float = 30.0
+
+    def _wait_ready(self, handle: VmHandle, died: Callable[[], str | None], killed: str) -> None:
+        """Wait until the new VM's QMP answers. ``died`` says why QEMU exited at start (it
+        cleans up), or None while it runs; past ``start_timeout`` the VM is killed."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            why = died()
+            if why is not None:
+                raise HotspareError(f"VM {handle.vm_id}: {why}")
+            try:
+                with self.qmp(handle) as q:
+                    q.execute("query-status")
+                return
+            except QmpError:
+                if time.monotonic() > deadline:
+                    self.kill(handle)
+                    raise HotspareError(f"VM {handle.vm_id}: QEMU's QMP socket did not answer in "
+                                        f"{self.start_timeout:.0f} s; {killed}") from None
+                time.sleep(0.05)
 
     def qmp(self, handle: VmHandle) -> QmpClient:
         """A QMP client for the VM (not yet connected: use it in a ``with`` block)."""

@@ -24,7 +24,7 @@ import numpy as np
 from hotspare.capture.scan import scan
 from hotspare.capture.state import DiskState, StateDir
 from hotspare.catalog import load_catalog
-from hotspare.capture.upload import last_seq_in_store, upload_log
+from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, upload_log
 from hotspare.errors import HotspareError
 from hotspare.faults import crash_point
 from hotspare.heartbeat import send_heartbeat
@@ -33,7 +33,6 @@ from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.machine import DiskSpec, MachineConfig, device_size
 from hotspare.store.base import Store
 
-DEFAULT_LOG_TARGET = 64 << 20
 
 
 class Fenced(HotspareError):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Logs close at about this many data bytes, in every capture.
+DEFAULT_LOG_TARGET = 64 << 20
+
 from hotspare import layout
 from hotspare.errors import AlreadyExists, HotspareError
 from hotspare.extentlog import LogMeta, LogWriter

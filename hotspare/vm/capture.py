@@ -35,19 +35,16 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 from hotspare import layout
-from hotspare.capture.upload import upload_log
+from hotspare.capture.upload import DEFAULT_LOG_TARGET
 from hotspare.errors import HotspareError, StoreError
-from hotspare.extentlog import Extent, LogWriter
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.faults import crash_point
 from hotspare.store.base import Store
@@ -64,7 +61,7 @@ COMMIT_TIMEOUT = 300.0
 MAX_FROZEN = 8  # frozen overlays waiting for the store before rotation pauses
 # A log is closed at about this many data bytes, as the agent does, so that a large
 # backlog never makes one huge object.
-LOG_TARGET = 64 << 20
+LOG_TARGET = DEFAULT_LOG_TARGET
 
 
 class QmpHost(Protocol):
@@ -163,49 +160,29 @@ class VmCapture:
 
     def _ship(self, overlay: str) -> list[str]:
         """Upload what ``overlay`` holds as logs (one, unless it holds more than LOG_TARGET
-        bytes); their keys, none if it holds nothing."""
-        st = self.state
-        keys: list[str] = []
-        writer: LogWriter | None = None
-        tmp = ""
-        ts = datetime.now(timezone.utc)
+        bytes); their keys, none if it holds nothing. ``last_seq`` is saved with the
+        overlay's entry in ``shipped``."""
         src = os.open(overlay, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for a in chain.allocations(overlay):
-                if a.offset + a.length > st.disk_size:
-                    raise HotspareError(f"{overlay}: guest wrote {a.offset}+{a.length}, past the disk's "
-                                        f"{st.disk_size} bytes")
-                for off in range(0, a.length, MAX_EXTENT):
-                    n = min(MAX_EXTENT, a.length - off)
-                    data = None
-                    if a.host_offset is not None:
-                        data = os.pread(src, n, a.host_offset + off)
-                        if len(data) != n:
-                            raise HotspareError(f"{overlay}: short read at file offset {a.host_offset + off}")
-                    if writer is None:
-                        fd, tmp = tempfile.mkstemp(prefix=".capture-", suffix=".parquet", dir=self.workdir)
-                        os.close(fd)
-                        writer = LogWriter(tmp, machine=st.machine, disk=st.disk, epoch=st.epoch,
-                                           disk_size=st.disk_size)
-                    writer.add(Extent(seq=st.last_seq + 1 + writer.rows, offset=a.offset + off,
-                                      length=n, data=data, ts=ts))
-                    if writer.data_bytes >= LOG_TARGET:
-                        keys.append(self._upload(writer, tmp, overlay))
-                        writer = None
-            if writer is not None:
-                keys.append(self._upload(writer, tmp, overlay))
+            return self.state.ship(self.store, self._extents(overlay, src), self.workdir, overlay,
+                                   log_target=LOG_TARGET)
         finally:
             os.close(src)
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-        return keys
 
-    def _upload(self, writer: LogWriter, tmp: str, overlay: str) -> str:
-        st = self.state
-        key, meta = upload_log(self.store, writer, tmp, machine=st.machine, disk=st.disk, epoch=st.epoch)
-        st.last_seq = meta.last_seq  # saved with the overlay's entry in ``shipped``
-        log.info("shipped %s (%d extents, %d data bytes) from %s", key, writer.rows, writer.data_bytes, overlay)
-        return key
+    def _extents(self, overlay: str, src: int) -> Iterator[tuple[int, int, bytes | None]]:
+        """The overlay's clusters as (offset, length, data or None for zeros)."""
+        size = self.state.disk_size
+        for a in chain.allocations(overlay):
+            if a.offset + a.length > size:
+                raise HotspareError(f"{overlay}: guest wrote {a.offset}+{a.length}, past the disk's {size} bytes")
+            for off in range(0, a.length, MAX_EXTENT):
+                n = min(MAX_EXTENT, a.length - off)
+                data = None
+                if a.host_offset is not None:
+                    data = os.pread(src, n, a.host_offset + off)
+                    if len(data) != n:
+                        raise HotspareError(f"{overlay}: short read at file offset {a.host_offset + off}")
+                yield a.offset + off, n, data
 
     def _commit(self, base: str, frozen: list[str], active: str) -> None:
         """Fold the shipped overlays into base.qcow2, oldest first, and delete them."""

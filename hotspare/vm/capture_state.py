@@ -8,13 +8,21 @@ qcow2 headers) is the authority on that.
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from hotspare.capture.upload import last_seq_in_store
+from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, upload_log
+from hotspare.extentlog import Extent, LogWriter
 from hotspare.localfile import load_model, write_atomic
 from hotspare.store.base import Store
+
+log = logging.getLogger(__name__)
 
 
 class CaptureCursor(BaseModel):
@@ -28,6 +36,45 @@ class CaptureCursor(BaseModel):
 
     def last_in_store(self, store: Store) -> int:
         return last_seq_in_store(store, self.machine, self.disk, self.epoch, self.last_seq)
+
+    def ship(self, store: Store, extents: Iterable[tuple[int, int, bytes | None]], workdir: Path, source: str, *,
+             log_target: int = DEFAULT_LOG_TARGET, after_upload: Callable[[], None] | None = None) -> list[str]:
+        """Cut ``extents`` ((offset, length, data or None for zeros), in write order) into
+        logs of about ``log_target`` data bytes, written in ``workdir`` and uploaded
+        create-only; each upload advances ``last_seq`` (``after_upload`` may persist it).
+        Returns the keys."""
+        keys: list[str] = []
+        writer: LogWriter | None = None
+        tmp = ""
+        ts = datetime.now(timezone.utc)
+
+        def upload() -> None:
+            nonlocal writer
+            assert writer is not None
+            key, meta = upload_log(store, writer, tmp, machine=self.machine, disk=self.disk, epoch=self.epoch)
+            self.last_seq = meta.last_seq
+            log.info("shipped %s (%d extents, %d data bytes) from %s", key, writer.rows, writer.data_bytes, source)
+            keys.append(key)
+            writer = None
+            if after_upload:
+                after_upload()
+
+        try:
+            for offset, length, data in extents:
+                if writer is None:
+                    fd, tmp = tempfile.mkstemp(prefix=".capture-", suffix=".parquet", dir=workdir)
+                    os.close(fd)
+                    writer = LogWriter(tmp, machine=self.machine, disk=self.disk, epoch=self.epoch,
+                                       disk_size=self.disk_size)
+                writer.add(Extent(seq=self.last_seq + 1 + writer.rows, offset=offset, length=length, data=data, ts=ts))
+                if writer.data_bytes >= log_target:
+                    upload()
+            if writer is not None:
+                upload()
+        finally:
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+        return keys
 
 
 class CaptureState(CaptureCursor):

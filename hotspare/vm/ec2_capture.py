@@ -33,21 +33,17 @@ Snapshots a crash leaves behind carry the VM id tag and go with :meth:`Ec2Host.r
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from hotspare import layout
-from hotspare.capture.upload import upload_log
+from hotspare.capture.upload import DEFAULT_LOG_TARGET
 from hotspare.errors import HotspareError
-from hotspare.extentlog import Extent, LogWriter
 from hotspare.localfile import load_model, write_atomic
 from hotspare.store.base import Store
 from hotspare.vm.aws import Ec2Error, aws_call
@@ -70,7 +66,7 @@ log = logging.getLogger(__name__)
 
 ChangeMethod = Literal["list-changed-blocks", "compare-listings"]
 # A log is closed at about this many data bytes, as the agent's and VmCapture's are.
-LOG_TARGET = 64 << 20
+LOG_TARGET = DEFAULT_LOG_TARGET
 _UNCHANGED = object()
 
 
@@ -150,30 +146,9 @@ class Ec2DeltaCapture:
             changes = changed_blocks_by_listing(ebs, first, second)
         st = self.state
         st.last_seq = st.last_in_store(self.store)
-        keys: list[str] = []
-        writer: LogWriter | None = None
-        tmp = ""
-        ts = datetime.now(timezone.utc)
-        try:
-            for change, data in self._read_all(first, second, changes):
-                extent = self._extent(second, change, data)
-                if extent is None:
-                    continue
-                if writer is None:
-                    fd, tmp = tempfile.mkstemp(prefix=".ec2-capture-", suffix=".parquet", dir=self.workdir)
-                    os.close(fd)
-                    writer = LogWriter(tmp, machine=st.machine, disk=st.disk, epoch=st.epoch, disk_size=st.disk_size)
-                writer.add(Extent(seq=st.last_seq + 1 + writer.rows, offset=extent[0], length=extent[1],
-                                  data=extent[2], ts=ts))
-                if writer.data_bytes >= LOG_TARGET:
-                    keys.append(self._upload(writer, tmp, second))
-                    writer = None
-            if writer is not None:
-                keys.append(self._upload(writer, tmp, second))
-        finally:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-        return keys
+        extents = (e for change, data in self._read_all(first, second, changes)
+                   if (e := self._extent(second, change, data)) is not None)
+        return st.ship(self.store, extents, self.workdir, second, log_target=LOG_TARGET, after_upload=self._save)
 
     # -- parts ---------------------------------------------------------------------------
     def _read_all(self, first: str, second: str, changes: list[ChangedBlock]) -> Iterator[tuple[ChangedBlock, object]]:
@@ -216,14 +191,6 @@ class Ec2DeltaCapture:
         if length <= 0:
             return None
         return offset, length, None if data is None else data[:length]
-
-    def _upload(self, writer: LogWriter, tmp: str, snapshot: str) -> str:
-        st = self.state
-        key, meta = upload_log(self.store, writer, tmp, machine=st.machine, disk=st.disk, epoch=st.epoch)
-        st.last_seq = meta.last_seq
-        self._save()
-        log.info("shipped %s (%d extents, %d data bytes) from %s", key, writer.rows, writer.data_bytes, snapshot)
-        return key
 
     def _load(self) -> Ec2CaptureState | None:
         return load_model(self.state_path, Ec2CaptureState, "capture state")

@@ -30,7 +30,6 @@ import errno
 import os
 import shlex
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -281,10 +280,3 @@ class DockerQemuHost(QemuHost):
             except docker.errors.NotFound:
                 pass
 
-    def _wait_gone(self, handle: VmHandle, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.is_alive(handle):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True

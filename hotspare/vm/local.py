@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,10 +157,3 @@ class LocalQemuHost(QemuHost):
         except ProcessLookupError:
             pass
 
-    def _wait_gone(self, handle: VmHandle, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.is_alive(handle):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True

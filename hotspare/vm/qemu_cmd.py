@@ -173,5 +173,11 @@ class QemuHost(VmHost):
     @abstractmethod
     def _terminate(self, handle: VmHandle, timeout: float) -> None: ...
 
-    @abstractmethod
-    def _wait_gone(self, handle: VmHandle, timeout: float) -> bool: ...
+    def _wait_gone(self, handle: VmHandle, timeout: float) -> bool:
+        """Wait until the VM is gone; False when it still lives after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.is_alive(handle):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True

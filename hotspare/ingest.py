@@ -169,7 +169,8 @@ def next_catalog(catalog: Catalog, p: Plan) -> Catalog | None:
         applied[m.epoch] = m.last_seq
         logs.append(AcceptedLog(key=info.key, epoch=m.epoch, first_seq=m.first_seq, last_seq=m.last_seq,
                                 rows=info.rows, data_bytes=info.data_bytes, covered_bytes=info.covered_bytes,
-                                size=info.size, captured_at=info.captured_at))
+                                size=info.size, captured_at=info.captured_at,
+                                cut=m.cut, consistent=m.consistent))
     rejected = catalog.rejected + [RejectedLog(key=k, reason=r) for k, r in p.rejected]
     return catalog.next(applied=applied, logs=logs, rejected=rejected, resync_from=resync_from)
 

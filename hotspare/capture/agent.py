@@ -141,11 +141,12 @@ class Agent:
         tmp: str | None = None
         ts = datetime.now(timezone.utc)
 
-        def ship() -> None:
+        def ship(cut: bool) -> None:
             nonlocal writer, tmp, resync_from
             assert writer is not None and tmp is not None
+            # A live disk's scan is a fuzzy read: its cycle ends at a cut that is not consistent.
             key, meta = upload_log(self.store, writer, tmp, machine=self.config.name, disk=spec.name,
-                                   epoch=state.epoch, who="agent")
+                                   epoch=state.epoch, who="agent", cut=cut, consistent=False)
             crash_point("agent-after-upload")
             state.last_seq = meta.last_seq
             self.state.save(spec.name, state)  # after the upload is durable, never before
@@ -156,6 +157,8 @@ class Agent:
             for chunk in scan(spec.path, state.hashes, spec.block_size, size, max_run=MAX_EXTENT, progress=on_progress):
                 report.scanned_bytes = chunk.end
                 for run in chunk.runs:
+                    if writer is not None and writer.data_bytes + writer.rows * 64 >= self.log_target:
+                        ship(cut=False)  # full, and more follows: only the cycle's last log is a cut
                     if writer is None:
                         fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}-", suffix=".parquet", dir=self.state.root)
                         os.close(fd)
@@ -168,14 +171,14 @@ class Agent:
                         report.zero_bytes += run.length
                     else:
                         report.data_bytes += run.length
-                if writer is not None and (writer.data_bytes + writer.rows * 64 >= self.log_target or self.stop_requested):
-                    ship()
                 if self.stop_requested:
+                    if writer is not None:
+                        ship(cut=False)
                     report.last_seq = state.last_seq
                     report.seconds = time.monotonic() - t0
                     return report
             if writer is not None:
-                ship()
+                ship(cut=True)
         except BaseException:
             if tmp:
                 Path(tmp).unlink(missing_ok=True)

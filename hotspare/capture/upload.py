@@ -19,11 +19,12 @@ from hotspare.store.base import Store
 
 
 def upload_log(store: Store, writer: LogWriter, path: str, *, machine: str, disk: str, epoch: int,
-               who: str = "capture") -> tuple[str, LogMeta]:
-    """Close ``writer`` (writing to the local file ``path``), upload it, remove the file;
-    returns the log's key and metadata."""
+               who: str = "capture", cut: bool = False, consistent: bool = False) -> tuple[str, LogMeta]:
+    """Close ``writer`` (writing to the local file ``path``; ``cut`` and ``consistent`` as
+    :meth:`LogWriter.close` takes them), upload it, remove the file; returns the log's key
+    and metadata."""
     try:
-        meta = writer.close()
+        meta = writer.close(cut=cut, consistent=consistent)
         key = layout.log_key(machine, disk, epoch, meta.first_seq, meta.last_seq)
         try:
             store.put_file(key, path, create_only=True)

@@ -29,6 +29,8 @@ class AcceptedLog(BaseModel):
     size: int = Field(ge=0, description="bytes of the Parquet object")
     captured_at: datetime | None = None
     accepted_at: datetime = Field(default_factory=utcnow)
+    cut: bool = Field(False, description="the log ends a capture cycle: a point can be made after it")
+    consistent: bool = Field(False, description="that cycle read a frozen view: the cut is crash-consistent")
 
     @property
     def position(self) -> tuple[int, int]:
@@ -57,6 +59,8 @@ class RecoveryPoint(BaseModel):
     time: datetime
     vhd: str = Field("", description="key of the VHD object holding this point, if it is current or base")
     bytes_applied: int = Field(ge=0)
+    consistent: bool = Field(False, description="a crash-consistent cut (a frozen view was read), "
+                                                "not a fuzzy read of a live disk")
 
     @property
     def position(self) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Making a point's VHD and committing it: the steps the consolidate flow runs.
 
-1. :func:`prepare`: what a new current point would be (the newest accepted log), the
+1. :func:`prepare`: what a new current point would be (the newest accepted cut), the
    source runs of the logs since the current point, and the plan of the new VHD object.
 2. Build: the copy windows and the part jobs of the plan, through a staged compose of the
    point's VHD key (deterministic, so a re-run after a crash rebuilds the same bytes, and
@@ -86,10 +86,11 @@ def prepare(store: Store, catalog: Catalog) -> VhdBuild | None:
     """The build of a new current point, or None when no log is newer than the current one."""
     current = catalog.point("current")
     after = current.position if current else (-1, -1)
-    new = [lg for lg in catalog.logs if lg.position > after]
-    if not new:
-        return None
-    newest = max(new, key=lambda lg: lg.position)
+    cuts = [lg for lg in catalog.logs if lg.position > after and lg.cut]
+    if not cuts:
+        return None  # points are made at cuts only: logs of an unfinished cycle wait for theirs
+    newest = max(cuts, key=lambda lg: lg.position)
+    new = [lg for lg in catalog.logs if after < lg.position <= newest.position]
     key = point_key(catalog.machine, catalog.disk, newest.epoch, newest.last_seq)
     return plan_build(store, catalog, catalog.vhd.get("current"), new, key)
 
@@ -130,7 +131,8 @@ def commit_point(catalog: Catalog, build: VhdBuild) -> Catalog:
     """The next catalog: the built point becomes current (and base, for the first point)."""
     newest = max(build.logs, key=lambda lg: lg.position)
     point = RecoveryPoint(id=f"{newest.epoch}-{newest.last_seq}", epoch=newest.epoch, seq=newest.last_seq,
-                          time=build.timestamp, vhd=build.key, bytes_applied=build.sources.applied_bytes)
+                          time=build.timestamp, vhd=build.key, bytes_applied=build.sources.applied_bytes,
+                          consistent=newest.consistent)
     base = catalog.vhd.get("base") or build.key
     points = [p.model_copy(update={"vhd": p.vhd if p.vhd == base else ""}) for p in catalog.points]
     return catalog.next(points=points + [point], vhd={"current": build.key, "base": base})

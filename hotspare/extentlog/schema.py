@@ -42,6 +42,11 @@ class LogMeta(BaseModel):
     # Set by an agent that re-sends a disk's content after a log was rejected: this log
     # replaces every seq from ``resync_from`` up to its own first seq.
     resync_from: int | None = None
+    # The last log of a capture cycle: the disk's state after its last seq is a *cut*, the
+    # only places recovery points are made. ``consistent`` says whether the cycle read a
+    # frozen view (a crash-consistent cut) or a live disk (a fuzzy one, never trusted first).
+    cut: bool = False
+    consistent: bool = False
 
 
 _ZERO_SUMS: dict[int, int] = {}

@@ -91,22 +91,26 @@ class LogWriter:
             v.clear()
         self._buffered = 0
 
-    def close(self) -> LogMeta:
+    def close(self, *, cut: bool = False, consistent: bool = False) -> LogMeta:
+        """Finish the file. ``cut``: this log ends a capture cycle; ``consistent``: that
+        cycle read a frozen view of the disk."""
         if self.first_seq is None or self.last_seq is None:
             self._writer.close()
             raise ValueError("an extent log needs at least one extent")
         self._flush()
         meta = LogMeta(format_version=FORMAT_VERSION, first_seq=self.first_seq,
-                       last_seq=self.last_seq, **self._meta)
+                       last_seq=self.last_seq, cut=cut, consistent=consistent and cut, **self._meta)
         self._writer.add_key_value_metadata({META_KEY: meta.model_dump_json().encode()})
         self._writer.close()
         return meta
 
 
-def write_log(sink: str | BinaryIO, extents: list[Extent], **meta) -> LogMeta:
+def write_log(sink: str | BinaryIO, extents: list[Extent], *, cut: bool = True, consistent: bool = True,
+              **meta) -> LogMeta:
+    """One whole log at once; by default a whole crash-consistent capture cycle."""
     w = LogWriter(sink, **meta)
     for e in extents:
         w.add(e)
-    return w.close()
+    return w.close(cut=cut, consistent=consistent)
 
 

@@ -38,20 +38,23 @@ class CaptureCursor(BaseModel):
         return last_seq_in_store(store, self.machine, self.disk, self.epoch, self.last_seq)
 
     def ship(self, store: Store, extents: Iterable[tuple[int, int, bytes | None]], workdir: Path, source: str, *,
-             log_target: int = DEFAULT_LOG_TARGET, after_upload: Callable[[], None] | None = None) -> list[str]:
+             log_target: int = DEFAULT_LOG_TARGET, after_upload: Callable[[], None] | None = None,
+             consistent: bool = True) -> list[str]:
         """Cut ``extents`` ((offset, length, data or None for zeros), in write order) into
         logs of about ``log_target`` data bytes, written in ``workdir`` and uploaded
         create-only; each upload advances ``last_seq`` (``after_upload`` may persist it).
-        Returns the keys."""
+        ``extents`` is one capture cycle: its last log is marked as the cut, ``consistent``
+        when the cycle read a frozen view. Returns the keys."""
         keys: list[str] = []
         writer: LogWriter | None = None
         tmp = ""
         ts = datetime.now(timezone.utc)
 
-        def upload() -> None:
+        def upload(cut: bool) -> None:
             nonlocal writer
             assert writer is not None
-            key, meta = upload_log(store, writer, tmp, machine=self.machine, disk=self.disk, epoch=self.epoch)
+            key, meta = upload_log(store, writer, tmp, machine=self.machine, disk=self.disk, epoch=self.epoch,
+                                   cut=cut, consistent=consistent)
             self.last_seq = meta.last_seq
             log.info("shipped %s (%d extents, %d data bytes) from %s", key, writer.rows, writer.data_bytes, source)
             keys.append(key)
@@ -61,16 +64,16 @@ class CaptureCursor(BaseModel):
 
         try:
             for offset, length, data in extents:
+                if writer is not None and writer.data_bytes >= log_target:
+                    upload(cut=False)  # full, and more follows: only the cycle's last log is a cut
                 if writer is None:
                     fd, tmp = tempfile.mkstemp(prefix=".capture-", suffix=".parquet", dir=workdir)
                     os.close(fd)
                     writer = LogWriter(tmp, machine=self.machine, disk=self.disk, epoch=self.epoch,
                                        disk_size=self.disk_size)
                 writer.add(Extent(seq=self.last_seq + 1 + writer.rows, offset=offset, length=length, data=data, ts=ts))
-                if writer.data_bytes >= log_target:
-                    upload()
             if writer is not None:
-                upload()
+                upload(cut=True)
         finally:
             if tmp:
                 Path(tmp).unlink(missing_ok=True)

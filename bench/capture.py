@@ -170,7 +170,7 @@ def run(args: argparse.Namespace, root: Path, size: int, xxhsum: str) -> int:
     cfg = MachineConfig(name=MACHINE, disks=[DiskSpec(name=DISK, path=str(image), size=size, block_size=BS)])
     save_machine(store, cfg, create_only=True)
     t = time.perf_counter()
-    with Agent(store, cfg, state_dir) as agent:
+    with Agent(store, cfg, state_dir, tracker="scan") as agent:
         seed = agent.cycle().disks[0]
     console.print(f"seed: shipped {seed.data_bytes / 2**20:.0f} MiB in {len(seed.logs)} logs "
                   f"in {time.perf_counter() - t:.1f} s")
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace, root: Path, size: int, xxhsum: str) -> int:
             if o.key not in seed_keys:
                 store.delete(o.key)
         t = time.perf_counter()
-        with Agent(store, cfg, state_dir) as agent:
+        with Agent(store, cfg, state_dir, tracker="scan") as agent:
             r = agent.cycle().disks[0]
         agent_out["seconds"] = min(agent_out.get("seconds", float("inf")), time.perf_counter() - t)
         agent_out.update(data=r.data_bytes, zero=r.zero_bytes, extents=r.extents, logs=len(r.logs),

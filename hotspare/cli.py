@@ -122,22 +122,33 @@ def agent(
     machine: MachineArg,
     store: StoreOpt = None,
     once: Annotated[bool, typer.Option(help="run one cycle and exit")] = False,
-    interval: Annotated[float, typer.Option(help="seconds between cycles")] = 10.0,
+    interval: Annotated[float, typer.Option(help="seconds between cycles (cuts)")] = 0.5,
     state_dir: Annotated[Optional[str], typer.Option(envvar="HOTSPARE_AGENT_STATE",
                                                      help="agent state directory (default ./.hotspare/agent)")] = None,
+    tracker: Annotated[str, typer.Option(envvar="HOTSPARE_TRACKER",
+                                         help="qemu: serve the disks through qemu-storage-daemon and ship every "
+                                              "write at crash-consistent cuts; scan: re-read disks the agent "
+                                              "cannot serve (points not crash-consistent)")] = "qemu",
+    serve_dir: Annotated[Optional[str], typer.Option(help="where the daemon serves each disk: DIR/DISK.sock (NBD), "
+                                                          "or DIR/DISK.img with --fuse (default STATE/MACHINE/serve)")] = None,
+    fuse: Annotated[bool, typer.Option("--fuse", help="serve each disk as a FUSE file instead of NBD")] = False,
     log_target_mib: Annotated[int, typer.Option(help="target size of one extent log, MiB")] = 64,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     restore: Annotated[bool, typer.Option("--restore", help="the machine returns after a failover: ship nothing, "
                                           "report divergence, apply the failback flow's orders")] = False,
 ) -> None:
-    """Scan MACHINE's disks and ship their changes as extent logs, with a heartbeat per cycle.
+    """Capture MACHINE's disks and ship their changes as extent logs, with a heartbeat per cycle.
     With --restore, fail back instead, then continue protecting in the new epoch."""
-    from hotspare.capture.agent import Agent, CycleReport
+    import math
+
+    from hotspare.capture.agent import TRACKERS, Agent, CycleReport
     from hotspare.machine import load_machine
     from hotspare.progress import bar_factory
 
-    if interval <= 0 or log_target_mib <= 0:
-        raise typer.BadParameter("--interval and --log-target-mib must be positive")
+    if not (math.isfinite(interval) and interval > 0) or log_target_mib <= 0:
+        raise typer.BadParameter("--interval and --log-target-mib must be positive numbers")
+    if tracker not in TRACKERS:
+        raise typer.BadParameter(f"--tracker {tracker!r}: use one of {', '.join(TRACKERS)}")
     st = _store(store)
     cfg = load_machine(st, machine)
     emit = None
@@ -151,17 +162,45 @@ def agent(
     if restore and not _restore(st, cfg, _agent_state_dir(state_dir, machine), emit, interval, once):
         return
     cfg = load_machine(st, machine)  # a failback to replacement disks changed their paths
-    with Agent(st, cfg, _agent_state_dir(state_dir, machine), log_target=log_target_mib << 20, emit=emit) as ag:
+    with Agent(st, cfg, _agent_state_dir(state_dir, machine), tracker=tracker, serve_dir=serve_dir,  # type: ignore[arg-type]
+               fuse=fuse, log_target=log_target_mib << 20, emit=emit,
+               say=lambda s: console.print(f"{machine}/{s}")) as ag:
         ag.progress = None if quiet or not console.is_terminal else bar_factory(console)
         _stop_on_signals(ag, "log")
 
         def on_cycle(report: CycleReport) -> None:
             for d in report.disks:
-                console.print(f"{machine}/{d.disk}: scanned {d.scanned_bytes >> 20} MiB in {d.seconds:.1f}s, "
+                if tracker == "qemu" and not d.extents and not once:
+                    continue  # a quiet cut: nothing to say twice a second
+                what = "read" if tracker == "qemu" else "scanned"
+                console.print(f"{machine}/{d.disk}: {what} {d.scanned_bytes >> 20} MiB in {d.seconds:.2f}s, "
                               f"shipped {len(d.logs)} log(s), {d.extents} extent(s), {d.data_bytes} data bytes, "
                               f"{d.zero_bytes} zero bytes, last seq {d.last_seq}" + (" (resync)" if d.resync else ""))
 
         ag.run(interval=interval, once=once, on_cycle=on_cycle)
+
+
+daemon_app = typer.Typer(help="The storage daemon that serves a machine's disks and tracks their writes.",
+                         no_args_is_help=True)
+app.add_typer(daemon_app, name="daemon")
+
+
+def _daemon(store: str | None, machine: str, state_dir: str | None, serve_dir: str | None = None):
+    from hotspare.capture.daemon import StorageDaemon
+    from hotspare.machine import load_machine
+
+    return StorageDaemon(_agent_state_dir(state_dir, machine), load_machine(_store(store), machine),
+                         serve_dir=serve_dir)
+
+
+@daemon_app.command("stop")
+def daemon_stop(machine: MachineArg, store: StoreOpt = None,
+                state_dir: Annotated[Optional[str], typer.Option(envvar="HOTSPARE_AGENT_STATE",
+                                                                 help="agent state directory")] = None) -> None:
+    """Quit MACHINE's storage daemon cleanly (its bitmaps are stored). The machine's I/O
+    through it stops: do this at shutdown, last."""
+    d = _daemon(store, machine, state_dir)
+    console.print(f"{machine}: storage daemon " + ("stopped, bitmaps stored" if d.stop() else "was not running"))
 
 
 def _stop_on_signals(worker, unit: str) -> None:
@@ -318,6 +357,7 @@ def machine_status(st, machine: str) -> dict:
             "lag_seconds": round((utcnow() - cur.time).total_seconds(), 1) if cur else None,
             "logs_not_consolidated": sum(1 for lg in cat.logs if not cur or lg.position > cur.position),
             "fenced_epochs": [f.epoch for f in cat.fences],
+            "capture": hb.disks.get(d.name) if hb else None,  # tracker, where it is served
         }
     return {
         "machine": machine, "state": state.state, "epoch": state.epoch,

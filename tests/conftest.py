@@ -155,3 +155,18 @@ def store(store_url: str) -> Iterator[Store]:
     s = open_store(store_url)
     yield s
     s.close()
+
+
+@pytest.fixture(autouse=True)
+def _stop_storage_daemons(tmp_path: Path) -> Iterator[None]:
+    """Storage daemons outlive the agents that start them, by design: a test stops every
+    daemon it started (their pidfiles lie under its tmp_path) and unmounts their FUSE files."""
+    yield
+    for pidfile in tmp_path.rglob("qsd/pid"):
+        try:
+            os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        except (ValueError, ProcessLookupError, OSError):
+            pass
+    time.sleep(0.1)
+    for mnt in [*tmp_path.rglob("serve/*.img"), *tmp_path.rglob("view/*.img")]:
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)

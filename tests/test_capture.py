@@ -1,4 +1,5 @@
-"""The scan-tracker agent on a local store: what it ships, and its durability rules."""
+"""The scan-tracker agent (``--tracker scan``) on a local store: what it ships, and its
+durability rules. The qemu tracker has tests/test_tracker.py."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_first_pass_ships_only_nonzero_blocks_then_changes(tmp_path: Path) -> No
     for off in range(0, size, BS):
         if any(data[off:off + BS]):
             nonzero += len(data[off:off + BS])
-    with Agent(store, cfg, tmp_path / "state") as agent:
+    with Agent(store, cfg, tmp_path / "state", tracker="scan") as agent:
         r = agent.cycle().disks[0]
         assert r.data_bytes == nonzero and r.zero_bytes == 0
         assert agent.cycle().disks[0].extents == 0, "an unchanged disk ships nothing"
@@ -68,7 +69,7 @@ def test_first_pass_ships_only_nonzero_blocks_then_changes(tmp_path: Path) -> No
 
 def test_log_target_splits_logs(tmp_path: Path) -> None:
     image, store, cfg = setup_machine(tmp_path, 64 << 20, fill=1.0)
-    with Agent(store, cfg, tmp_path / "state", log_target=8 << 20) as agent:
+    with Agent(store, cfg, tmp_path / "state", tracker="scan", log_target=8 << 20) as agent:
         r = agent.cycle().disks[0]
     assert len(r.logs) >= 2
     seqs = [layout.parse_log_name(k) for k in r.logs]
@@ -80,14 +81,15 @@ def test_fenced_epoch_ships_nothing(tmp_path: Path) -> None:
     d = cfg.disks[0]
     cat = load_catalog(store, "m1", "root", d.size)
     commit_catalog(store, cat.next(epoch=1, fences=[Fence(epoch=0, after_seq=-1, reason="test")]))
-    with Agent(store, cfg, tmp_path / "state") as agent, pytest.raises(Fenced, match="fenced"):
+    with Agent(store, cfg, tmp_path / "state", tracker="scan") as agent, pytest.raises(Fenced, match="fenced"):
         agent.cycle()
     assert list(store.list(layout.logs_prefix("m1", "root", 0))) == []
 
 
 def test_kill_between_upload_and_checkpoint_loses_nothing(tmp_path: Path) -> None:
     image, store, cfg = setup_machine(tmp_path, 32 << 20)
-    env = {"HOTSPARE_STORE": store.url, "HOTSPARE_AGENT_STATE": str(tmp_path / "state")}
+    env = {"HOTSPARE_STORE": store.url, "HOTSPARE_AGENT_STATE": str(tmp_path / "state"),
+           "HOTSPARE_TRACKER": "scan"}
     cli("agent", "m1", "--once", env=env)
     qemu_io(image, "write -P 0x77 3M 128k", "write -P 0x78 20M 4k")
     crashed = cli("agent", "m1", "--once", env={**env, "HOTSPARE_CRASH_AT": "agent-after-upload"}, check=False)
@@ -108,7 +110,8 @@ def test_kill_between_upload_and_checkpoint_loses_nothing(tmp_path: Path) -> Non
 
 def test_ctrl_c_stops_after_the_current_log(tmp_path: Path) -> None:
     image, store, cfg = setup_machine(tmp_path, 384 << 20, fill=1.0)
-    env = {**os.environ, "HOTSPARE_STORE": store.url, "HOTSPARE_AGENT_STATE": str(tmp_path / "state")}
+    env = {**os.environ, "HOTSPARE_STORE": store.url, "HOTSPARE_AGENT_STATE": str(tmp_path / "state"),
+           "HOTSPARE_TRACKER": "scan"}
     proc = subprocess.Popen([HOTSPARE, "agent", "m1", "--once", "--log-target-mib", "8", "--quiet"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -131,7 +134,34 @@ def test_agent_refuses_a_resized_disk(tmp_path: Path) -> None:
     image, store, cfg = setup_machine(tmp_path, 8 << 20)
     with open(image, "ab") as f:
         f.write(bytes(4096))
-    r = cli("agent", "m1", "--once", env={"HOTSPARE_STORE": store.url, "HOTSPARE_AGENT_STATE": str(tmp_path / "s")},
+    r = cli("agent", "m1", "--once", env={"HOTSPARE_STORE": store.url, "HOTSPARE_AGENT_STATE": str(tmp_path / "s"),
+                   "HOTSPARE_TRACKER": "scan"},
             check=False)
     assert r.returncode == 1
     assert "registered as 8388608" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_block_that_returns_to_its_old_content_after_a_crash_still_ships(tmp_path: Path) -> None:
+    """Issue 11, finding 1: a log uploaded just before a crash, then the block written back
+    to what the saved hash map knew. The map marks blocks in flight, so they ship again."""
+    image, store, cfg = setup_machine(tmp_path, 8 << 20, fill=0)
+    env = {"HOTSPARE_STORE": store.url, "HOTSPARE_AGENT_STATE": str(tmp_path / "state"), "HOTSPARE_TRACKER": "scan"}
+    qemu_io(image, "write -P 0x11 0 64k")
+    cli("agent", "m1", "--once", env=env)
+    qemu_io(image, "write -P 0x22 0 64k")
+    crashed = cli("agent", "m1", "--once", env={**env, "HOTSPARE_CRASH_AT": "agent-after-upload"}, check=False)
+    assert crashed.returncode == -signal.SIGKILL
+    qemu_io(image, "write -P 0x11 0 64k")
+    r = cli("agent", "m1", "--once", env=env)
+    assert "shipped 1 log(s)" in r.stdout, r.stdout
+    replica = tmp_path / "replica.raw"
+    replay_catalog(store, ingest_all(store, cfg), replica)
+    assert same_file(image, replica)
+
+
+def test_scan_points_are_marked_not_crash_consistent(tmp_path: Path) -> None:
+    image, store, cfg = setup_machine(tmp_path, 8 << 20)
+    with Agent(store, cfg, tmp_path / "state", tracker="scan") as agent:
+        agent.cycle()
+    cat = ingest_all(store, cfg)
+    assert cat.logs[-1].cut and not cat.logs[-1].consistent

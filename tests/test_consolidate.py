@@ -28,7 +28,8 @@ SIZE = 40 << 20
 def protect(tmp_path: Path, store_url: str, **policy) -> tuple[Path, dict[str, str]]:
     image = tmp_path / "disk.img"
     random_image(image, SIZE, seed=11, fill=0.3)
-    env = {"HOTSPARE_STORE": store_url, "HOTSPARE_AGENT_STATE": str(tmp_path / "agent")}
+    env = {"HOTSPARE_STORE": store_url, "HOTSPARE_AGENT_STATE": str(tmp_path / "agent"),
+           "HOTSPARE_TRACKER": "scan"}  # the image is written directly, not through the daemon
     cli("protect", "m1", "--disk", f"root={image}", env=env)
     if policy:
         from hotspare.store import open_store

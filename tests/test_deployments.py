@@ -49,7 +49,8 @@ def test_a_worker_runs_the_ingest_deployment(deployed: dict[str, str], tmp_path:
 
     image = tmp_path / "disk.img"
     random_image(image, 8 << 20)
-    env = {"HOTSPARE_STORE": deployed["store"], "HOTSPARE_AGENT_STATE": str(tmp_path / "agent")}
+    env = {"HOTSPARE_STORE": deployed["store"], "HOTSPARE_AGENT_STATE": str(tmp_path / "agent"),
+           "HOTSPARE_TRACKER": "scan"}
     cli("protect", "m1", "--disk", f"root={image}", env=env)
     cli("agent", "m1", "--once", env=env)
     with get_client(sync_client=True) as client:

@@ -109,7 +109,7 @@ def _failed_over(tmp_path: Path):
     image = _image(tmp_path, 4)
     cfg = MachineConfig(name="m", disks=[parse_disk_arg(f"root={image}")])
     save_machine(st, cfg, create_only=True)
-    with Agent(st, cfg, tmp_path / "agent") as ag:
+    with Agent(st, cfg, tmp_path / "agent", tracker="scan") as ag:
         ag.cycle()
     fence_disk(st, "m", cfg.disks[0], 0, "test")
     commit_state(st, load_state(st, "m").next(state="failed-over", epoch=1))
@@ -130,7 +130,7 @@ def test_restore_reports_divergence_and_never_applies_a_corrupt_data_log(tmp_pat
         f.seek(3 * MIB)
         f.write(b"\xee" * 100)
     with pytest.raises(Fenced, match="--restore"):
-        with Agent(st, cfg, tmp_path / "agent") as ag:
+        with Agent(st, cfg, tmp_path / "agent", tracker="scan") as ag:
             ag.cycle()
     size = cfg.disks[0].size
     key = layout.failback_data_key("m", 1, 0, "root", 0)

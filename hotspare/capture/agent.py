@@ -1,38 +1,49 @@
-"""The agent: on each cycle, scan every disk of the machine, ship the changes as extent logs,
-checkpoint the hash map, and send a heartbeat.
+"""The agent: each cycle it captures every disk of the machine up to a cut, ships the
+changes as extent logs, and sends a heartbeat.
 
-Durability rule: a log is uploaded create-only first; the hash map that no longer shows its
-blocks as changed is persisted after. A crash between the two re-ships those blocks in the
-next cycle under new seqs (the orphan upload stays valid and is superseded), so no write is
-ever lost. Logs close only at chunk boundaries, so at a checkpoint every changed block
-before the scan position is in an uploaded log.
+Two trackers find the changes:
+
+- ``qemu`` (default, :mod:`hotspare.capture.qemu`): the machine's storage daemon serves the
+  disks and records every write in a dirty bitmap; each cycle freezes it with a view of the
+  disks and ships exactly the dirty blocks, at a crash-consistent cut.
+- ``scan`` (:mod:`hotspare.capture.scan`): for disks the agent cannot serve, each cycle
+  re-reads the live disk against the hash map. That read is fuzzy, so its cuts are marked
+  not consistent.
+
+Durability rule, both trackers: a log is uploaded create-only first; the hash map that shows
+its blocks as shipped is persisted after, and while the upload is in flight the map holds
+``UNSHIPPED`` for them, so a crash in between re-sends them and never loses a write. The
+agent's state must match the store: a state that claims seqs the store does not hold (a new
+store, or another machine's state) is detected and the disk re-seeded.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from hotspare.capture.daemon import StorageDaemon
+from hotspare.capture.qemu import DiskWork, QemuTracker
 from hotspare.capture.scan import scan
-from hotspare.capture.state import DiskState, StateDir
+from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
+from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, ship_cycle
 from hotspare.catalog import load_catalog
-from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, upload_log
 from hotspare.errors import HotspareError
+from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.faults import crash_point
 from hotspare.heartbeat import send_heartbeat
-from hotspare.extentlog import Extent, LogWriter
-from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.machine import DiskSpec, MachineConfig, device_size
 from hotspare.store.base import Store
 
+Tracker = Literal["qemu", "scan"]
+TRACKERS = ("qemu", "scan")
+HEARTBEAT_SPACING = 1.0  # seconds
 
 
 class Fenced(HotspareError):
@@ -51,6 +62,8 @@ class DiskReport:
     last_seq: int = -1
     seconds: float = 0.0
     resync: bool = False
+    tracker: str = "qemu"
+    served_at: str | None = None  # where the machine reaches the disk (qemu tracker)
 
 
 @dataclass
@@ -70,18 +83,31 @@ class Agent:
         config: MachineConfig,
         state_dir: str | os.PathLike,
         *,
+        tracker: Tracker = "qemu",
+        serve_dir: str | os.PathLike | None = None,
+        fuse: bool = False,
         log_target: int = DEFAULT_LOG_TARGET,
         emit: Callable[[dict], None] | None = None,
         progress: ProgressFactory | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> None:
+        if tracker not in TRACKERS:
+            raise HotspareError(f"unknown tracker {tracker!r}: use one of {', '.join(TRACKERS)}")
         self.store = store
         self.config = config
         self.state = StateDir(state_dir)
+        self.tracker = tracker
         self.log_target = log_target
         self.emit = emit
         self.progress = progress
+        self.say = say or (lambda s: None)
         self.stop_requested = False
         self._lock_fd: int | None = None
+        self.daemon = StorageDaemon(self.state.root, config, serve_dir=serve_dir, fuse=fuse)
+        self.qemu = QemuTracker(self.daemon, self.state, store, config.name, log_target=log_target, say=self.say) \
+            if tracker == "qemu" else None
+        self._work: dict[str, DiskWork] = {}
+        self._last_beat = -HEARTBEAT_SPACING
 
     # -- locking: one agent per machine and state directory ------------------------------
     def __enter__(self) -> "Agent":
@@ -96,27 +122,38 @@ class Agent:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.daemon.close()  # the daemon itself goes on serving the machine
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     # -- one cycle -----------------------------------------------------------------------
     def cycle(self) -> CycleReport:
-        reports = []
-        for spec in self.config.disks:
-            reports.append(self.ship_disk(spec))
-            if self.stop_requested:
-                break
-        self.heartbeat(reports)
+        if self.qemu is not None:
+            reports = self._qemu_cycle()
+        else:
+            reports = []
+            for spec in self.config.disks:
+                reports.append(self.ship_disk(spec))
+                if self.stop_requested:
+                    break
+        # At most one heartbeat a second, however short the cycles.
+        if time.monotonic() - self._last_beat >= HEARTBEAT_SPACING or any(r.logs for r in reports):
+            self.heartbeat(reports)
+            self._last_beat = time.monotonic()
         return CycleReport(self.config.name, reports, stopped=self.stop_requested)
 
-    def ship_disk(self, spec: DiskSpec) -> DiskReport:
-        t0 = time.monotonic()
+    def _prepare(self, spec: DiskSpec, *, in_place: bool) -> DiskWork:
+        """The disk's state, checked against the disk, the catalog and the store."""
         size = device_size(spec.path)
         if size != spec.size:
             raise HotspareError(f"disk {spec.name} ({spec.path}) is {size} bytes, registered as {spec.size}: "
                                 "re-protect the machine to change a disk's size")
-        state = self.state.load(spec.name) or DiskState.fresh(epoch=0, block_size=spec.block_size, disk_size=size)
+        state = self.state.load(spec.name, in_place=in_place)
+        rescan = None
+        if state is None:
+            state = DiskState.fresh(epoch=0, block_size=spec.block_size, disk_size=size)
+            rescan = "first pass (the seed)"
         if (state.block_size, state.disk_size) != (spec.block_size, spec.size):
             raise HotspareError(f"agent state of disk {spec.name} is for another geometry; remove "
                                 f"{self.state.root}/{spec.name}.json to re-seed")
@@ -125,65 +162,115 @@ class Agent:
             raise Fenced(f"machine {self.config.name} is fenced: epoch {state.epoch} ended at a failover and its "
                          "VM's replica is the truth now; nothing shipped. Run `hotspare agent "
                          f"{self.config.name} --restore` to fail back")
-        state.last_seq = last_seq_in_store(self.store, self.config.name, spec.name, state.epoch, state.last_seq)
-        resync_from = None
+        held = max(catalog.applied_seq(state.epoch), catalog.folded.get(state.epoch, -1))
+        held = last_seq_in_store(self.store, self.config.name, spec.name, state.epoch, held)
+        if state.last_seq > held:
+            # The state claims logs the store never got (re-protected into a new store, or a
+            # state directory from elsewhere): what the hash map says was shipped is not
+            # there, so start again from what the store holds.
+            rescan = (f"the store holds seqs up to {held} of epoch {state.epoch}, this agent's state claims "
+                      f"{state.last_seq}: re-seeding the disk")
+            self.say(f"{spec.name}: {rescan}")
+            state.hashes[:] = DiskState.fresh(epoch=state.epoch, block_size=spec.block_size, disk_size=size).hashes
+            state.bitmap = None
+        state.last_seq = held
+        if state.hashes_file is None or rescan:
+            self.state.save(spec.name, state)
+            if in_place:
+                state = self.state.load(spec.name, in_place=True)  # type: ignore[assignment]
+                assert state is not None
+        work = DiskWork(spec=spec, state=state, rescan=rescan)
         if catalog.resync_from is not None and state.resynced_for != catalog.resync_from:
             # A log was rejected and left a hole: re-send every block (zeros included), and
             # mark the first log so ingest lets it close the hole.
-            # Recorded with the first checkpoint, so a crash mid-resync continues it
-            # instead of flipping the hashes back.
-            resync_from = state.resynced_for = catalog.resync_from
+            work.resync_from = catalog.resync_from
+            work.rescan = f"the store asked for a resync from seq {catalog.resync_from}"
+        return work
+
+    def _qemu_cycle(self) -> list[DiskReport]:
+        assert self.qemu is not None
+        t0 = time.monotonic()
+        work = []
+        for spec in self.config.disks:
+            w = self._prepare(spec, in_place=True)
+            old = self._work.get(spec.name)
+            if old is not None and w.rescan is None and w.resync_from is None:
+                w.state.bitmap = old.state.bitmap  # this process knows the lineage best
+            work.append(w)
+        self._work = {w.spec.name: w for w in work}
+        self.qemu.cycle(work)
+        seconds = time.monotonic() - t0
+        reports = []
+        for w in work:
+            reports.append(DiskReport(disk=w.spec.name, epoch=w.state.epoch, scanned_bytes=w.read_bytes, logs=w.keys,
+                                      extents=w.extents, data_bytes=w.data_bytes, zero_bytes=w.zero_bytes,
+                                      last_seq=w.state.last_seq, seconds=seconds, resync=w.resync_from is not None,
+                                      tracker="qemu", served_at=self.daemon.served_at(w.spec.name)))
+            w.keys, w.extents, w.data_bytes, w.zero_bytes, w.read_bytes, w.resync_from = [], 0, 0, 0, 0, None
+        return reports
+
+    def ship_disk(self, spec: DiskSpec) -> DiskReport:
+        """One scan-tracker cycle of ``spec``: the live disk against the hash map."""
+        t0 = time.monotonic()
+        w = self._prepare(spec, in_place=False)
+        state = w.state
+        shipped = state.hashes.copy()  # the map as shipped: what is persisted
+        if w.resync_from is not None:
             state.hashes ^= np.uint64(0xFFFFFFFFFFFFFFFF)
-        report = DiskReport(disk=spec.name, epoch=state.epoch, resync=resync_from is not None)
-        on_progress = self.progress(spec.name, size) if self.progress else None
+        report = DiskReport(disk=spec.name, epoch=state.epoch, resync=w.resync_from is not None, tracker="scan")
+        on_progress = self.progress(spec.name, spec.size) if self.progress else None
+        bs = spec.block_size
+        ranges: list[tuple[int, int]] = []  # block range of each extent yielded, in seq order
+        base, confirmed = state.last_seq + 1, 0  # extents [0, confirmed) are in uploaded logs
 
-        writer: LogWriter | None = None
-        tmp: str | None = None
-        ts = datetime.now(timezone.utc)
+        def persist() -> None:
+            saved, state.hashes = state.hashes, shipped
+            try:
+                self.state.save(spec.name, state)
+            finally:
+                state.hashes = saved
 
-        def ship(cut: bool) -> None:
-            nonlocal writer, tmp, resync_from
-            assert writer is not None and tmp is not None
-            # A live disk's scan is a fuzzy read: its cycle ends at a cut that is not consistent.
-            key, meta = upload_log(self.store, writer, tmp, machine=self.config.name, disk=spec.name,
-                                   epoch=state.epoch, who="agent", cut=cut, consistent=False)
-            crash_point("agent-after-upload")
-            state.last_seq = meta.last_seq
-            self.state.save(spec.name, state)  # after the upload is durable, never before
-            report.logs.append(key)
-            writer, tmp, resync_from = None, None, None
-
-        try:
-            for chunk in scan(spec.path, state.hashes, spec.block_size, size, max_run=MAX_EXTENT, progress=on_progress):
+        def extents():
+            for chunk in scan(spec.path, state.hashes, bs, spec.size, max_run=MAX_EXTENT, progress=on_progress):
                 report.scanned_bytes = chunk.end
                 for run in chunk.runs:
-                    if writer is not None and writer.data_bytes + writer.rows * 64 >= self.log_target:
-                        ship(cut=False)  # full, and more follows: only the cycle's last log is a cut
-                    if writer is None:
-                        fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}-", suffix=".parquet", dir=self.state.root)
-                        os.close(fd)
-                        writer = LogWriter(tmp, machine=self.config.name, disk=spec.name, epoch=state.epoch,
-                                           disk_size=size, resync_from=resync_from)
-                    seq = state.last_seq + 1 + writer.rows
-                    writer.add(Extent(seq=seq, offset=run.offset, length=run.length, data=run.data, ts=ts))
+                    ranges.append((run.offset // bs, -(-(run.offset + run.length) // bs)))
                     report.extents += 1
                     if run.data is None:
                         report.zero_bytes += run.length
                     else:
                         report.data_bytes += run.length
+                    yield run.offset, run.length, run.data
                 if self.stop_requested:
-                    if writer is not None:
-                        ship(cut=False)
-                    report.last_seq = state.last_seq
-                    report.seconds = time.monotonic() - t0
-                    return report
-            if writer is not None:
-                ship(cut=True)
-        except BaseException:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-            raise
-        self.state.save(spec.name, state)
+                    return
+
+        def before_upload() -> None:
+            for a, b in ranges[confirmed:]:  # in flight: a crash from here on re-sends them
+                shipped[a:b] = UNSHIPPED
+            persist()
+
+        def uploaded(key: str, meta) -> None:
+            nonlocal confirmed
+            crash_point("agent-after-upload")
+            state.last_seq = meta.last_seq
+            upto = meta.last_seq - base + 1
+            for a, b in ranges[confirmed:upto]:
+                shipped[a:b] = state.hashes[a:b]
+            confirmed = upto
+            persist()
+            report.logs.append(key)
+
+        # A live disk's scan is a fuzzy read: its cycle ends at a cut that is not consistent,
+        # and a cycle stopped halfway ends at no cut at all.
+        ship_cycle(self.store, extents(), machine=self.config.name, disk=spec.name, epoch=state.epoch,
+                   disk_size=spec.size, last_seq=state.last_seq, workdir=self.state.root, consistent=False,
+                   log_target=self.log_target, resync_from=w.resync_from, who="agent", on_upload=uploaded,
+                   before_upload=before_upload, ends_cycle=lambda: not self.stop_requested)
+        if w.resync_from is not None:
+            state.resynced_for = w.resync_from
+        if not self.stop_requested:
+            shipped[:] = state.hashes  # every block scanned and its changes shipped
+        persist()
         report.last_seq = state.last_seq
         report.seconds = time.monotonic() - t0
         return report
@@ -192,19 +279,23 @@ class Agent:
     def heartbeat(self, reports: list[DiskReport]) -> dict:
         return send_heartbeat(self.store, self.config.name, mode="normal",
                               epoch=max((r.epoch for r in reports), default=0), emit=self.emit,
-                              disks={r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes}
+                              disks={r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
+                                              "tracker": r.tracker, "served_at": r.served_at,
+                                              "consistent": r.tracker == "qemu"}
                                      for r in reports})
 
     def run(self, *, interval: float, once: bool, on_cycle: Callable[[CycleReport], None] | None = None) -> None:
         while True:
+            started = time.monotonic()
             report = self.cycle()
             if on_cycle:
                 on_cycle(report)
             if once or self.stop_requested:
                 return
-            deadline = time.monotonic() + interval
+            # Cuts on a fixed cadence: a slow cycle delays the next cut, never shifts them all.
+            deadline = max(time.monotonic(), started + interval)
             while time.monotonic() < deadline and not self.stop_requested:
-                time.sleep(min(0.2, interval))
+                time.sleep(min(0.05, interval))
             if self.stop_requested:
                 return
 

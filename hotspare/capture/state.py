@@ -29,6 +29,8 @@ class DiskState:
     disk_size: int
     hashes: np.ndarray  # uint64 per block, as last shipped
     resynced_for: int | None = None  # the catalog's resync_from this agent already answered
+    bitmap: str | None = None  # qemu tracker: the daemon's bitmap recording since the last shipped cut
+    hashes_file: str | None = None  # the file ``hashes`` was loaded from or saved to
 
     @classmethod
     def fresh(cls, *, epoch: int, block_size: int, disk_size: int) -> "DiskState":
@@ -56,14 +58,17 @@ class StateDir:
     def _json(self, disk: str) -> Path:
         return self.root / f"{disk}.json"
 
-    def load(self, disk: str) -> DiskState | None:
+    def load(self, disk: str, *, in_place: bool = False) -> DiskState | None:
+        """The disk's state; with ``in_place`` its hash map is the file itself, mapped
+        writable, so that :meth:`update_hashes` costs the blocks it changes, not the disk."""
         p = self._json(disk)
         try:
             meta = json.loads(p.read_text())
-            hashes = np.load(self.root / meta["hashes"], allow_pickle=False)
+            hashes = np.load(self.root / meta["hashes"], allow_pickle=False, mmap_mode="r+" if in_place else None)
             state = DiskState(epoch=int(meta["epoch"]), last_seq=int(meta["last_seq"]),
                               block_size=int(meta["block_size"]), disk_size=int(meta["disk_size"]),
-                              hashes=hashes, resynced_for=meta.get("resynced_for"))
+                              hashes=hashes, resynced_for=meta.get("resynced_for"), bitmap=meta.get("bitmap"),
+                              hashes_file=meta["hashes"])
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, OSError) as err:
@@ -84,8 +89,28 @@ class StateDir:
             np.save(f, state.hashes, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
-        meta = dict(epoch=state.epoch, last_seq=state.last_seq, block_size=state.block_size,
-                    disk_size=state.disk_size, hashes=name, resynced_for=state.resynced_for)
-        write_atomic(self._json(disk), json.dumps(meta))
+        state.hashes_file = name
+        self.save_meta(disk, state)
         if old and old != name:
             (self.root / old).unlink(missing_ok=True)
+
+    def save_meta(self, disk: str, state: DiskState) -> None:
+        """Replace the JSON only, naming the hash map file already on disk."""
+        assert state.hashes_file, "save() the hash map first"
+        meta = dict(epoch=state.epoch, last_seq=state.last_seq, block_size=state.block_size,
+                    disk_size=state.disk_size, hashes=state.hashes_file, resynced_for=state.resynced_for,
+                    bitmap=state.bitmap)
+        write_atomic(self._json(disk), json.dumps(meta))
+
+    @staticmethod
+    def update_hashes(state: DiskState, blocks: np.ndarray, values: np.ndarray | int) -> None:
+        """Write ``values`` for ``blocks`` into a hash map loaded ``in_place``, durably."""
+        state.hashes[blocks] = values
+        if isinstance(state.hashes, np.memmap):
+            state.hashes.flush()
+
+
+# A hash-map entry for a block whose content is being shipped: no block hashes to it (but
+# with a chance of 2**-64), so a scan re-sends it unless the upload finished and the entry
+# got the block's real hash. Written before an upload, replaced after it.
+UNSHIPPED = np.uint64(0x68737061_72652121)

@@ -7,15 +7,19 @@ range, and a key that exists already means another capture ships the same disk.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from pathlib import Path
-
-# Logs close at about this many data bytes, in every capture.
-DEFAULT_LOG_TARGET = 64 << 20
 
 from hotspare import layout
 from hotspare.errors import AlreadyExists, HotspareError
-from hotspare.extentlog import LogMeta, LogWriter
+from hotspare.extentlog import Extent, LogMeta, LogWriter
 from hotspare.store.base import Store
+
+# Logs close at about this many data bytes, in every capture.
+DEFAULT_LOG_TARGET = 64 << 20
 
 
 def upload_log(store: Store, writer: LogWriter, path: str, *, machine: str, disk: str, epoch: int,
@@ -47,3 +51,50 @@ def last_seq_in_store(store: Store, machine: str, disk: str, epoch: int, known: 
         if seqs and seqs[1] > last:
             last = seqs[1]
     return last
+
+
+def ship_cycle(store: Store, extents: Iterable[tuple[int, int, bytes | memoryview | None]], *, machine: str,
+               disk: str, epoch: int, disk_size: int, last_seq: int, workdir: str | os.PathLike, consistent: bool,
+               log_target: int = DEFAULT_LOG_TARGET, resync_from: int | None = None, who: str = "capture",
+               on_upload: Callable[[str, LogMeta], None] | None = None,
+               before_upload: Callable[[], None] | None = None,
+               ends_cycle: Callable[[], bool] = lambda: True) -> list[str]:
+    """Ship one capture cycle: ``extents`` ((offset, length, data or None for zeros)) become
+    logs of about ``log_target`` data bytes whose seqs follow ``last_seq``, written in
+    ``workdir`` and uploaded create-only in order; the last one is marked as the cycle's cut
+    (``consistent`` when the cycle read a frozen view). ``on_upload(key, meta)`` runs after
+    each upload, before the next log starts, and ``before_upload()`` before each; when
+    ``ends_cycle()`` says the extents stopped short of the cycle's end, no log is a cut. Returns the keys (none for no extents)."""
+    keys: list[str] = []
+    writer: LogWriter | None = None
+    tmp = ""
+    ts = datetime.now(timezone.utc)
+
+    def upload(cut: bool) -> None:
+        nonlocal writer, tmp, last_seq, resync_from
+        assert writer is not None
+        if before_upload:
+            before_upload()
+        key, meta = upload_log(store, writer, tmp, machine=machine, disk=disk, epoch=epoch, who=who,
+                               cut=cut, consistent=consistent)
+        writer, tmp, resync_from, last_seq = None, "", None, meta.last_seq
+        keys.append(key)
+        if on_upload:
+            on_upload(key, meta)
+
+    try:
+        for offset, length, data in extents:
+            if writer is not None and writer.data_bytes + writer.rows * 64 >= log_target:
+                upload(cut=False)  # full, and more follows: only the cycle's last log is its cut
+            if writer is None:
+                fd, tmp = tempfile.mkstemp(prefix=f".{disk}-", suffix=".parquet", dir=workdir)
+                os.close(fd)
+                writer = LogWriter(tmp, machine=machine, disk=disk, epoch=epoch, disk_size=disk_size,
+                                   resync_from=resync_from)
+            writer.add(Extent(seq=last_seq + 1 + writer.rows, offset=offset, length=length, data=data, ts=ts))
+        if writer is not None:
+            upload(cut=ends_cycle())
+    finally:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+    return keys

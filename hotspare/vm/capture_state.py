@@ -9,16 +9,12 @@ qcow2 headers) is the authority on that.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, upload_log
-from hotspare.extentlog import Extent, LogWriter
+from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, ship_cycle
 from hotspare.localfile import load_model, write_atomic
 from hotspare.store.base import Store
 
@@ -45,39 +41,15 @@ class CaptureCursor(BaseModel):
         create-only; each upload advances ``last_seq`` (``after_upload`` may persist it).
         ``extents`` is one capture cycle: its last log is marked as the cut, ``consistent``
         when the cycle read a frozen view. Returns the keys."""
-        keys: list[str] = []
-        writer: LogWriter | None = None
-        tmp = ""
-        ts = datetime.now(timezone.utc)
-
-        def upload(cut: bool) -> None:
-            nonlocal writer
-            assert writer is not None
-            key, meta = upload_log(store, writer, tmp, machine=self.machine, disk=self.disk, epoch=self.epoch,
-                                   cut=cut, consistent=consistent)
+        def uploaded(key: str, meta) -> None:
             self.last_seq = meta.last_seq
-            log.info("shipped %s (%d extents, %d data bytes) from %s", key, writer.rows, writer.data_bytes, source)
-            keys.append(key)
-            writer = None
+            log.info("shipped %s (seqs %d..%d) from %s", key, meta.first_seq, meta.last_seq, source)
             if after_upload:
                 after_upload()
 
-        try:
-            for offset, length, data in extents:
-                if writer is not None and writer.data_bytes >= log_target:
-                    upload(cut=False)  # full, and more follows: only the cycle's last log is a cut
-                if writer is None:
-                    fd, tmp = tempfile.mkstemp(prefix=".capture-", suffix=".parquet", dir=workdir)
-                    os.close(fd)
-                    writer = LogWriter(tmp, machine=self.machine, disk=self.disk, epoch=self.epoch,
-                                       disk_size=self.disk_size)
-                writer.add(Extent(seq=self.last_seq + 1 + writer.rows, offset=offset, length=length, data=data, ts=ts))
-            if writer is not None:
-                upload(cut=True)
-        finally:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-        return keys
+        return ship_cycle(store, extents, machine=self.machine, disk=self.disk, epoch=self.epoch,
+                          disk_size=self.disk_size, last_seq=self.last_seq, workdir=workdir, consistent=consistent,
+                          log_target=log_target, on_upload=uploaded)
 
 
 class CaptureState(CaptureCursor):

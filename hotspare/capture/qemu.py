@@ -1,0 +1,348 @@
+"""The ``qemu`` tracker: every write seen by the machine's storage daemon, one cut per cycle.
+
+A cycle, for all disks of the machine at once:
+
+1. *freeze*: one QMP ``transaction`` adds each disk's next bitmap, disables (freezes) the
+   current one and takes a view of the disk (``blockdev-backup sync=none`` into a fleece
+   file). Writes acknowledged before it are in the frozen bitmap and the view; writes after it
+   go to the next bitmap, and the view keeps the old bytes (copy-before-write). The cut is
+   the same instant for every disk of the machine.
+2. *read*: the frozen bitmap's dirty extents (``nbdinfo --map`` of the view's NBD export),
+   and only their bytes, from the view's FUSE file. Blocks of zeros travel as null data.
+3. *ship*: extent logs whose last one is the cycle's cut, marked consistent, uploaded
+   create-only; then the hash map entries of the shipped blocks and the state.
+4. *release*: only now are the view and the frozen bitmap dropped.
+
+Crash safety: a kill of the agent at any line leaves the frozen bitmap in the daemon; the
+next start merges it into the recording one, so its blocks ship again (nothing lost,
+nothing more re-sent). The hash map entries of the blocks in flight read ``UNSHIPPED``
+until their upload is durable, so a later scan re-sends them. When the bitmaps cannot be
+trusted (the daemon was killed or the machine lost power: bitmaps missing or
+``inconsistent``; the agent's state is new or does not match the store), the cycle is a
+*rescan*: a fresh bitmap and a view in one transaction, and the view is compared against
+the hash map, so only blocks that really differ ship, and the cut is still consistent.
+
+Cost: a cycle costs its dirty extents (read, hash, upload) plus a few QMP round trips and
+one ``nbdinfo`` run, never the disk's size; a cycle without writes costs one query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from hotspare.capture.daemon import DaemonError, StorageDaemon, node
+from hotspare.capture.scan import scan
+from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
+from hotspare.capture.upload import ship_cycle
+from hotspare.errors import HotspareError
+from hotspare.extentlog.schema import MAX_EXTENT
+from hotspare.faults import crash_point
+from hotspare.machine import DiskSpec
+from hotspare.store.base import Store
+
+READ = 4 << 20  # bytes per read of the view (a multiple of every block size)
+
+
+@dataclass
+class DiskWork:
+    """One disk's part of a cycle."""
+
+    spec: DiskSpec
+    state: DiskState
+    rescan: str | None = None  # why the bitmap cannot be trusted, or None
+    resync_from: int | None = None
+    frozen: str | None = None  # the bitmap frozen at this cycle's cut
+    next: str | None = None  # the bitmap recording after it
+    keys: list[str] = field(default_factory=list)
+    extents: int = 0
+    data_bytes: int = 0
+    zero_bytes: int = 0
+    read_bytes: int = 0
+
+
+class QemuTracker:
+    """Drives the machine's daemon for the agent; one instance per agent process."""
+
+    def __init__(self, daemon: StorageDaemon, state_dir: StateDir, store: Store, machine: str, *,
+                 log_target: int, say: Callable[[str], None] | None = None) -> None:
+        self.daemon = daemon
+        self.state_dir = state_dir
+        self.store = store
+        self.machine = machine
+        self.log_target = log_target
+        self.say = say or (lambda s: None)
+        self.started = False
+
+    # -- start: adopt or start the daemon, decide per disk whether its bitmap holds ----------
+    def start(self, work: list[DiskWork]) -> None:
+        fresh = self.daemon.ensure()
+        self._drop_views(work)
+        for w in work:
+            if w.rescan is None:
+                w.rescan = self._check_lineage(w)
+            if w.rescan is None:
+                self._merge_frozen(w)
+            else:
+                w.state.bitmap = None
+        self.started = True
+        if fresh:
+            self.say(f"started the storage daemon (pid {self.daemon.pid()}), serving " +
+                     ", ".join(f"{w.spec.name} at {self.daemon.served_at(w.spec.name)}" for w in work))
+
+    def _check_lineage(self, w: DiskWork) -> str | None:
+        bitmaps = self.daemon.bitmaps(w.spec.name)
+        if w.state.bitmap is None:
+            return "no bitmap tracked this disk before (first start, or the state was reset)"
+        if any(b.inconsistent for b in bitmaps):
+            return "the daemon's bitmap is inconsistent (the daemon was killed or the machine lost power)"
+        recording = [b for b in bitmaps if b.recording]
+        if w.state.bitmap not in {b.name for b in bitmaps} or len(recording) != 1:
+            return f"the bitmap {w.state.bitmap} is gone (the daemon was killed before it stored it)"
+        return None
+
+    def _merge_frozen(self, w: DiskWork) -> None:
+        """Bitmaps a dead cycle left frozen go back into the recording one: their blocks ship
+        in the next cut."""
+        bitmaps = self.daemon.bitmaps(w.spec.name)
+        rec = next(b for b in bitmaps if b.recording)
+        frozen = [b.name for b in bitmaps if not b.recording]
+        if frozen:
+            self.daemon.execute("block-dirty-bitmap-merge", node=node(w.spec.name), target=rec.name, bitmaps=frozen)
+            for name in frozen:
+                self.daemon.execute("block-dirty-bitmap-remove", node=node(w.spec.name), name=name)
+            self.say(f"{w.spec.name}: merged {len(frozen)} bitmap(s) an interrupted cycle left frozen; "
+                     "their blocks ship again")
+        w.state.bitmap = rec.name
+
+    # -- one cycle ---------------------------------------------------------------------------
+    def cycle(self, work: list[DiskWork]) -> None:
+        if not self.started:
+            self.start(work)
+        busy = [w for w in work if w.rescan is not None or self._dirty(w)]
+        if not busy:
+            return
+        self._freeze(busy)
+        crash_point("agent-after-freeze")
+        for w in busy:
+            self._ship(w)
+        crash_point("agent-before-release")
+        self._release(busy)
+
+    def _dirty(self, w: DiskWork) -> bool:
+        return any(b.count for b in self.daemon.bitmaps(w.spec.name))
+
+    def _freeze(self, busy: list[DiskWork]) -> None:
+        actions = []
+        for w in busy:
+            d = w.spec.name
+            bitmaps = self.daemon.bitmaps(d)
+            if w.rescan is not None:
+                for b in bitmaps:  # untrusted: the view's scan replaces them
+                    self.daemon.execute("block-dirty-bitmap-remove", node=node(d), name=b.name)
+            top = max((b.number for b in bitmaps), default=0)
+            w.frozen = None if w.rescan is not None else w.state.bitmap
+            w.next = f"hs-{top + 1}"
+            fleece = self.daemon.view_dir / f"{d}.fleece.qcow2"
+            fleece.unlink(missing_ok=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(fleece), str(w.spec.size)],
+                           check=True, capture_output=True, timeout=60)
+            self.daemon.execute("blockdev-add", {"driver": "qcow2", "node-name": f"fl-{d}", "backing": node(d),
+                                                 "file": {"driver": "file", "filename": str(fleece)}})
+            actions.append({"type": "block-dirty-bitmap-add",
+                            "data": {"node": node(d), "name": w.next, "granularity": w.spec.block_size,
+                                     "persistent": True}})
+            if w.frozen is not None:
+                actions.append({"type": "block-dirty-bitmap-disable", "data": {"node": node(d), "name": w.frozen}})
+            actions.append({"type": "blockdev-backup",
+                            "data": {"device": node(d), "target": f"fl-{d}", "sync": "none", "job-id": f"fl-{d}"}})
+        self.daemon.execute("transaction", actions=actions)
+        for w in busy:
+            d = w.spec.name
+            view = self.daemon.view_file(d)
+            view.touch()
+            export: dict = {"type": "nbd", "id": f"view-nbd-{d}", "node-name": f"fl-{d}", "name": f"view-{d}",
+                            "writable": False}
+            if w.frozen is not None:
+                export["bitmaps"] = [w.frozen]
+            self.daemon.execute("block-export-add", export)
+            self.daemon.execute("block-export-add", {"type": "fuse", "id": f"view-fuse-{d}", "node-name": f"fl-{d}",
+                                                     "mountpoint": str(view), "writable": False})
+
+    def _ship(self, w: DiskWork) -> None:
+        spec, state = w.spec, w.state
+        view = str(self.daemon.view_file(spec.name))
+        if w.rescan is not None:
+            self._ship_rescan(w, view)
+            return
+        assert w.frozen is not None
+        runs = dirty_runs(self.daemon.view_uri(spec.name), w.frozen)
+        blocks = _blocks_of(runs, spec.block_size)
+        if not len(blocks):
+            state.bitmap = w.next
+            self.state_dir.save_meta(spec.name, state)
+            return
+        # In flight: a scan after a crash from here until the upload re-sends these blocks.
+        self.state_dir.update_hashes(state, blocks, UNSHIPPED)
+        hashes: list[np.ndarray] = []
+
+        def extents() -> Iterator[tuple[int, int, bytes | None]]:
+            for ext in read_view(view, runs, spec.block_size, spec.size):
+                hashes.append(ext[3])
+                w.read_bytes += ext[1]
+                yield ext[:3]
+
+        self._upload(w, extents(), consistent=True)
+        self.state_dir.update_hashes(state, blocks, np.concatenate(hashes) if hashes else UNSHIPPED)
+        state.bitmap = w.next
+        self.state_dir.save_meta(spec.name, state)
+
+    def _ship_rescan(self, w: DiskWork, view: str) -> None:
+        """Compare the whole view with the hash map: only blocks that differ ship."""
+        spec, state = w.spec, w.state
+        self.say(f"{spec.name}: scanning a frozen view against the hash map: {w.rescan}")
+        work = np.array(state.hashes)  # the shipped map changes only after the uploads
+        if w.resync_from is not None:
+            work ^= np.uint64(0xFFFFFFFFFFFFFFFF)  # every block differs: the whole disk is re-sent
+
+        def extents() -> Iterator[tuple[int, int, bytes | None]]:
+            for chunk in scan(view, work, spec.block_size, spec.size, max_run=MAX_EXTENT):
+                w.read_bytes = chunk.end
+                for run in chunk.runs:
+                    yield run.offset, run.length, run.data
+
+        self._upload(w, extents(), consistent=True)
+        self.state_dir.update_hashes(state, slice(None), work)  # type: ignore[arg-type]
+        state.bitmap = w.next
+        self.state_dir.save_meta(spec.name, state)
+
+    def _upload(self, w: DiskWork, extents: Iterator[tuple[int, int, bytes | None]], *, consistent: bool) -> None:
+        spec, state = w.spec, w.state
+
+        def counted() -> Iterator[tuple[int, int, bytes | None]]:
+            for off, length, data in extents:
+                w.extents += 1
+                if data is None:
+                    w.zero_bytes += length
+                else:
+                    w.data_bytes += length
+                yield off, length, data
+
+        def uploaded(key: str, meta) -> None:
+            crash_point("agent-after-upload")
+            state.last_seq = meta.last_seq
+            self.state_dir.save_meta(spec.name, state)
+            w.keys.append(key)
+
+        ship_cycle(self.store, counted(), machine=self.machine, disk=spec.name, epoch=state.epoch,
+                   disk_size=spec.size, last_seq=state.last_seq, workdir=self.state_dir.root, consistent=consistent,
+                   log_target=self.log_target, resync_from=w.resync_from, who="agent", on_upload=uploaded)
+        if w.resync_from is not None:
+            state.resynced_for = w.resync_from
+
+    def _release(self, busy: list[DiskWork]) -> None:
+        self._drop_views(busy)
+        for w in busy:
+            if w.frozen is not None:
+                self.daemon.execute("block-dirty-bitmap-remove", node=node(w.spec.name), name=w.frozen)
+            w.rescan = None
+            w.frozen = None
+
+    def _drop_views(self, work: list[DiskWork]) -> None:
+        """Remove each disk's view, also one a dead cycle left behind."""
+        exports = {e["id"] for e in self.daemon.execute("query-block-exports")}
+        for w in work:
+            d = w.spec.name
+            for eid in (f"view-nbd-{d}", f"view-fuse-{d}"):
+                if eid in exports:
+                    self.daemon.execute("block-export-del", id=eid, mode="hard")
+        _wait_exports_gone(self.daemon, {f"view-nbd-{w.spec.name}" for w in work} |
+                           {f"view-fuse-{w.spec.name}" for w in work})
+        jobs = {j["device"] for j in self.daemon.execute("query-block-jobs")}
+        for w in work:
+            if f"fl-{w.spec.name}" in jobs:
+                self.daemon.execute("block-job-cancel", device=f"fl-{w.spec.name}", force=True)
+        deadline = time.monotonic() + 30
+        while {f"fl-{w.spec.name}" for w in work} & {j["device"] for j in self.daemon.execute("query-block-jobs")}:
+            if time.monotonic() > deadline:
+                raise DaemonError(f"{self.machine}: the view's backup job did not end in 30s")
+            time.sleep(0.005)
+        nodes = {n["node-name"] for n in self.daemon.execute("query-named-block-nodes", flat=True)}
+        for w in work:
+            d = w.spec.name
+            if f"fl-{d}" in nodes:
+                self.daemon.execute("blockdev-del", {"node-name": f"fl-{d}"})
+            (self.daemon.view_dir / f"{d}.fleece.qcow2").unlink(missing_ok=True)
+
+
+def _wait_exports_gone(daemon: StorageDaemon, ids: set[str]) -> None:
+    deadline = time.monotonic() + 30
+    while ids & {e["id"] for e in daemon.execute("query-block-exports")}:
+        if time.monotonic() > deadline:
+            raise DaemonError(f"exports {sorted(ids)} were not removed in 30s")
+        time.sleep(0.005)
+
+
+def dirty_runs(uri: str, bitmap: str) -> list[tuple[int, int]]:
+    """The dirty (offset, length) runs of ``bitmap`` exported at ``uri``, in offset order."""
+    try:
+        proc = subprocess.run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}", uri],
+                              capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise HotspareError("nbdinfo is missing: apt-get install libnbd-bin (scripts/setup.sh does)") from None
+    if proc.returncode != 0:
+        raise DaemonError(f"nbdinfo --map of bitmap {bitmap} at {uri} failed: {proc.stderr.strip()}")
+    try:
+        entries = json.loads(proc.stdout)
+        return [(int(e["offset"]), int(e["length"])) for e in entries if int(e["type"]) & 1]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DaemonError(f"nbdinfo --map of bitmap {bitmap}: unreadable answer ({err})") from err
+
+
+def _blocks_of(runs: list[tuple[int, int]], block_size: int) -> np.ndarray:
+    if not runs:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(off // block_size, -(-(off + n) // block_size)) for off, n in runs])
+
+
+def read_view(path: str, runs: list[tuple[int, int]], block_size: int, disk_size: int
+              ) -> Iterator[tuple[int, int, bytes | None, np.ndarray]]:
+    """The extents of ``runs`` read from the view at ``path``: (offset, length, data or None
+    for zeros, the xxh3 of each block). Consecutive blocks of one kind are one extent of at
+    most MAX_EXTENT bytes; zero detection and hashing are per block, never per sector."""
+    step = max(block_size, READ - READ % block_size)
+    buf = bytearray(step)
+    mv = memoryview(buf)
+    h = xxhash.xxh3_64_intdigest
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off, length in runs:
+            end = min(off + length, disk_size)
+            pos = off
+            while pos < end:
+                n = min(step, end - pos)
+                got = os.preadv(fd, [mv[:n]], pos)
+                if got != n:
+                    raise DaemonError(f"{path}: short read at {pos} ({got} of {n} bytes)")
+                nb = -(-n // block_size)
+                padded = np.zeros(nb * block_size, np.uint8)
+                padded[:n] = np.frombuffer(mv[:n], np.uint8)
+                zero = ~padded.reshape(nb, block_size).any(axis=1)
+                sums = np.array([h(mv[i * block_size:min((i + 1) * block_size, n)]) for i in range(nb)], np.uint64)
+                # Runs of one kind within this read, each at most MAX_EXTENT long.
+                edges = np.flatnonzero(np.diff(zero.astype(np.int8))) + 1
+                starts = np.concatenate([[0], edges])
+                stops = np.concatenate([edges, [nb]])
+                for a, b in zip(starts.tolist(), stops.tolist()):
+                    lo, hi = a * block_size, min(b * block_size, n)
+                    yield (pos + lo, hi - lo, None if zero[a] else bytes(mv[lo:hi]), sums[a:b])
+                pos += n
+    finally:
+        os.close(fd)

@@ -1,0 +1,276 @@
+"""The qemu tracker: the machine's disks served by qemu-storage-daemon, every write shipped
+at crash-consistent cuts, and no write lost or re-sent in bulk after a crash."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hotspare import layout
+from hotspare.capture.agent import Agent
+from hotspare.catalog import Catalog
+from hotspare.ingest import ingest_disk
+from hotspare.machine import MachineConfig, parse_disk_arg, save_machine
+from hotspare.replay import apply_log, replay_catalog
+from hotspare.store import open_store
+from tests import journal_writer
+from tests.helpers import HOTSPARE, cli, random_image, require, same_file, sha256_file
+
+BS = 64 << 10
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    require("qemu-storage-daemon", "qemu-system-common")
+    require("nbdinfo", "libnbd-bin")
+    require("fusermount3", "fuse3")
+
+
+def setup_machine(tmp_path: Path, size: int, fill: float = 0.25, store_url: str | None = None):
+    image = tmp_path / "disk.img"
+    random_image(image, size, fill=fill)
+    store = open_store(store_url or str(tmp_path / "store"))
+    cfg = MachineConfig(name="m1", disks=[parse_disk_arg(f"root={image}")])
+    save_machine(store, cfg, create_only=True)
+    return image, store, cfg
+
+
+def ingest_all(store, cfg) -> Catalog:
+    return ingest_disk(store, cfg.name, cfg.disks[0])[0]
+
+
+def replica_equals(tmp_path: Path, store, cfg, image: Path) -> bool:
+    replica = tmp_path / "replica.raw"
+    replay_catalog(store, ingest_all(store, cfg), replica)
+    return same_file(image, replica)
+
+
+def qemu_io(uri: str, *commands: str) -> None:
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run([*args, uri], check=True, capture_output=True)
+
+
+def test_setup_leaves_every_byte_of_the_disk_unchanged(tmp_path: Path) -> None:
+    image, store, cfg = setup_machine(tmp_path, 48 << 20)
+    before = sha256_file(image)
+    with Agent(store, cfg, tmp_path / "state" / "m1") as ag:
+        seed = ag.cycle().disks[0]
+        assert sha256_file(image) == before, "protect and the daemon's first start rewrote the disk"
+        assert seed.logs and seed.served_at.startswith("nbd+unix:///root?socket=")
+    assert replica_equals(tmp_path, store, cfg, image)
+    cat = ingest_all(store, cfg)
+    assert all(lg.cut and lg.consistent for lg in cat.logs if lg.cut)
+
+
+def test_ships_exactly_the_writes_and_an_idle_cycle_ships_nothing(tmp_path: Path) -> None:
+    image, store, cfg = setup_machine(tmp_path, 40 << 20)
+    with Agent(store, cfg, tmp_path / "state" / "m1") as ag:
+        ag.cycle()
+        uri = ag.daemon.served_at("root")
+        qemu_io(uri, "write -P 0x5a 1M 4k", "write -z 2M 128k", "write -P 0x33 30M 1M")
+        r = ag.cycle().disks[0]
+        assert (r.data_bytes, r.zero_bytes) == (BS + (1 << 20), 128 << 10), "a block per write, no more"
+        assert r.scanned_bytes == BS + (1 << 20) + (128 << 10), "only the dirty blocks are read"
+        idle = ag.cycle().disks[0]
+        assert idle.extents == 0 and idle.logs == []
+    assert replica_equals(tmp_path, store, cfg, image)
+    hb = store.get(layout.heartbeat_key("m1"))
+    assert b'"tracker": "qemu"' in hb.replace(b'":"', b'": "') or b"qemu" in hb
+
+
+def test_cost_follows_the_writes_on_a_large_disk(tmp_path: Path) -> None:
+    """An 8 GiB (sparse) disk: a cycle reads the dirty blocks, never the disk."""
+    image = tmp_path / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(8 << 30)
+    store = open_store(str(tmp_path / "store"))
+    cfg = MachineConfig(name="m1", disks=[parse_disk_arg(f"root={image}")])
+    save_machine(store, cfg, create_only=True)
+    with Agent(store, cfg, tmp_path / "state" / "m1") as ag:
+        ag.cycle()  # the seed scans the frozen view once
+        uri = ag.daemon.served_at("root")
+        qemu_io(uri, "write -P 0x11 0 64k", "write -P 0x22 5G 256k", f"write -P 0x33 {(8 << 30) - 4096} 4k")
+        t0 = time.monotonic()
+        r = ag.cycle().disks[0]
+        seconds = time.monotonic() - t0
+    assert r.scanned_bytes == BS + (256 << 10) + BS and r.data_bytes == r.scanned_bytes
+    assert seconds < 5, f"a 3-write cycle on 8 GiB took {seconds:.1f}s"
+    cat = ingest_all(store, cfg)
+    replica = tmp_path / "replica.raw"
+    replay_catalog(store, cat, replica)
+    assert same_file(image, replica)
+
+
+def _run_agent_thread(ag: Agent, interval: float) -> threading.Thread:
+    t = threading.Thread(target=ag.run, kwargs=dict(interval=interval, once=False), daemon=True)
+    t.start()
+    return t
+
+
+def _cuts_are_crash_consistent(tmp_path: Path, store, cfg) -> int:
+    """Replay the accepted logs in order; at every cut the state must be crash-consistent."""
+    cat = ingest_all(store, cfg)
+    size = cfg.disks[0].size
+    state = tmp_path / "replay.raw"
+    with open(state, "wb") as f:
+        f.truncate(size)
+    fd = os.open(state, os.O_RDWR)
+    cuts = 0
+    try:
+        for lg in sorted(cat.logs, key=lambda lg: lg.first_seq):
+            apply_log(store, lg.key, fd)
+            if lg.cut:
+                assert lg.consistent
+                bad = journal_writer.check_state(fd, size)
+                assert not bad, f"cut after {lg.key} is not a state a crash could leave: {bad[:3]}"
+                cuts += 1
+    finally:
+        os.close(fd)
+    return cuts
+
+
+@pytest.mark.parametrize("served", ["fuse", "nbd"])
+def test_every_cut_of_a_journaling_writer_is_crash_consistent(tmp_path: Path, served: str) -> None:
+    image, store, cfg = setup_machine(tmp_path, 16 << 20, fill=0)
+    with Agent(store, cfg, tmp_path / "state" / "m1", fuse=served == "fuse") as ag:
+        ag.cycle()
+        target = ag.daemon.served_at("root")
+        t = _run_agent_thread(ag, 0.1)
+        writer = subprocess.run([sys.executable, "-m", "tests.journal_writer", served, target, "6",
+                                 str(cfg.disks[0].size)], capture_output=True, text=True, timeout=120,
+                                cwd=Path(__file__).parent.parent)
+        assert writer.returncode == 0, writer.stderr
+        ag.stop_requested = True
+        t.join(30)
+        ag.stop_requested = False
+        ag.cycle()
+    commits = int(writer.stdout)
+    assert commits > 20
+    cuts = _cuts_are_crash_consistent(tmp_path, store, cfg)
+    assert cuts >= 10, f"only {cuts} cuts in 6 s at 0.1 s cycles"
+    assert replica_equals(tmp_path, store, cfg, image)
+
+
+def test_fio_zipf_random_writes_replicate_exactly(tmp_path: Path) -> None:
+    require("fio", "fio")
+    image, store, cfg = setup_machine(tmp_path, 64 << 20)
+    with Agent(store, cfg, tmp_path / "state" / "m1", fuse=True) as ag:
+        ag.cycle()
+        t = _run_agent_thread(ag, 0.2)
+        subprocess.run(["fio", "--name=zipf", f"--filename={ag.daemon.served_at('root')}", "--rw=randwrite",
+                        "--bssplit=4k/50:16k/20:64k/20:1m/10", "--random_distribution=zipf:1.1",
+                        "--io_size=96m", "--size=64m", "--ioengine=psync", "--fdatasync=8", "--randrepeat=0",
+                        "--allow_file_create=0"], check=True, capture_output=True, timeout=300)
+        ag.stop_requested = True
+        t.join(30)
+        ag.stop_requested = False
+        ag.cycle()
+    assert replica_equals(tmp_path, store, cfg, image)
+
+
+def _env(tmp_path: Path, store) -> dict[str, str]:
+    return {"HOTSPARE_STORE": store.url, "HOTSPARE_AGENT_STATE": str(tmp_path / "state")}
+
+
+@pytest.mark.parametrize("point", ["agent-after-freeze", "agent-after-upload", "agent-before-release"])
+def test_agent_killed_at_a_crash_point_resends_only_the_frozen_blocks(tmp_path: Path, point: str) -> None:
+    image, store, cfg = setup_machine(tmp_path, 32 << 20)
+    env = _env(tmp_path, store)
+    cli("agent", "m1", "--once", env=env)
+    uri = f"nbd+unix:///root?socket={tmp_path / 'state' / 'm1' / 'serve' / 'root.sock'}"
+    qemu_io(uri, "write -P 0x77 3M 128k", "write -P 0x78 20M 4k")
+    crashed = cli("agent", "m1", "--once", env={**env, "HOTSPARE_CRASH_AT": point}, check=False)
+    assert crashed.returncode == -signal.SIGKILL
+    qemu_io(uri, "write -P 0x79 8M 4k")  # the daemon outlived the agent: the machine goes on
+    r = cli("agent", "m1", "--once", env=env)
+    assert "merged 1 bitmap" in r.stdout and "scanning" not in r.stdout, r.stdout
+    assert f"{4 * BS} data bytes" in r.stdout, "exactly the 3 frozen blocks and the new one ship again"
+    assert replica_equals(tmp_path, store, cfg, image)
+
+
+def test_agent_killed_at_random_moments_of_a_workload_loses_nothing(tmp_path: Path) -> None:
+    image, store, cfg = setup_machine(tmp_path, 32 << 20)
+    env = {**os.environ, **_env(tmp_path, store)}
+    cli("agent", "m1", "--once", env=env)
+    uri = f"nbd+unix:///root?socket={tmp_path / 'state' / 'm1' / 'serve' / 'root.sock'}"
+    stop = threading.Event()
+
+    def workload() -> None:
+        rng = random.Random(7)
+        while not stop.is_set():
+            off = rng.randrange(0, (32 << 20) // 4096 - 64) * 4096
+            qemu_io(uri, f"write -P {rng.randrange(1, 255)} {off} {rng.choice([4096, 65536, 200704])}", "flush")
+
+    w = threading.Thread(target=workload, daemon=True)
+    w.start()
+    rng = random.Random(3)
+    outputs = []
+    for _ in range(4):
+        p = subprocess.Popen([HOTSPARE, "agent", "m1", "--interval", "0.1", "--quiet"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.5, 2.0))
+        p.kill()
+        outputs.append(p.communicate()[0])
+    stop.set()
+    w.join(30)
+    r = cli("agent", "m1", "--once", env=env)
+    assert not any("scanning" in o for o in outputs + [r.stdout]), "a bitmap that survived needs no rescan"
+    assert replica_equals(tmp_path, store, cfg, image)
+
+
+def test_daemon_killed_scans_the_frozen_view_and_ships_only_what_differs(tmp_path: Path) -> None:
+    image, store, cfg = setup_machine(tmp_path, 32 << 20)
+    env = _env(tmp_path, store)
+    cli("agent", "m1", "--once", env=env)
+    uri = f"nbd+unix:///root?socket={tmp_path / 'state' / 'm1' / 'serve' / 'root.sock'}"
+    qemu_io(uri, "write -P 0x41 5M 64k", "write -P 0x42 9M 4k", "flush")  # acknowledged, not shipped
+    os.kill(int((tmp_path / "state" / "m1" / "qsd" / "pid").read_text()), signal.SIGKILL)
+    time.sleep(0.2)
+    r = cli("agent", "m1", "--once", env=env)
+    assert "scanning a frozen view" in r.stdout and ("gone" in r.stdout or "inconsistent" in r.stdout), r.stdout
+    assert f"{2 * BS} data bytes" in r.stdout, "only the two blocks that differ ship"
+    assert replica_equals(tmp_path, store, cfg, image)
+    # Stopped cleanly, the daemon stores its bitmap: the next start needs no scan.
+    cli("daemon", "stop", "m1", env=env)
+    qemu_io(str(image), "read 0 4k")  # the disk is plain raw, readable by anything
+    r = cli("agent", "m1", "--once", env=env)
+    assert "scanning" not in r.stdout, r.stdout
+
+
+def test_state_that_the_store_does_not_hold_is_reseeded(tmp_path: Path) -> None:
+    image, store, cfg = setup_machine(tmp_path, 16 << 20)
+    env = _env(tmp_path, store)
+    cli("agent", "m1", "--once", env=env)
+    cli("daemon", "stop", "m1", env=env)
+    # Re-protected into a new, empty store with the old agent state.
+    store2 = open_store(str(tmp_path / "store2"))
+    save_machine(store2, cfg, create_only=True)
+    r = cli("agent", "m1", "--once", env={**env, "HOTSPARE_STORE": store2.url})
+    assert "re-seeding" in r.stdout, r.stdout
+    cat = ingest_all(store2, cfg)
+    assert cat.logs[0].first_seq == 0 and not cat.resync_from
+    replica = tmp_path / "replica2.raw"
+    replay_catalog(store2, cat, replica)
+    assert same_file(image, replica)
+
+
+def test_status_shows_where_each_disk_is_served(tmp_path: Path) -> None:
+    import json
+
+    image, store, cfg = setup_machine(tmp_path, 8 << 20)
+    env = _env(tmp_path, store)
+    cli("agent", "m1", "--once", "--fuse", env=env)
+    st = json.loads(cli("status", "m1", "--json", env=env).stdout)
+    cap = st["disks"]["root"]["capture"]
+    assert cap["tracker"] == "qemu" and cap["served_at"] == str(tmp_path / "state" / "m1" / "serve" / "root.img")
+    assert cap["consistent"] is True

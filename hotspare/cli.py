@@ -290,12 +290,13 @@ def points(machine: MachineArg, store: StoreOpt = None,
                           for d, c in cats.items()}, indent=1))
         return
     table = Table(title=f"recovery points of {machine}")
-    for col in ("disk", "point", "epoch", "seq", "time (UTC)", "bytes applied", "role"):
+    for col in ("disk", "point", "epoch", "seq", "time (UTC)", "bytes applied", "crash-consistent", "role"):
         table.add_column(col)
     for d, c in cats.items():
         for p in c.points:
             role = " ".join(r for r in ("base", "current") if p.vhd and p.vhd == c.vhd.get(r))
-            table.add_row(d, p.id, str(p.epoch), str(p.seq), p.time.strftime("%Y-%m-%d %H:%M:%S"), f"{p.bytes_applied:,}", role)
+            table.add_row(d, p.id, str(p.epoch), str(p.seq), p.time.strftime("%Y-%m-%d %H:%M:%S"), f"{p.bytes_applied:,}",
+                          "yes" if p.consistent else "NO (a scan of a live disk)", role)
     console.print(table)
 
 

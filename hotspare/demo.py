@@ -1,10 +1,10 @@
 """``hotspare demo``: the main job on embedded defaults (a store in a local directory,
 Prefect's temporary local API, the local QEMU VM host).
 
-A bootable demo disk plays the protected physical machine: QEMU boots it writing straight
-into the image, and its guest writes a counter to its data partition every second while the
-agent ships the changes. Then the machine loses power (QEMU killed, agent stopped): its last
-writes never leave it. After the heartbeat window, the failover flow (auto-approve policy)
+A bootable demo disk plays the protected physical machine: QEMU boots it from the storage
+daemon's NBD export, and its guest writes a counter to its data partition every second while
+the agent ships every write at 0.5 s cuts (the demo measures the RPO). Then the machine loses
+power (QEMU, the daemon and the agent killed): its last writes never leave it. After the heartbeat window, the failover flow (auto-approve policy)
 fences the machine, consolidates, boots the replica as a VM, and captures the VM's writes
 as a new epoch; the VM continues counting from what the replica held. Then the machine
 returns: its agent runs in restore mode (its unshipped writes are its divergence) and the
@@ -17,7 +17,10 @@ protected again in a new epoch.
 from __future__ import annotations
 
 import filecmp
+import os
 import shutil
+import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -27,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hotspare.capture.agent import Agent
+from hotspare.capture.daemon import running_pid
 from hotspare.catalog import load_catalog
 from hotspare.consolidate.export import export_point, find_point
 from hotspare.demodisk import build_demo_disk, parse_markers, qemu_accel, read_marker
@@ -40,12 +44,50 @@ MACHINE = "demo"
 WINDOW = 10  # heartbeat window, seconds (the smallest Prefect's proactive triggers allow)
 
 
-def _boot_physical(image: Path, serial: Path) -> subprocess.Popen:
-    """The 'physical machine': QEMU writing straight into the protected image."""
+def _boot_physical(served_at: str, serial: Path) -> subprocess.Popen:
+    """The 'physical machine': QEMU whose disk is the storage daemon's NBD export, so every
+    guest write passes the tracker (``reconnect-delay``: the guest's I/O waits out a daemon
+    restart instead of failing)."""
+    sock = served_at.split("socket=", 1)[1]
+    drive = (f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export=root,"
+             "file.reconnect-delay=20,if=virtio")
     return subprocess.Popen(["qemu-system-x86_64", "-accel", qemu_accel(), "-m", "256", "-nodefaults",
-                             "-display", "none", "-nic", "none",
-                             "-drive", f"file={image},format=raw,if=virtio", "-serial", f"file:{serial}"],
+                             "-display", "none", "-nic", "none", "-drive", drive, "-serial", f"file:{serial}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _replicate(agent: Agent, serial: Path, seconds: float, interval: float = 0.5) -> tuple[int, list[float]]:
+    """Run the agent's cycles for ``seconds`` while the guest counts; returns the logs shipped
+    and the measured RPO of each guest write: from its marker on the serial console (the
+    guest prints it after its write is durable) to the end of the first cycle that froze
+    after it, when its extent is durable in the store."""
+    seen: dict[int, float] = {}
+    pending: list[int] = []
+    rpo: list[float] = []
+    shipped = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for m in parse_markers(serial.read_text(errors="replace")) if serial.exists() else []:
+            if m.counter not in seen:
+                seen[m.counter] = time.monotonic()
+                pending.append(m.counter)
+        frozen_at = time.monotonic()
+        covered = [c for c in pending if seen[c] <= frozen_at]
+        shipped += sum(len(d.logs) for d in agent.cycle().disks)
+        done = time.monotonic()
+        rpo += [done - seen[c] for c in covered]
+        pending = [c for c in pending if c not in covered]
+        time.sleep(max(0.0, frozen_at + interval - time.monotonic()))
+    return shipped, rpo
+
+
+def _power_loss(physical: subprocess.Popen, agent: Agent) -> None:
+    """The machine, its storage daemon and its agent die at once."""
+    physical.kill()
+    physical.wait()
+    pid = agent.daemon.pid()
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
 
 
 def _wait_marker(serial: Path, timeout: float, after: int = 0) -> int:
@@ -81,20 +123,21 @@ def run_demo(workdir: Path, *, size_mib: int, console: Console) -> None:
     cfg = MachineConfig(name=MACHINE, disks=[parse_disk_arg(f"root={image}")],
                         policy=Policy(heartbeat_window=WINDOW, auto_approve=True, retention_points=10))
     save_machine(store, cfg, create_only=True)
-    physical = _boot_physical(image, root / "physical-serial.log")
-    try:
-        first = _wait_marker(root / "physical-serial.log", 120)
-        with Agent(store, cfg, root / "agent") as agent:
-            shipped = 0
-            for _ in range(4):
-                shipped += sum(len(d.logs) for d in agent.cycle().disks)
-                time.sleep(1.5)
-    finally:
-        physical.kill()  # power loss: writes since the last agent cycle never leave the machine
-        physical.wait()
+    agent = Agent(store, cfg, root / "agent", say=lambda s: console.print(f"  agent: {s}"))
+    with agent:
+        agent.cycle()  # starts the storage daemon and ships the seed
+        physical = _boot_physical(agent.daemon.served_at("root"), root / "physical-serial.log")
+        try:
+            first = _wait_marker(root / "physical-serial.log", 120)
+            shipped, rpo = _replicate(agent, root / "physical-serial.log", 6.0)
+        finally:
+            _power_loss(physical, agent)  # writes since the last cut never leave the machine
     last_physical = read_marker(image)
-    step("protect + replicate", f"the machine booted (counter {first}), the agent shipped {shipped} log(s) "
-                                f"while it ran; then it lost power at counter {last_physical.counter}", t)
+    rpo_text = (f"RPO from a guest write to its extent durable in the store: median {statistics.median(rpo):.2f}s, "
+                f"max {max(rpo):.2f}s over {len(rpo)} writes") if rpo else "no guest write measured"
+    step("protect + replicate", f"the machine booted from the daemon's NBD export (counter {first}), the agent "
+                                f"shipped {shipped} log(s) at 0.5 s cuts; {rpo_text}; then it lost power at "
+                                f"counter {last_physical.counter}", t)
 
     from flows.consolidate import consolidate
     from flows.failover import failover
@@ -143,15 +186,18 @@ def run_demo(workdir: Path, *, size_mib: int, console: Console) -> None:
                           f"counter {on_disk.counter if on_disk else None} (the VM printed {vm_last} last)", t)
 
     t = time.monotonic()
-    physical = _boot_physical(image, root / "physical-serial-2.log")
-    try:
-        again = _wait_marker(root / "physical-serial-2.log", 120)
-        with Agent(store, cfg, root / "agent") as agent:
-            shipped = sum(len(d.logs) for d in agent.cycle().disks)
-    finally:
-        physical.kill()
-        physical.wait()
-    step("protected again", f"the machine boots from its own disk and counts on at {again}; its agent shipped "
+    agent = Agent(store, cfg, root / "agent", say=lambda s: console.print(f"  agent: {s}"))
+    with agent:
+        agent.cycle()  # a new daemon: its bitmap died with the power, so a frozen-view scan
+        physical = _boot_physical(agent.daemon.served_at("root"), root / "physical-serial-2.log")
+        try:
+            again = _wait_marker(root / "physical-serial-2.log", 120)
+            shipped, _ = _replicate(agent, root / "physical-serial-2.log", 2.0)
+        finally:
+            physical.kill()
+            physical.wait()
+            agent.daemon.stop()  # a clean shutdown stores the bitmap
+    step("protected again", f"the machine boots from its own disk, through a new storage daemon, and counts on at {again}; its agent shipped "
                             f"{shipped} log(s) in epoch {back.epoch}", t)
 
     table = Table(title="hotspare demo: what happened")
@@ -189,6 +235,9 @@ def _stop_previous(root: Path, vms: Path) -> None:
     from hotspare import failover as fo
     from hotspare.vm.host import load_handle
 
+    pid = running_pid(root / "agent" / "qsd" / "pid")
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
     workdir = vms / MACHINE
     if not workdir.exists():
         return

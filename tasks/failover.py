@@ -29,9 +29,10 @@ def fence(store: Store, machine: str, disks: list[DiskSpec], epoch: int, reason:
 
 @task(name="materialise-boot-disk", **STORE_RETRY)
 def materialise_boot_disk(store: Store, machine: str, disk: DiskSpec, workdir: Path) -> tuple[str, Path]:
-    """The newest point of the boot disk as a raw image in the VM's work directory."""
+    """The newest (crash-consistent, when there is one) point of the boot disk as a raw image
+    in the VM's work directory."""
     cat = load_catalog(store, machine, disk.name, disk.size)
-    point = find_point(cat)
+    point = find_point(cat, prefer_consistent=True)
     workdir.mkdir(parents=True, exist_ok=True)
     image = workdir / f"boot-{point.id}.raw"
     if not image.exists():  # export_point publishes by rename: an existing file is whole

@@ -87,3 +87,21 @@ def same_file(a: Path, b: Path) -> bool:
                 return False
             if not x:
                 return True
+
+
+def served(env: dict[str, str], machine: str, disk: str = "root") -> str:
+    """The NBD URI where the storage daemon serves ``disk`` of ``machine`` (the machine's own
+    writes go there, so the qemu tracker sees them)."""
+    return f"nbd+unix:///{disk}?socket={Path(env['HOTSPARE_AGENT_STATE']) / machine / 'serve' / f'{disk}.sock'}"
+
+
+def power_loss(env: dict[str, str], machine: str) -> None:
+    """The machine dies: its storage daemon (and the bitmap it had not stored) with it."""
+    import signal
+
+    pidfile = Path(env["HOTSPARE_AGENT_STATE"]) / machine / "qsd" / "pid"
+    if pidfile.exists():
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -21,7 +21,7 @@ from hotspare.machine import load_machine, save_machine
 from hotspare.state import load_state
 from hotspare.store import open_store
 from hotspare.vm.host import VmHandle
-from tests.helpers import HOTSPARE, cli, qemu_io, require
+from tests.helpers import HOTSPARE, cli, power_loss, qemu_io, require, served
 from tests.test_failover import (PREFECT, REPO, _drop_automations, _wait_paused, deploy_flows, protect_demo,
                                  run_flow_in_thread, stop_vm)
 
@@ -33,7 +33,8 @@ def fail_over(tmp_path: Path, demo_disk: Path, *extra: str) -> dict[str, str]:
     """Protect the demo machine, let it write a tail that never ships, go silent, fail over,
     and let the VM write for a few seconds."""
     env = protect_demo(tmp_path, demo_disk, *extra)
-    qemu_io(demo_disk, f"write -P 0xab {TAIL} 128k")  # never shipped: the machine dies first
+    qemu_io(served(env, "demo"), f"write -P 0xab {TAIL} 128k")  # never shipped: the machine dies first
+    power_loss(env, "demo")
     time.sleep(11)
     cli("failover", "demo", "--approve", env=env)
     time.sleep(4)  # the guest keeps counting on the VM
@@ -261,7 +262,12 @@ def test_restore_heartbeat_starts_failback_and_protection_resumes_in_a_new_epoch
         status = json.loads(cli("status", "demo", "--json", env=env).stdout)
         assert (status["state"], status["epoch"], status["vm"]) == ("protected", 2, None)
         # The same agent protects again: a new write ships as an epoch-2 log and is accepted.
-        qemu_io(demo_disk, "write -P 0x5a 10M 64k")
+        sock = Path(served(env, "demo").split("socket=")[1])
+        deadline = time.monotonic() + 60
+        while not sock.exists():  # the agent, protecting again, starts a new storage daemon
+            assert time.monotonic() < deadline, f"no storage daemon serves the disk\n{agent.output()}"
+            time.sleep(0.2)
+        qemu_io(served(env, "demo"), "write -P 0x5a 10M 64k")  # through the new daemon
         deadline = time.monotonic() + 30
         while not list(st.list(layout.logs_prefix("demo", "root", 2))):
             assert time.monotonic() < deadline, f"no epoch-2 log\n{agent.output()}"

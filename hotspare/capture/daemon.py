@@ -113,24 +113,7 @@ class StorageDaemon:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_path.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, IndexError):
-            return None
-        # A killed daemon whose parent does not reap it stays a zombie; so does one of
-        # another program that reused the pid: neither serves this machine.
-        if fields[0] in ("Z", "X"):
-            return None
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        return pid if b"qemu-storage-daemon" in cmd else None
+        return running_pid(self.pid_path)
 
     def running(self) -> bool:
         return self.pid() is not None
@@ -278,6 +261,25 @@ class StorageDaemon:
                        for b in n.get("dirty-bitmaps", []) if bitmap_number(b["name"]) is not None]
                 return sorted(out, key=lambda b: b.number)
         raise DaemonError(f"{self.config.name}: the storage daemon has no node for disk {disk}")
+
+
+def running_pid(pid_path: Path) -> int | None:
+    """The pid in ``pid_path`` if it is a live qemu-storage-daemon, else None."""
+    try:
+        pid = int(pid_path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return None
+    # A killed daemon whose parent does not reap it stays a zombie; a reused pid is another
+    # program: neither serves this machine.
+    if fields[0] in ("Z", "X") or b"qemu-storage-daemon" not in cmd:
+        return None
+    return pid
 
 
 def _qemu_img(*args: str) -> None:

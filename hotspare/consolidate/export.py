@@ -24,8 +24,11 @@ from hotspare.vhd import VhdReader, write_dynamic, write_fixed, write_raw
 ExportFormat = Literal["raw", "vhd", "vhd-fixed"]
 
 
-def find_point(catalog: Catalog, point_id: str | None = None, at: datetime | None = None) -> RecoveryPoint:
-    """The point named ``point_id``, or the newest at or before ``at``, or the newest."""
+def find_point(catalog: Catalog, point_id: str | None = None, at: datetime | None = None, *,
+               prefer_consistent: bool = False) -> RecoveryPoint:
+    """The point named ``point_id``, or the newest at or before ``at``, or the newest; with
+    ``prefer_consistent``, the newest crash-consistent one when there is one (a fuzzy point
+    of a scanned live disk may not boot)."""
     pts = sorted(catalog.points, key=lambda p: p.position)
     if not pts:
         raise UsageError(f"{catalog.machine}/{catalog.disk} has no recovery point yet (run: hotspare consolidate {catalog.machine})")
@@ -41,7 +44,8 @@ def find_point(catalog: Catalog, point_id: str | None = None, at: datetime | Non
         if not before:
             raise UsageError(f"no point at or before {at.isoformat()}: the oldest is {pts[0].id} at {pts[0].time.isoformat()}")
         return before[-1]
-    return pts[-1]
+    consistent = [p for p in pts if p.consistent] if prefer_consistent else []
+    return (consistent or pts)[-1]
 
 
 def _write(source, size: int, fmt: ExportFormat, out: Path, uid) -> None:

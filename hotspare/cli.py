@@ -151,6 +151,10 @@ def agent(
         raise typer.BadParameter(f"--tracker {tracker!r}: use one of {', '.join(TRACKERS)}")
     st = _store(store)
     cfg = load_machine(st, machine)
+    if interval * 2 > cfg.policy.heartbeat_window:
+        raise typer.BadParameter(f"--interval {interval:g}s: heartbeats would come less than twice per heartbeat "
+                                 f"window ({cfg.policy.heartbeat_window}s) and the live machine would be failed "
+                                 "over; use a shorter interval or widen the window (hotspare protect --heartbeat-window)")
     emit = None
     try:
         from tasks.events import emit_heartbeat, prefect_api_configured

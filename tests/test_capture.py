@@ -4,6 +4,7 @@ durability rules. The qemu tracker has tests/test_tracker.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -165,3 +166,37 @@ def test_scan_points_are_marked_not_crash_consistent(tmp_path: Path) -> None:
         agent.cycle()
     cat = ingest_all(store, cfg)
     assert cat.logs[-1].cut and not cat.logs[-1].consistent
+
+
+def test_an_interval_longer_than_half_the_heartbeat_window_is_refused(tmp_path: Path) -> None:
+    """Issue 11, finding 7: such an agent's live machine would be failed over."""
+    image, store, cfg = setup_machine(tmp_path, 8 << 20)
+    r = cli("agent", "m1", "--interval", "40", env={"HOTSPARE_STORE": store.url,
+                                                    "HOTSPARE_AGENT_STATE": str(tmp_path / "s")}, check=False)
+    assert r.returncode == 2 and "heartbeat" in r.stderr and "Traceback" not in r.stderr
+    for bad in ("nan", "0", "-1"):
+        r = cli("agent", "m1", "--interval", bad, env={"HOTSPARE_STORE": store.url}, check=False)
+        assert r.returncode == 2 and "positive" in r.stderr, r.stderr
+
+
+def test_a_retried_upload_that_finds_its_own_log_is_not_an_alarm(tmp_path: Path) -> None:
+    """Issue 11, finding 6: a lost answer after an upload, then the retry meets the log."""
+    from hotspare.capture.upload import _same_object, upload_log
+    from hotspare.extentlog import Extent, LogWriter
+
+    store = open_store(str(tmp_path / "store"))
+
+    def writer(path: Path, byte: int) -> LogWriter:
+        w = LogWriter(str(path), machine="m1", disk="root", epoch=0, disk_size=1 << 20)
+        w.add(Extent(seq=0, offset=0, length=4096, data=bytes([byte]) * 4096))
+        return w
+
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    upload_log(store, writer(a, 1), str(a), machine="m1", disk="root", epoch=0)
+    key = layout.log_key("m1", "root", 0, 0, 0)
+    # The same bytes again (what a retry of the first upload sends) are the same object...
+    shutil.copyfile(Path(store.url.removeprefix("file://")) / key, b)
+    assert _same_object(store, key, str(b))
+    # ... other bytes under the same seqs are another shipper.
+    with pytest.raises(Exception, match="another agent shipping|other content"):
+        upload_log(store, writer(b, 2), str(b), machine="m1", disk="root", epoch=0, who="agent")

@@ -274,3 +274,28 @@ def test_status_shows_where_each_disk_is_served(tmp_path: Path) -> None:
     cap = st["disks"]["root"]["capture"]
     assert cap["tracker"] == "qemu" and cap["served_at"] == str(tmp_path / "state" / "m1" / "serve" / "root.img")
     assert cap["consistent"] is True
+
+
+def test_a_client_with_reconnect_delay_stalls_across_a_daemon_restart(tmp_path: Path) -> None:
+    """kill -9 of the daemon under a QEMU client: its I/O waits for the new daemon (started
+    by the agent) instead of failing, and the write it made meanwhile replicates."""
+    image, store, cfg = setup_machine(tmp_path, 16 << 20)
+    env = _env(tmp_path, store)
+    cli("agent", "m1", "--once", env=env)
+    sock = tmp_path / "state" / "m1" / "serve" / "root.sock"
+    opts = f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export=root," \
+           "file.reconnect-delay=30"
+    client = subprocess.Popen(["qemu-io", "--image-opts", "-c", "write -P 0x61 1M 64k", "-c", "sleep 3000",
+                               "-c", "write -P 0x62 2M 64k", "-c", "flush", opts],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    os.kill(int((tmp_path / "state" / "m1" / "qsd" / "pid").read_text()), signal.SIGKILL)
+    r = cli("agent", "m1", "--once", env=env)  # a new daemon: a frozen-view scan
+    assert "scanning a frozen view" in r.stdout
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0 and "error" not in (out + err).lower(), out + err
+    r = cli("agent", "m1", "--once", env=env)
+    assert "scanning" not in r.stdout and f"{BS} data bytes" in r.stdout, r.stdout
+    assert replica_equals(tmp_path, store, cfg, image)
+    hb = store.get(layout.heartbeat_key("m1")).decode()
+    assert '"rescan": null' in hb.replace('":null', '": null')

@@ -23,6 +23,7 @@ import fcntl
 import os
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -34,7 +35,7 @@ from hotspare.capture.scan import scan
 from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
 from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, ship_cycle
 from hotspare.catalog import load_catalog
-from hotspare.errors import HotspareError
+from hotspare.errors import HotspareError, StoreError
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.faults import crash_point
 from hotspare.heartbeat import send_heartbeat
@@ -64,6 +65,7 @@ class DiskReport:
     resync: bool = False
     tracker: str = "qemu"
     served_at: str | None = None  # where the machine reaches the disk (qemu tracker)
+    rescan: str | None = None  # why this cycle compared a frozen view with the hash map
 
 
 @dataclass
@@ -203,10 +205,12 @@ class Agent:
         reports = []
         for w in work:
             reports.append(DiskReport(disk=w.spec.name, epoch=w.state.epoch, scanned_bytes=w.read_bytes, logs=w.keys,
+                                      rescan=w.scanned,
                                       extents=w.extents, data_bytes=w.data_bytes, zero_bytes=w.zero_bytes,
                                       last_seq=w.state.last_seq, seconds=seconds, resync=w.resync_from is not None,
                                       tracker="qemu", served_at=self.daemon.served_at(w.spec.name)))
-            w.keys, w.extents, w.data_bytes, w.zero_bytes, w.read_bytes, w.resync_from = [], 0, 0, 0, 0, None
+            w.keys, w.extents, w.data_bytes, w.zero_bytes, w.read_bytes, w.resync_from, w.scanned = \
+                [], 0, 0, 0, 0, None, None
         return reports
 
     def ship_disk(self, spec: DiskSpec) -> DiskReport:
@@ -281,15 +285,35 @@ class Agent:
                               epoch=max((r.epoch for r in reports), default=0), emit=self.emit,
                               disks={r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
                                               "tracker": r.tracker, "served_at": r.served_at,
-                                              "consistent": r.tracker == "qemu"}
+                                              "consistent": r.tracker == "qemu", "rescan": r.rescan}
                                      for r in reports})
+
+    def _heartbeat_event_only(self, waiting: str) -> None:
+        if self.emit is None:
+            return
+        try:
+            epoch = max((w.state.epoch for w in self._work.values()), default=0)
+            self.emit({"machine": self.config.name, "mode": "normal", "epoch": epoch, "host": "",
+                       "time": datetime.now(timezone.utc).isoformat(), "disks": {}, "waiting_for_store": waiting})
+        except Exception as err:  # noqa: BLE001 - the event is a courtesy; the loop must go on
+            self.say(f"heartbeat event not sent either: {err}")
 
     def run(self, *, interval: float, once: bool, on_cycle: Callable[[CycleReport], None] | None = None) -> None:
         while True:
             started = time.monotonic()
-            report = self.cycle()
-            if on_cycle:
-                on_cycle(report)
+            try:
+                report = self.cycle()
+            except StoreError as err:
+                if once or not err.transient:
+                    raise
+                # A long-running agent never exits on store trouble: nothing is lost (the
+                # frozen bitmap stays, the hash map marks what was in flight), and it says
+                # what it waits for, also in the heartbeat event when Prefect is reachable.
+                self.say(f"waiting for the store: {err}; retrying every {interval:g}s")
+                self._heartbeat_event_only(str(err))
+            else:
+                if on_cycle:
+                    on_cycle(report)
             if once or self.stop_requested:
                 return
             # Cuts on a fixed cadence: a slow cycle delays the next cut, never shifts them all.

@@ -66,6 +66,7 @@ class DiskWork:
     data_bytes: int = 0
     zero_bytes: int = 0
     read_bytes: int = 0
+    scanned: str | None = None  # the reason, when this cycle was a rescan
 
 
 class QemuTracker:
@@ -124,6 +125,13 @@ class QemuTracker:
 
     # -- one cycle ---------------------------------------------------------------------------
     def cycle(self, work: list[DiskWork]) -> None:
+        try:
+            self._cycle(work)
+        except BaseException:
+            self.started = False  # the next cycle starts over: drop the view, merge the frozen bitmap
+            raise
+
+    def _cycle(self, work: list[DiskWork]) -> None:
         if not self.started:
             self.start(work)
         busy = [w for w in work if w.rescan is not None or self._dirty(w)]
@@ -208,6 +216,7 @@ class QemuTracker:
         """Compare the whole view with the hash map: only blocks that differ ship."""
         spec, state = w.spec, w.state
         self.say(f"{spec.name}: scanning a frozen view against the hash map: {w.rescan}")
+        w.scanned = w.rescan
         work = np.array(state.hashes)  # the shipped map changes only after the uploads
         if w.resync_from is not None:
             work ^= np.uint64(0xFFFFFFFFFFFFFFFF)  # every block differs: the whole disk is re-sent

@@ -33,10 +33,24 @@ def upload_log(store: Store, writer: LogWriter, path: str, *, machine: str, disk
         try:
             store.put_file(key, path, create_only=True)
         except AlreadyExists:
-            raise HotspareError(f"{key} already exists: is another {who} shipping {machine} disk {disk}?") from None
+            # A retried upload whose first try landed (its answer was lost) finds its own
+            # bytes there: that is success, not a second shipper.
+            if not _same_object(store, key, path):
+                raise HotspareError(f"{key} already exists with other content: is another {who} shipping "
+                                    f"{machine} disk {disk}?") from None
     finally:
         Path(path).unlink(missing_ok=True)
     return key, meta
+
+
+def _same_object(store: Store, key: str, path: str) -> bool:
+    try:
+        if store.size(key) != os.path.getsize(path):
+            return False
+        with open(path, "rb") as f:
+            return store.get(key) == f.read()
+    except HotspareError:
+        return False
 
 
 def last_seq_in_store(store: Store, machine: str, disk: str, epoch: int, known: int) -> int:

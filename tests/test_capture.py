@@ -200,3 +200,26 @@ def test_a_retried_upload_that_finds_its_own_log_is_not_an_alarm(tmp_path: Path)
     # ... other bytes under the same seqs are another shipper.
     with pytest.raises(Exception, match="another agent shipping|other content"):
         upload_log(store, writer(b, 2), str(b), machine="m1", disk="root", epoch=0, who="agent")
+
+
+def test_a_second_agent_for_one_machine_is_refused(tmp_path: Path) -> None:
+    """Issue 11, finding 2: two agents with different state directories would stall the
+    replica; the second is refused while the first runs, and takes over once it is gone."""
+    image, store, cfg = setup_machine(tmp_path, 8 << 20)
+    env = {**os.environ, "HOTSPARE_STORE": store.url, "HOTSPARE_TRACKER": "scan"}
+    first = subprocess.Popen([HOTSPARE, "agent", "m1", "--interval", "0.5", "--quiet", "--state-dir",
+                              str(tmp_path / "a")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not store.exists("machines/m1/agent-lease.json"):
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.1)
+        r = cli("agent", "m1", "--once", "--state-dir", str(tmp_path / "b"), env=env, check=False)
+        assert r.returncode == 1 and "another agent ships m1" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert str(tmp_path / "a") in r.stderr, "the refusal names the running agent"
+    finally:
+        first.kill()  # gone without releasing its lease
+        first.wait()
+    r = cli("agent", "m1", "--once", "--state-dir", str(tmp_path / "b"), env=env)
+    cat = ingest_all(store, cfg)
+    assert not cat.rejected and cat.resync_from is None

@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 
 from hotspare.capture.daemon import StorageDaemon
+from hotspare.capture.lease import AgentLease
 from hotspare.capture.qemu import DiskWork, QemuTracker
 from hotspare.capture.scan import scan
 from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
@@ -110,6 +111,7 @@ class Agent:
             if tracker == "qemu" else None
         self._work: dict[str, DiskWork] = {}
         self._last_beat = -HEARTBEAT_SPACING
+        self.lease = AgentLease(store, config.name, self.state.root)
 
     # -- locking: one agent per machine and state directory ------------------------------
     def __enter__(self) -> "Agent":
@@ -125,12 +127,18 @@ class Agent:
 
     def __exit__(self, *exc) -> None:
         self.daemon.close()  # the daemon itself goes on serving the machine
+        try:
+            self.lease.release()
+        except StoreError:
+            pass  # an unreleased lease only makes the next agent wait a few seconds
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     # -- one cycle -----------------------------------------------------------------------
     def cycle(self) -> CycleReport:
+        if not self.lease.held:
+            self.lease.acquire()  # one shipping agent per machine
         if self.qemu is not None:
             reports = self._qemu_cycle()
         else:
@@ -141,6 +149,7 @@ class Agent:
                     break
         # At most one heartbeat a second, however short the cycles.
         if time.monotonic() - self._last_beat >= HEARTBEAT_SPACING or any(r.logs for r in reports):
+            self.lease.renew()
             self.heartbeat(reports)
             self._last_beat = time.monotonic()
         return CycleReport(self.config.name, reports, stopped=self.stop_requested)

@@ -299,3 +299,54 @@ def test_a_client_with_reconnect_delay_stalls_across_a_daemon_restart(tmp_path: 
     assert replica_equals(tmp_path, store, cfg, image)
     hb = store.get(layout.heartbeat_key("m1")).decode()
     assert '"rescan": null' in hb.replace('":null', '": null')
+
+
+def test_daemon_killed_at_random_moments_of_a_workload_loses_nothing(tmp_path: Path) -> None:
+    """kill -9 of the daemon under a running agent and a QEMU client: the agent starts a new
+    daemon by itself, the client's I/O stalls and goes on, and the replica equals the disk."""
+    image, store, cfg = setup_machine(tmp_path, 16 << 20)
+    env = {**os.environ, **_env(tmp_path, store)}
+    cli("agent", "m1", "--once", env=env)
+    sock = tmp_path / "state" / "m1" / "serve" / "root.sock"
+    opts = f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export=root," \
+           "file.reconnect-delay=60"
+    rng = random.Random(11)
+    cmds = []
+    for i in range(120):
+        cmds += ["-c", f"write -P {i % 250 + 1} {rng.randrange(0, 250) * BS} {rng.choice([4096, BS, 3 * BS])}",
+                 "-c", "flush", "-c", "sleep 50"]
+    client = subprocess.Popen(["qemu-io", "--image-opts", *cmds, opts], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen([HOTSPARE, "agent", "m1", "--interval", "0.2", "--quiet"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not store.exists("machines/m1/agent-lease.json"):  # its first cycle ran
+            assert time.monotonic() < deadline and agent.poll() is None, agent.communicate()
+            time.sleep(0.1)
+        for _ in range(2):
+            time.sleep(rng.uniform(1.0, 2.0))
+            os.kill(int((tmp_path / "state" / "m1" / "qsd" / "pid").read_text()), signal.SIGKILL)
+        out, err = client.communicate(timeout=120)
+        assert client.returncode == 0 and "error" not in (out + err).lower(), out + err
+    finally:
+        agent.send_signal(signal.SIGINT)
+        a_out, a_err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, a_err
+    assert a_out.count("starting a new one") >= 1 and "scanning a frozen view" in a_out, a_out
+    cli("agent", "m1", "--once", env=env)
+    assert replica_equals(tmp_path, store, cfg, image)
+
+
+def test_failover_prefers_the_newest_crash_consistent_point() -> None:
+    from datetime import datetime, timezone
+
+    from hotspare.catalog import RecoveryPoint
+    from hotspare.consolidate.export import find_point
+
+    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    cat = Catalog(machine="m1", disk="root", version=3, disk_size=1 << 20, points=[
+        RecoveryPoint(id="0-5", epoch=0, seq=5, time=t, bytes_applied=1, consistent=True),
+        RecoveryPoint(id="0-9", epoch=0, seq=9, time=t, bytes_applied=1, consistent=False)])
+    assert find_point(cat).id == "0-9"
+    assert find_point(cat, prefer_consistent=True).id == "0-5"

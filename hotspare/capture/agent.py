@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from hotspare.capture.daemon import StorageDaemon
+from hotspare.capture.daemon import DaemonError, StorageDaemon
 from hotspare.capture.lease import AgentLease
 from hotspare.capture.qemu import DiskWork, QemuTracker
 from hotspare.capture.scan import scan
@@ -42,6 +42,7 @@ from hotspare.faults import crash_point
 from hotspare.heartbeat import send_heartbeat
 from hotspare.machine import DiskSpec, MachineConfig, device_size
 from hotspare.store.base import Store
+from hotspare.vm.qmp import QmpError
 
 Tracker = Literal["qemu", "scan"]
 TRACKERS = ("qemu", "scan")
@@ -312,6 +313,15 @@ class Agent:
             started = time.monotonic()
             try:
                 report = self.cycle()
+            except (DaemonError, QmpError) as err:
+                if once or self.qemu is None:
+                    raise
+                # The storage daemon died (killed, crashed): the machine's I/O stalls until a
+                # new one serves it, which the next cycle starts; its bitmap is gone, so that
+                # cycle compares a frozen view with the hash map. No heartbeat meanwhile: a
+                # machine that cannot reach its disks is down.
+                self.daemon.close()
+                self.say(f"the storage daemon failed ({err}); starting a new one")
             except StoreError as err:
                 if once or not err.transient:
                     raise

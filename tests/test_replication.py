@@ -248,3 +248,54 @@ def test_corrupt_catalog_and_machine_files_give_one_line_errors(tmp_path: Path, 
     r = cli("agent", "m1", "--once", env=env, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "machines/m1/machine.json: disks: List should have at least 1 item" in r.stderr
+
+
+def test_batched_ingest_accepts_the_good_logs_and_quarantines_the_bad(tmp_path: Path, store) -> None:
+    """140 good logs and three bad ones: validated a batch per task, the good accepted (the
+    older ones into manifests), the bad quarantined with their reasons."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.ingest import ingest
+    from hotspare.ingest import BATCH_LOGS
+
+    protect(tmp_path, store.url)
+    expected = tmp_path / "expected.raw"
+    with open(expected, "wb") as f:
+        f.truncate(SIZE)
+    for seq in range(140):
+        data = os.urandom(4096)
+        e = [Extent(seq=seq, offset=seq * 8192, length=4096, data=data)]
+        store.put(layout.log_key("m1", "root", 0, seq, seq), log_bytes(e), create_only=True)
+        with open(expected, "r+b") as f:
+            f.seek(seq * 8192)
+            f.write(data)
+    rnd = os.urandom(4096)
+    flipped = bytearray(log_bytes([Extent(seq=1000, offset=0, length=4096, data=rnd)]))
+    flipped[flipped.find(rnd[:64]) + 100] ^= 1
+    bad = {layout.log_key("m1", "root", 0, 1000, 1000): (bytes(flipped), "row 0: checksum mismatch"),
+           layout.log_key("m1", "root", 0, 2000, 2000): (log_bytes([Extent(seq=2000, offset=0, length=512,
+                                                                          data=b"x" * 512)])[:-100],
+                                                         "not a readable Parquet file"),
+           layout.log_key("m1", "root", 0, 5, 6): (log_bytes([Extent(seq=5, offset=0, length=512, data=b"y" * 512),
+                                                              Extent(seq=6, offset=512, length=512, data=b"y" * 512)]),
+                                                   "overlap the accepted seqs")}
+    for key, (data, _) in bad.items():
+        store.put(key, data, create_only=True)
+
+    state = ingest(machine="m1", store=store.url, return_state=True)
+    result = state.result()
+    assert len(result.disks[0].accepted) == 140
+    assert {r.key: r.detail for r in result.rejected}.keys() == bad.keys()
+    for r in result.rejected:
+        assert bad[r.key][1] in r.detail, r
+        assert not store.exists(r.key) and store.exists(layout.quarantine_key(r.key))
+    cat = check_replica(store, expected, tmp_path)
+    assert cat.applied_seq(0) == 139 and cat.manifests and len(catalog_logs(store, cat)) == 140
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    validations = [t for t in runs if t.name.startswith("validate ")]
+    assert len(validations) == -(-143 // BATCH_LOGS), [t.name for t in runs]
+    # The next ingest lists only after the newest accepted log: nothing new, nothing committed.
+    again = ingest(machine="m1", store=store.url)
+    assert again.disks[0].catalog_version == cat.version and not again.disks[0].accepted

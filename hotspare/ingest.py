@@ -135,8 +135,9 @@ def plan(catalog: Catalog, results: list[LogInfo | InvalidLog]) -> Plan:
             p.waiting.append((info.key, f"seq gap: expects seq {last + 1}, this log starts at {m.first_seq}"))
     # A log that now overlaps (superseded by a resync) is refused rather than left waiting.
     still_waiting = []
+    by_key = {i.key: i for i in valid}
     for key, why in p.waiting:
-        info = next(i for i in valid if i.key == key)
+        info = by_key[key]
         if info.meta.first_seq <= applied.get(info.meta.epoch, -1):
             p.rejected.append((key, f"seqs {info.meta.first_seq}..{info.meta.last_seq} superseded by a resync"))
         else:

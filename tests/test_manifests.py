@@ -234,3 +234,37 @@ def test_consolidation_with_manifests_keeps_every_point_right(tmp_path: Path, mo
         out = tmp_path / f"export-{p.id}.raw"
         export_point(st, cat, p, "raw", out)
         assert same_file(out, snaps[p.id]), f"point {p.id}"
+
+
+def test_a_crash_between_manifests_and_commit_leaves_harmless_garbage(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from hotspare.extentlog import Extent, write_log
+    from hotspare.versioned import latest_version
+
+    st = open_store(str(tmp_path / "store"))
+    image = tmp_path / "disk.img"
+    random_image(image, 8 << 20)
+    cfg = MachineConfig(name="m1", disks=[parse_disk_arg(f"root={image}")])
+    save_machine(st, cfg, create_only=True)
+    for seq in range(segments.MANIFEST_LOGS + 6):
+        path = tmp_path / "log.parquet"
+        write_log(str(path), [Extent(seq=seq, offset=seq * 4096, length=4096, data=os.urandom(4096))],
+                  machine="m1", disk="root", epoch=0, disk_size=8 << 20)
+        st.put_file(layout.log_key("m1", "root", 0, seq, seq), str(path), create_only=True)
+    code = ("from hotspare.ingest import ingest_disk; from hotspare.machine import load_machine; "
+            f"from hotspare.store import open_store; s = open_store({st.url!r}); "
+            "ingest_disk(s, 'm1', load_machine(s, 'm1').disks[0])")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HOTSPARE_CRASH_AT": "catalog-before-commit"},
+                       capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    orphans = {o.key for o in st.list(layout.manifests_prefix("m1", "root"))}
+    assert orphans and latest_version(st, layout.catalog_prefix("m1", "root")) is None
+    cat, _ = ingest_disk(st, "m1", cfg.disks[0])
+    assert [lg.first_seq for lg in catalog_logs(st, cat)] == list(range(segments.MANIFEST_LOGS + 6))
+    assert sweep_manifests(st, cat) == len(orphans - {m.key for m in cat.manifests})
+    assert {o.key for o in st.list(layout.manifests_prefix("m1", "root"))} == {m.key for m in cat.manifests}
+    assert catalog_logs(st, load_catalog(st, "m1", "root", 8 << 20)) == catalog_logs(st, cat)

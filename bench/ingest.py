@@ -87,7 +87,7 @@ def measure(root: Path, window: int, new: int, runs: int, rng: np.random.Generat
         put_new_logs(store, cat.applied_seq(0) + 1, new, rng)
         commit_s: list[float] = []
 
-        def timed_commit(st: Store, c: Catalog) -> Catalog:
+        def timed_commit(st: Store, c: Catalog, commit_s: list[float] = commit_s) -> Catalog:
             t0 = time.perf_counter()
             out = commit_catalog(st, c)
             commit_s.append(time.perf_counter() - t0)

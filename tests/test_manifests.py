@@ -13,8 +13,7 @@ import pytest
 
 from hotspare import layout
 from hotspare.capture.agent import Agent
-from hotspare.catalog import AcceptedLog, Catalog, catalog_logs, commit_catalog, load_catalog
-from hotspare.catalog import segments
+from hotspare.catalog import AcceptedLog, Catalog, catalog_logs, commit_catalog, load_catalog, segments
 from hotspare.catalog.manifest import load_manifest, sweep_manifests, write_manifest
 from hotspare.consolidate import point as engine
 from hotspare.consolidate.export import export_point
@@ -258,8 +257,8 @@ def test_a_crash_between_manifests_and_commit_leaves_harmless_garbage(tmp_path: 
     code = ("from hotspare.ingest import ingest_disk; from hotspare.machine import load_machine; "
             f"from hotspare.store import open_store; s = open_store({st.url!r}); "
             "ingest_disk(s, 'm1', load_machine(s, 'm1').disks[0])")
-    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HOTSPARE_CRASH_AT": "catalog-before-commit"},
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                       env={**os.environ, "HOTSPARE_CRASH_AT": "catalog-before-commit"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     orphans = {o.key for o in st.list(layout.manifests_prefix("m1", "root"))}
     assert orphans and latest_version(st, layout.catalog_prefix("m1", "root")) is None

@@ -15,6 +15,7 @@ only the manifests whose span meets the positions asked for.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -75,7 +76,7 @@ def load_manifest(store: Store, ref: ManifestRef, machine: str, disk: str) -> li
     if len(logs) != ref.count or logs[0].position != ref.first or logs[-1].position != ref.last:
         raise InvalidObject(ref.key, f"holds {len(logs)} log(s) from {logs[0].position} to {logs[-1].position}, "
                                      f"the catalog names {ref.count} from {ref.first} to {ref.last}")
-    if any(a.position >= b.position for a, b in zip(logs, logs[1:])):
+    if any(a.position >= b.position for a, b in itertools.pairwise(logs)):
         raise InvalidObject(ref.key, "its logs are not in strictly increasing position order")
     return logs
 

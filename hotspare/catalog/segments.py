@@ -21,6 +21,7 @@ commit that names them.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from hotspare.catalog.manifest import load_manifest, load_manifests, write_manifest
@@ -71,7 +72,7 @@ def _merge(store: Store, catalog: Catalog, stack: list[ManifestRef | _Batch]) ->
                 logs.extend(next(loaded) for _ in range(item.count))
             else:
                 logs.extend(item.logs)
-        if any(a.position >= b.position for a, b in zip(logs, logs[1:])):
+        if any(a.position >= b.position for a, b in itertools.pairwise(logs)):
             logs.sort(key=lambda lg: lg.position)  # a late log of a fenced epoch came after newer ones
         del stack[-FANOUT:]
         stack.append(_Batch(level + 1, logs))

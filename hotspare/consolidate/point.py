@@ -25,8 +25,8 @@ from datetime import datetime, timedelta
 from hotspare import layout
 from hotspare.catalog import AcceptedLog, Catalog, RecoveryPoint, catalog_logs
 from hotspare.catalog.manifest import sweep_manifests
-from hotspare.catalog.segments import drop_through
 from hotspare.catalog.model import utcnow
+from hotspare.catalog.segments import drop_through
 from hotspare.consolidate.build import PartJob, part_jobs, run_job
 from hotspare.consolidate.plan import VhdPlan, plan_vhd, previous_layout
 from hotspare.consolidate.sources import Sources, compute_sources

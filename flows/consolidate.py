@@ -86,7 +86,7 @@ def consolidate_disk(store: Store, machine: str, disk: DiskSpec, policy: Policy)
         nxt = engine.commit_point(catalog, build)
         crash_point("consolidate-before-commit")
         try:
-            commit_catalog(store, nxt)
+            nxt = commit_catalog(store, nxt)
         except AlreadyExists:
             logger.info("another consolidation committed catalog v%d of %s first; re-planning", nxt.version, disk.name)
             continue
@@ -115,9 +115,9 @@ def advance_base(store: Store, machine: str, disk: DiskSpec, policy: Policy, out
         if build is None:
             return catalog
         build_vhd(store, build, f"{machine}/{disk.name} base")
-        nxt = engine.commit_retention(catalog, build, policy)
+        nxt = engine.commit_retention(store, catalog, build, policy)
         try:
-            commit_catalog(store, nxt)
+            nxt = commit_catalog(store, nxt)
         except AlreadyExists:
             continue
         out.deleted += engine.collect_garbage(store, nxt, replaced=[catalog.vhd["base"]])

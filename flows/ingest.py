@@ -1,6 +1,7 @@
 """The ingest flow: accept the new extent logs of every disk of a machine.
 
-Validation runs as mapped tasks (concurrency from the task runner, retries on store I/O);
+Validation runs as mapped tasks, one per batch of logs (concurrency from the task runner,
+retries on store I/O);
 bad logs go to quarantine; each disk's next catalog version is committed create-only, and
 a lost race re-plans from the winner's catalog.
 """
@@ -15,7 +16,7 @@ from hotspare import ingest as engine
 from hotspare.machine import DiskSpec, load_machine
 from hotspare.store import Store
 from tasks.common import resolve_store
-from tasks.ingest import commit, quarantine_log, validate_log
+from tasks.ingest import commit, quarantine_log, validate_logs
 
 class Outcome(BaseModel):
     key: str
@@ -45,9 +46,9 @@ class IngestResult(BaseModel):
         return [r for d in self.disks for r in d.rejected]
 
 
-def _validate_as_tasks(store: Store, keys: list[str], machine: str, disk: DiskSpec) -> list:
-    futures = validate_log.map(unmapped(store), keys, unmapped(machine), unmapped(disk))
-    return [f.result() for f in futures]
+def _validate_as_tasks(store: Store, batches: list[list[str]], machine: str, disk: DiskSpec) -> list:
+    futures = validate_logs.map(unmapped(store), batches, unmapped(machine), unmapped(disk))
+    return [r for f in futures for r in f.result()]
 
 
 def ingest_disk(store: Store, machine: str, disk: DiskSpec) -> DiskIngest:

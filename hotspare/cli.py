@@ -343,7 +343,7 @@ def export(
 
 def machine_status(st, machine: str) -> dict:
     """What ``hotspare status`` reports for one machine, as plain data."""
-    from hotspare.catalog import load_catalog
+    from hotspare.catalog import catalog_logs, load_catalog
     from hotspare.catalog.model import utcnow
     from hotspare.heartbeat import load_heartbeat
     from hotspare.machine import load_machine
@@ -360,7 +360,8 @@ def machine_status(st, machine: str) -> dict:
             "size": d.size, "catalog_version": cat.version, "applied_seq": cat.applied_seq(cat.epoch),
             "newest_point": cur.id if cur else None, "newest_point_time": cur.time.isoformat() if cur else None,
             "lag_seconds": round((utcnow() - cur.time).total_seconds(), 1) if cur else None,
-            "logs_not_consolidated": sum(1 for lg in cat.logs if not cur or lg.position > cur.position),
+            "logs_not_consolidated": (len(catalog_logs(st, cat, after=cur.position)) if cur else cat.log_count),
+            "logs_accepted": cat.log_count, "manifests": len(cat.manifests),
             "fenced_epochs": [f.epoch for f in cat.fences],
             "capture": hb.disks.get(d.name) if hb else None,  # tracker, where it is served
         }

@@ -46,8 +46,7 @@ def fence_disk(store: Store, machine: str, disk: DiskSpec, epoch: int, reason: s
         end = after_seq if after_seq is not None else chain_end(store, machine, disk.name, cat, epoch)
         nxt = cat.next(epoch=epoch + 1, fences=[*cat.fences, Fence(epoch=epoch, after_seq=end, reason=reason)])
         try:
-            commit_catalog(store, nxt)
-            return nxt
+            return commit_catalog(store, nxt)
         except AlreadyExists:
             continue
     raise AlreadyExists(layout.catalog_prefix(machine, disk.name), "lost 8 commit races while fencing")

@@ -2,15 +2,19 @@
 and commit the next catalog version.
 
 The steps are separate functions so that the Prefect flow can run validation as parallel
-tasks with retries, while the decisions stay here, pure and tested:
+tasks with retries, while the decisions stay here, pure and tested. None of them costs the
+retention window (a disk may hold 150,000 accepted logs at one log a second):
 
-1. :func:`list_pending`: logs in the store that the catalog has not accepted.
-2. :func:`check_log`: validate one log's file (InvalidLog on any fault).
+1. :func:`list_pending`: logs in the store that the catalog has not accepted, listed from
+   each epoch's newest accepted log on.
+2. :func:`batches` and :func:`check_log`: validate the logs, a batch per task in the flow
+   (InvalidLog on any fault).
 3. :func:`plan`: order the valid logs, accept those that continue each epoch's seq chain,
    reject overlaps and fenced epochs, leave logs after a gap waiting.
 4. :func:`next_catalog`: the next version, recording the rejections and whether the agent
-   must resync (a rejected log left a hole in the chain). Committed create-only; a loser
-   re-plans from the winner's catalog.
+   must resync (a rejected log left a hole in the chain); the accepted logs join the
+   catalog's inline tail. Committed create-only (the commit moves a long tail into
+   manifests first); a loser re-plans from the winner's catalog.
 5. :func:`quarantine`: after the commit, move each rejected log under ``quarantine/`` with
    a reason file. A crash before the move leaves the log in place; the re-run rejects it
    again (validation is deterministic) and moves it.
@@ -46,19 +50,39 @@ def epochs_to_scan(catalog: Catalog) -> list[int]:
 
 
 def list_pending(store: Store, machine: str, disk: str, catalog: Catalog) -> list[ObjectInfo]:
-    """Log objects not yet accepted, in (epoch, seq) order. The whole epoch is listed (not
-    only past the applied seq) so that a stray overlapping log is found and refused;
-    retention keeps that listing as short as the retention window."""
-    accepted = catalog.accepted_keys()
+    """Log objects not yet accepted, in (epoch, seq) order.
+
+    Each epoch is listed after its newest accepted log's key: keys sort by first seq, so
+    every accepted log of the epoch sorts at or before it and everything after it is new
+    (a stray log overlapping the newest accepted one is found there and refused; one that
+    starts before it is not looked at again). The cost follows the new logs, not the window."""
     out = []
     for epoch in epochs_to_scan(catalog):
         folded = catalog.folded.get(epoch, -1)
-        for o in store.list(layout.logs_prefix(machine, disk, epoch)):
+        for o in store.list(layout.logs_prefix(machine, disk, epoch), start_after=catalog.newest.get(epoch)):
             seqs = layout.parse_log_name(o.key)
             # A log folded into the base VHD whose deletion a crash interrupted is garbage,
             # left for consolidation to delete, not a new log.
-            if o.key not in accepted and not (seqs and seqs[1] <= folded):
+            if not (seqs and seqs[1] <= folded):
                 out.append(o)
+    return out
+
+
+BATCH_LOGS = 64
+BATCH_BYTES = 256 << 20
+
+
+def batches(pending: list[ObjectInfo], max_logs: int = BATCH_LOGS, max_bytes: int = BATCH_BYTES) -> list[list[str]]:
+    """The keys of ``pending`` in order, cut into batches of at most ``max_logs`` logs and
+    ``max_bytes`` bytes (a bigger log is a batch of its own): one validation task each."""
+    out: list[list[str]] = []
+    size = 0
+    for o in pending:
+        if not out or len(out[-1]) >= max_logs or (out[-1] and size + o.size > max_bytes):
+            out.append([])
+            size = 0
+        out[-1].append(o.key)
+        size += o.size
     return out
 
 
@@ -111,8 +135,9 @@ def plan(catalog: Catalog, results: list[LogInfo | InvalidLog]) -> Plan:
             p.waiting.append((info.key, f"seq gap: expects seq {last + 1}, this log starts at {m.first_seq}"))
     # A log that now overlaps (superseded by a resync) is refused rather than left waiting.
     still_waiting = []
+    by_key = {i.key: i for i in valid}
     for key, why in p.waiting:
-        info = next(i for i in valid if i.key == key)
+        info = by_key[key]
         if info.meta.first_seq <= applied.get(info.meta.epoch, -1):
             p.rejected.append((key, f"seqs {info.meta.first_seq}..{info.meta.last_seq} superseded by a resync"))
         else:
@@ -163,22 +188,25 @@ def next_catalog(catalog: Catalog, p: Plan) -> Catalog | None:
     if not p.accepted and not p.rejected and resync_from == catalog.resync_from:
         return None
     applied = dict(catalog.applied)
-    logs = list(catalog.logs)
+    newest = dict(catalog.newest)
+    logs = list(catalog.tail)
     for info in p.accepted:
         m = info.meta
         applied[m.epoch] = m.last_seq
+        newest[m.epoch] = info.key
         logs.append(AcceptedLog(key=info.key, epoch=m.epoch, first_seq=m.first_seq, last_seq=m.last_seq,
                                 rows=info.rows, data_bytes=info.data_bytes, covered_bytes=info.covered_bytes,
                                 size=info.size, captured_at=info.captured_at,
                                 cut=m.cut, consistent=m.consistent))
     rejected = catalog.rejected + [RejectedLog(key=k, reason=r) for k, r in p.rejected]
-    return catalog.next(applied=applied, logs=logs, rejected=rejected, resync_from=resync_from)
+    return catalog.next(applied=applied, tail=logs, newest=newest, rejected=rejected, resync_from=resync_from)
 
 
 MAX_RACES = 8
 
 
-def _validate_here(store: Store, keys: list[str], machine: str, disk: DiskSpec) -> list[LogInfo | InvalidLog]:
+def check_logs(store: Store, keys: list[str], machine: str, disk: DiskSpec) -> list[LogInfo | InvalidLog]:
+    """Validate a batch of logs: each one's LogInfo, or the InvalidLog that condemns it."""
     out: list[LogInfo | InvalidLog] = []
     for key in keys:
         try:
@@ -188,10 +216,15 @@ def _validate_here(store: Store, keys: list[str], machine: str, disk: DiskSpec) 
     return out
 
 
+def _validate_here(store: Store, batches_: list[list[str]], machine: str, disk: DiskSpec) -> list[LogInfo | InvalidLog]:
+    return [r for keys in batches_ for r in check_logs(store, keys, machine, disk)]
+
+
 def ingest_disk(store: Store, machine: str, disk: DiskSpec, *, validate=_validate_here, commit=None,
                 quarantine_one=None) -> tuple[Catalog, Plan]:
     """One disk's ingest: plan, commit create-only (re-planning after a lost race), then
-    quarantine the rejected logs. The flow passes task-backed ``validate``, ``commit`` and
+    quarantine the rejected logs. The flow passes task-backed ``validate`` (given the
+    batches of :func:`batches`), ``commit`` (returning the committed catalog) and
     ``quarantine_one`` (retries, concurrency); without them everything runs here."""
     from hotspare.catalog import commit_catalog, load_catalog
     from hotspare.errors import HotspareError
@@ -202,15 +235,14 @@ def ingest_disk(store: Store, machine: str, disk: DiskSpec, *, validate=_validat
     for _ in range(MAX_RACES):
         catalog = load_catalog(store, machine, disk.name, disk.size)
         pending = list_pending(store, machine, disk.name, catalog)
-        p = plan(catalog, validate(store, [o.key for o in pending], machine, disk))
+        p = plan(catalog, validate(store, batches(pending), machine, disk))
         nxt = next_catalog(catalog, p)
         crash_point("ingest-before-commit")
         if nxt is not None:
             try:
-                commit(store, nxt)
+                catalog = commit(store, nxt)
             except AlreadyExists:
                 continue  # another ingest committed this version: re-plan from its catalog
-            catalog = nxt
         for key, reason in p.rejected:
             quarantine_one(store, key, reason)
         return catalog, p

@@ -95,6 +95,25 @@ def catalog_key(machine: str, disk: str, version: int) -> str:
     return f"{catalog_prefix(machine, disk)}{num(version)}.json"
 
 
+def manifests_prefix(machine: str, disk: str) -> str:
+    return f"{catalog_prefix(machine, disk)}manifests/"
+
+
+def manifest_key(machine: str, disk: str, version: int, first: tuple[int, int], last: tuple[int, int],
+                 digest: str) -> str:
+    """A manifest of accepted logs, written for catalog ``version``, holding the logs from
+    position ``first`` to ``last`` (``(epoch, seq)``); ``digest`` tells racing writers apart."""
+    return (f"{manifests_prefix(machine, disk)}{num(version)}-{num(first[0])}.{num(first[1])}-"
+            f"{num(last[0])}.{num(last[1])}-{digest}.json")
+
+
+def manifest_version(key: str) -> int | None:
+    """The catalog version a manifest key was written for, or None when not a manifest's."""
+    name = key.rsplit("/", 1)[-1]
+    head = name.split("-", 1)[0]
+    return int(head) if len(head) == PAD and head.isdigit() and name.endswith(".json") else None
+
+
 def vhd_prefix(machine: str, disk: str) -> str:
     return f"{disk_prefix(machine, disk)}vhd/"
 

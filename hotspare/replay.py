@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from hotspare.catalog import Catalog
+from hotspare.catalog import Catalog, catalog_logs
 from hotspare.extentlog import iter_extents
 from hotspare.store.base import Store
 
@@ -44,7 +44,7 @@ def replay_catalog(store: Store, catalog: Catalog, out: Path, *, epochs: list[in
         f.truncate(catalog.disk_size)
     fd = os.open(out, os.O_WRONLY)
     try:
-        logs = sorted(catalog.logs, key=lambda lg: (lg.epoch, lg.first_seq))
+        logs = catalog_logs(store, catalog)
         total = apply_logs(store, [lg.key for lg in logs if epochs is None or lg.epoch in epochs], fd)
         os.fsync(fd)
     finally:

@@ -41,6 +41,8 @@ def latest_version(store: Store, prefix: str) -> int | None:
 def _newest(store: Store, prefix: str, start_after: str | None) -> int | None:
     newest = None
     for info in store.list(prefix, start_after=start_after):
+        if not info.key[len(prefix):len(prefix) + 1].isdigit():
+            break  # versions sort first; what follows (HEAD, a catalog's manifests/) is no version
         v = version_of(info.key)
         if v is not None:
             newest = v

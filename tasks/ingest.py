@@ -14,15 +14,21 @@ from hotspare.store import Store
 from tasks.common import retry_transient
 
 
-@task(name="validate-log", retries=3, retry_delay_seconds=[1, 4, 15], retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE, task_run_name="validate {key}")
-def validate_log(store: Store, key: str, machine: str, disk: DiskSpec) -> LogInfo | InvalidLog:
-    """A valid log's info, or the InvalidLog that condemns it (returned, not raised:
-    a bad log is an outcome of ingest, not a failure of the task)."""
-    try:
-        return ingest.check_log(store, key, machine, disk)
-    except InvalidLog as err:
-        return err
+def _batch_name() -> str:
+    from prefect.runtime import task_run
+
+    keys = task_run.parameters["keys"]
+    first, last = keys[0].rsplit("/", 1)[-1], keys[-1].rsplit("/", 1)[-1]
+    return f"validate {len(keys)} log(s) {first}" + (f"..{last}" if len(keys) > 1 else "")
+
+
+@task(name="validate-logs", retries=3, retry_delay_seconds=[1, 4, 15], retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE, task_run_name=_batch_name)
+def validate_logs(store: Store, keys: list[str], machine: str, disk: DiskSpec) -> list[LogInfo | InvalidLog]:
+    """A batch of logs: each valid log's info, or the InvalidLog that condemns it (returned,
+    not raised: a bad log is an outcome of ingest, not a failure of the task). A transient
+    store fault fails the task, and its retry validates the whole batch again."""
+    return ingest.check_logs(store, keys, machine, disk)
 
 
 @task(name="quarantine-log", retries=3, retry_delay_seconds=[1, 4, 15], retry_condition_fn=retry_transient,
@@ -37,6 +43,6 @@ def quarantine_log(store: Store, key: str, reason: str) -> str:
 
 @task(name="commit-catalog", retries=3, retry_delay_seconds=[1, 4, 15], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE, task_run_name="commit catalog {catalog.machine}/{catalog.disk} v{catalog.version}")
-def commit(store: Store, catalog: Catalog) -> int:
-    commit_catalog(store, catalog)
-    return catalog.version
+def commit(store: Store, catalog: Catalog) -> Catalog:
+    """Commit ``catalog`` (its long tail into manifests first); returns it as committed."""
+    return commit_catalog(store, catalog)

@@ -81,7 +81,7 @@ def test_replica_changes_reads_extents_and_knows_when_the_chain_is_gone(tmp_path
     assert replica_changes(st, cat, (0, 9), (1, 2)).tolist() == [[0, 8192], [MIB, MIB + 512]]
     assert replica_changes(st, cat, (1, 1), (1, 2)).tolist() == [[4096, 8192]]
     assert rg.total(replica_changes(st, cat, (1, 2), (1, 2))) == 0
-    folded = cat.model_copy(update={"logs": [_log(b, 1, 2, 2)], "folded": {1: 1}})
+    folded = cat.model_copy(update={"tail": [_log(b, 1, 2, 2)], "folded": {1: 1}})
     assert replica_changes(st, folded, (0, 9), (1, 2)) is None, "logs folded into the base: unknown, compare all"
 
 

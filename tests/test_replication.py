@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hotspare import layout
-from hotspare.catalog import Fence, commit_catalog, load_catalog
+from hotspare.catalog import Fence, accepted_keys, catalog_logs, commit_catalog, load_catalog
 from hotspare.extentlog import Extent, write_log
 from hotspare.extentlog.schema import META_KEY
 from hotspare.replay import replay_catalog
@@ -64,7 +64,7 @@ def test_protect_agent_writes_agent_ingest(tmp_path: Path, store_url: str, store
     r = cli("ingest", "m1", env=env)
     assert "accepted 2 log(s)" in r.stdout and "rejected 0" in r.stdout
     cat = check_replica(store, image, tmp_path)
-    assert cat.version == 1 and len(cat.logs) == 2
+    assert cat.version == 1 and len(catalog_logs(store, cat)) == 2
     # Nothing new: a second ingest commits nothing.
     cli("ingest", "m1", env=env)
     assert latest_version(store, layout.catalog_prefix("m1", "root")) == 1
@@ -123,7 +123,7 @@ def test_bad_logs_are_quarantined_and_nothing_committed_is_touched(tmp_path: Pat
     cli("agent", "m1", "--once", env=env)
     cli("ingest", "m1", env=env)
     cat1 = load_catalog(store, "m1", "root", SIZE)
-    committed = {k: store.get(k) for k in [layout.catalog_key("m1", "root", 1), *cat1.accepted_keys()]}
+    committed = {k: store.get(k) for k in [layout.catalog_key("m1", "root", 1), *accepted_keys(store, cat1)]}
 
     bad = _bad_logs(store, cat1.applied_seq(0))
     r = cli("ingest", "m1", env=env, check=False)
@@ -140,7 +140,7 @@ def test_bad_logs_are_quarantined_and_nothing_committed_is_touched(tmp_path: Pat
     for k, v in committed.items():
         assert store.get(k) == v, f"{k} changed"
     cat2 = load_catalog(store, "m1", "root", SIZE)
-    assert cat2.applied_seq(0) == cat1.applied_seq(0) and cat2.logs == cat1.logs
+    assert cat2.applied_seq(0) == cat1.applied_seq(0) and catalog_logs(store, cat2) == catalog_logs(store, cat1)
     assert len(cat2.rejected) == len(bad)
     # The checksum-mismatch log held the next seqs: a hole the agent must close by resync.
     assert cat2.resync_from == cat1.applied_seq(0) + 1
@@ -189,7 +189,7 @@ def test_racing_ingests_commit_each_version_once(tmp_path: Path, store) -> None:
         t.join()
     assert not errors, errors
     cat = load_catalog(store, "m1", "root", SIZE)
-    keys = [log.key for log in cat.logs]
+    keys = [log.key for log in catalog_logs(store, cat)]
     assert len(keys) == len(set(keys)), "a log accepted twice"
     assert sorted(keys) == sorted(o.key for o in store.list(layout.logs_prefix("m1", "root", 0)))
     # Every version is a whole commit, each extending the previous one.
@@ -200,7 +200,8 @@ def test_racing_ingests_commit_each_version_once(tmp_path: Path, store) -> None:
     for v in range(1, cat.version + 1):
         c = load(store, layout.catalog_prefix("m1", "root"), v, Catalog)
         if prev is not None:
-            assert c.logs[: len(prev.logs)] == prev.logs
+            logs, prev_logs = catalog_logs(store, c), catalog_logs(store, prev)
+            assert logs[: len(prev_logs)] == prev_logs
         prev = c
     check_replica(store, image, tmp_path)
 
@@ -248,3 +249,54 @@ def test_corrupt_catalog_and_machine_files_give_one_line_errors(tmp_path: Path, 
     r = cli("agent", "m1", "--once", env=env, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "machines/m1/machine.json: disks: List should have at least 1 item" in r.stderr
+
+
+def test_batched_ingest_accepts_the_good_logs_and_quarantines_the_bad(tmp_path: Path, store) -> None:
+    """140 good logs and three bad ones: validated a batch per task, the good accepted (the
+    older ones into manifests), the bad quarantined with their reasons."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.ingest import ingest
+    from hotspare.ingest import BATCH_LOGS
+
+    protect(tmp_path, store.url)
+    expected = tmp_path / "expected.raw"
+    with open(expected, "wb") as f:
+        f.truncate(SIZE)
+    for seq in range(140):
+        data = os.urandom(4096)
+        e = [Extent(seq=seq, offset=seq * 8192, length=4096, data=data)]
+        store.put(layout.log_key("m1", "root", 0, seq, seq), log_bytes(e), create_only=True)
+        with open(expected, "r+b") as f:
+            f.seek(seq * 8192)
+            f.write(data)
+    rnd = os.urandom(4096)
+    flipped = bytearray(log_bytes([Extent(seq=1000, offset=0, length=4096, data=rnd)]))
+    flipped[flipped.find(rnd[:64]) + 100] ^= 1
+    bad = {layout.log_key("m1", "root", 0, 1000, 1000): (bytes(flipped), "row 0: checksum mismatch"),
+           layout.log_key("m1", "root", 0, 2000, 2000): (log_bytes([Extent(seq=2000, offset=0, length=512,
+                                                                          data=b"x" * 512)])[:-100],
+                                                         "not a readable Parquet file"),
+           layout.log_key("m1", "root", 0, 5, 6): (log_bytes([Extent(seq=5, offset=0, length=512, data=b"y" * 512),
+                                                              Extent(seq=6, offset=512, length=512, data=b"y" * 512)]),
+                                                   "overlap the accepted seqs")}
+    for key, (data, _) in bad.items():
+        store.put(key, data, create_only=True)
+
+    state = ingest(machine="m1", store=store.url, return_state=True)
+    result = state.result()
+    assert len(result.disks[0].accepted) == 140
+    assert {r.key: r.detail for r in result.rejected}.keys() == bad.keys()
+    for r in result.rejected:
+        assert bad[r.key][1] in r.detail, r
+        assert not store.exists(r.key) and store.exists(layout.quarantine_key(r.key))
+    cat = check_replica(store, expected, tmp_path)
+    assert cat.applied_seq(0) == 139 and cat.manifests and len(catalog_logs(store, cat)) == 140
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    validations = [t for t in runs if t.name.startswith("validate ")]
+    assert len(validations) == -(-143 // BATCH_LOGS), [t.name for t in runs]
+    # The next ingest lists only after the newest accepted log: nothing new, nothing committed.
+    again = ingest(machine="m1", store=store.url)
+    assert again.disks[0].catalog_version == cat.version and not again.disks[0].accepted

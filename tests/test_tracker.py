@@ -16,7 +16,7 @@ import pytest
 
 from hotspare import layout
 from hotspare.capture.agent import Agent
-from hotspare.catalog import Catalog
+from hotspare.catalog import Catalog, catalog_logs
 from hotspare.ingest import ingest_disk
 from hotspare.machine import MachineConfig, parse_disk_arg, save_machine
 from hotspare.replay import apply_log, replay_catalog
@@ -69,7 +69,7 @@ def test_setup_leaves_every_byte_of_the_disk_unchanged(tmp_path: Path) -> None:
         assert seed.logs and seed.served_at.startswith("nbd+unix:///root?socket=")
     assert replica_equals(tmp_path, store, cfg, image)
     cat = ingest_all(store, cfg)
-    assert all(lg.cut and lg.consistent for lg in cat.logs if lg.cut)
+    assert all(lg.cut and lg.consistent for lg in catalog_logs(store, cat) if lg.cut)
 
 
 def test_ships_exactly_the_writes_and_an_idle_cycle_ships_nothing(tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def _cuts_are_crash_consistent(tmp_path: Path, store, cfg) -> int:
     fd = os.open(state, os.O_RDWR)
     cuts = 0
     try:
-        for lg in sorted(cat.logs, key=lambda lg: lg.first_seq):
+        for lg in catalog_logs(store, cat):
             apply_log(store, lg.key, fd)
             if lg.cut:
                 assert lg.consistent
@@ -258,7 +258,7 @@ def test_state_that_the_store_does_not_hold_is_reseeded(tmp_path: Path) -> None:
     r = cli("agent", "m1", "--once", env={**env, "HOTSPARE_STORE": store2.url})
     assert "re-seeding" in r.stdout, r.stdout
     cat = ingest_all(store2, cfg)
-    assert cat.logs[0].first_seq == 0 and not cat.resync_from
+    assert catalog_logs(store2, cat)[0].first_seq == 0 and not cat.resync_from
     replica = tmp_path / "replica2.raw"
     replay_catalog(store2, cat, replica)
     assert same_file(image, replica)

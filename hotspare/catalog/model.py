@@ -1,12 +1,20 @@
-"""Catalog entries as pydantic models: the JSON a commit writes is their dump."""
+"""Catalog entries as pydantic models: the JSON a commit writes is their dump.
+
+A catalog holds its newest accepted logs inline (``tail``) and names the older ones through
+:class:`ManifestRef` entries; :func:`hotspare.catalog.manifest.catalog_logs` gives the whole
+list. Catalogs of format 1 hold every accepted log inline (their JSON key was ``logs``) and
+no manifests; they read as catalogs whose tail is the whole list.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 
-CATALOG_FORMAT = 1
+from hotspare import layout
+
+CATALOG_FORMAT = 2  # 2: the tail inline, older logs in manifests
 # The catalog keeps this many rejections for the operator to read; the reason files in
 # quarantine keep them all.
 REJECTED_KEPT = 100
@@ -35,6 +43,22 @@ class AcceptedLog(BaseModel):
     @property
     def position(self) -> tuple[int, int]:
         return (self.epoch, self.last_seq)
+
+
+Position = tuple[int, int]
+
+
+class ManifestRef(BaseModel):
+    """A manifest the catalog names: a create-only object holding a batch of accepted logs,
+    in position order. The catalog keeps its digest so a reader knows it got those bytes."""
+
+    key: str
+    level: int = Field(0, ge=0, description="merges it went through (see hotspare.catalog.segments)")
+    count: int = Field(ge=1, description="accepted logs in it")
+    first: Position = Field(description="the lowest position of its logs")
+    last: Position = Field(description="the highest position of its logs")
+    size: int = Field(ge=0, description="bytes of the object")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class RejectedLog(BaseModel):
@@ -76,7 +100,11 @@ class Catalog(BaseModel):
     disk_size: int = Field(gt=0)
     epoch: int = Field(0, ge=0, description="the epoch whose logs are accepted now")
     applied: dict[int, int] = Field(default_factory=dict, description="epoch -> last applied seq")
-    logs: list[AcceptedLog] = Field(default_factory=list)
+    tail: list[AcceptedLog] = Field(default_factory=list, validation_alias=AliasChoices("tail", "logs"),
+                                    description="the newest accepted logs, inline; the older ones are in manifests")
+    manifests: list[ManifestRef] = Field(default_factory=list, description="the older accepted logs, in batches")
+    newest: dict[int, str] = Field(default_factory=dict,
+                                   description="epoch -> key of its newest accepted log (ingest lists after it)")
     rejected: list[RejectedLog] = Field(default_factory=list)
     fences: list[Fence] = Field(default_factory=list)
     points: list[RecoveryPoint] = Field(default_factory=list)
@@ -86,6 +114,21 @@ class Catalog(BaseModel):
     # Set when a rejected log leaves a hole in the chain: the agent re-sends the disk's
     # content with a log whose resync_from equals this seq, which closes the hole.
     resync_from: int | None = None
+
+    @model_validator(mode="after")
+    def _newest_from_tail(self) -> "Catalog":
+        # Format 1 had no ``newest``; and a tail always holds the newest logs it names.
+        for lg in self.tail:
+            known = self.newest.get(lg.epoch)
+            seqs = layout.parse_log_name(known) if known else None
+            if seqs is None or lg.last_seq > seqs[1]:
+                self.newest[lg.epoch] = lg.key
+        return self
+
+    @property
+    def log_count(self) -> int:
+        """Accepted logs in the window (inline and in manifests), without reading a manifest."""
+        return len(self.tail) + sum(m.count for m in self.manifests)
 
     def applied_seq(self, epoch: int) -> int:
         """The last applied seq of ``epoch`` (-1 when nothing was applied)."""
@@ -98,9 +141,6 @@ class Catalog(BaseModel):
         """The point whose VHD plays ``role`` (current or base)."""
         key = self.vhd.get(role)
         return next((p for p in self.points if p.vhd == key), None) if key else None
-
-    def accepted_keys(self) -> set[str]:
-        return {log.key for log in self.logs}
 
     def next(self, **changes) -> "Catalog":
         """A copy as the next version, with ``changes`` applied."""

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from hotspare.catalog import Catalog, RecoveryPoint
+from hotspare.catalog import Catalog, RecoveryPoint, catalog_logs
 from hotspare.consolidate.point import disk_uuid
 from hotspare.errors import UsageError
 from hotspare.replay import apply_logs
@@ -83,8 +83,7 @@ def export_point(store: Store, catalog: Catalog, point: RecoveryPoint, fmt: Expo
     base = catalog.point("base")
     if base is None or point.position < base.position:
         raise UsageError(f"point {point.id} is older than the retention window")
-    logs = sorted((lg for lg in catalog.logs if base.position < lg.position <= point.position),
-                  key=lambda lg: (lg.epoch, lg.first_seq))
+    logs = catalog_logs(store, catalog, after=base.position, upto=point.position)
     with tempfile.TemporaryDirectory(dir=out.parent) as d:
         raw = Path(d) / "point.raw"
         with store.open(base.vhd, buffer_size=4 << 20) as f, open(raw, "wb") as r:

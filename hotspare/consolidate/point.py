@@ -8,7 +8,11 @@
 3. :func:`commit_point`: the next catalog version naming the point as current.
 4. :func:`retention_plan` / :func:`commit_retention`: advance ``base`` to the oldest kept
    point (composing its VHD from the old base and the logs between), drop older points,
-   fold their logs; after the commit, :func:`collect_garbage` deletes what no catalog names.
+   fold their logs (rewriting the manifest retention cuts through); after the commit,
+   :func:`collect_garbage` deletes what no catalog names (VHDs, folded logs, manifests).
+
+The accepted logs come from :func:`~hotspare.catalog.catalog_logs`, only for the range of
+positions a step needs, so a step reads the manifests of that range and no others.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from hotspare import layout
-from hotspare.catalog import AcceptedLog, Catalog, RecoveryPoint
+from hotspare.catalog import AcceptedLog, Catalog, RecoveryPoint, catalog_logs
+from hotspare.catalog.manifest import sweep_manifests
 from hotspare.catalog.model import utcnow
+from hotspare.catalog.segments import drop_through
 from hotspare.consolidate.build import PartJob, part_jobs, run_job
 from hotspare.consolidate.plan import VhdPlan, plan_vhd, previous_layout
 from hotspare.consolidate.sources import Sources, compute_sources
@@ -86,11 +92,12 @@ def prepare(store: Store, catalog: Catalog) -> VhdBuild | None:
     """The build of a new current point, or None when no log is newer than the current one."""
     current = catalog.point("current")
     after = current.position if current else (-1, -1)
-    cuts = [lg for lg in catalog.logs if lg.position > after and lg.cut]
+    logs = catalog_logs(store, catalog, after=after)
+    cuts = [lg for lg in logs if lg.cut]
     if not cuts:
         return None  # points are made at cuts only: logs of an unfinished cycle wait for theirs
-    newest = max(cuts, key=lambda lg: lg.position)
-    new = [lg for lg in catalog.logs if after < lg.position <= newest.position]
+    newest = cuts[-1]
+    new = [lg for lg in logs if lg.position <= newest.position]
     key = point_key(catalog.machine, catalog.disk, newest.epoch, newest.last_seq)
     return plan_build(store, catalog, catalog.vhd.get("current"), new, key)
 
@@ -156,23 +163,22 @@ def retention_plan(store: Store, catalog: Catalog, policy: Policy) -> VhdBuild |
         return None
     new_base = kept[0]
     key = point_key(catalog.machine, catalog.disk, new_base.epoch, new_base.seq)
-    logs = [lg for lg in catalog.logs if base.position < lg.position <= new_base.position]
+    logs = catalog_logs(store, catalog, after=base.position, upto=new_base.position)
     if key == catalog.vhd.get("current"):
         # The new base is the current point: its VHD exists, nothing to compose.
         return VhdBuild(key, base.vhd, logs, Sources([], {}, 0), None, new_base.time, exists=True)  # type: ignore[arg-type]
     return plan_build(store, catalog, base.vhd, logs, key)
 
 
-def commit_retention(catalog: Catalog, build: VhdBuild, policy: Policy) -> Catalog:
+def commit_retention(store: Store, catalog: Catalog, build: VhdBuild, policy: Policy) -> Catalog:
+    """The next catalog: base moved to the oldest kept point, the logs up to it dropped (a
+    manifest that straddles it is rewritten as a new one, create-only, for that version)."""
     kept = kept_points(catalog, policy)
     new_base = kept[0]
-    folded = dict(catalog.folded)
-    for lg in catalog.logs:
-        if lg.position <= new_base.position:
-            folded[lg.epoch] = max(folded.get(lg.epoch, -1), lg.last_seq)
+    manifests, tail, folded = drop_through(store, catalog, new_base.position, catalog.version + 1)
     points = [p.model_copy(update={"vhd": build.key}) if p.id == new_base.id else p for p in kept]
-    logs = [lg for lg in catalog.logs if lg.position > new_base.position]
-    return catalog.next(points=points, logs=logs, folded=folded, vhd={**catalog.vhd, "base": build.key})
+    return catalog.next(points=points, tail=tail, manifests=manifests, folded=folded,
+                        vhd={**catalog.vhd, "base": build.key})
 
 
 def _position_of(key: str) -> tuple[int, int] | None:
@@ -189,7 +195,8 @@ def collect_garbage(store: Store, catalog: Catalog, replaced: list[str] | None =
     ``replaced``: VHD keys this run's commit stopped naming (the previous current). Beyond
     those, only VHDs older than the base are swept: a VHD between base and current that no
     catalog names yet may be a concurrent run's new point or base, published and about to
-    be committed. Folded logs are deleted too."""
+    be committed. Folded logs are deleted too, and the manifests no catalog names that
+    were written for ``catalog``'s version or before (a newer one may be about to be named)."""
     named = set(catalog.vhd.values())
     base = catalog.point("base")
     deleted = 0
@@ -208,4 +215,4 @@ def collect_garbage(store: Store, catalog: Catalog, replaced: list[str] | None =
             if seqs and seqs[1] <= seq:
                 store.delete(o.key)
                 deleted += 1
-    return deleted
+    return deleted + sweep_manifests(store, catalog)

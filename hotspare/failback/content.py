@@ -26,7 +26,7 @@ import xxhash
 
 from hotspare import layout
 from hotspare.capture.state import zero_hashes
-from hotspare.catalog import AcceptedLog, Catalog, RecoveryPoint
+from hotspare.catalog import AcceptedLog, Catalog, RecoveryPoint, catalog_logs
 from hotspare.errors import HotspareError, InvalidObject, NotFound
 from hotspare.extentlog import Extent, LogWriter
 from hotspare.extentlog.schema import MAX_EXTENT
@@ -59,7 +59,7 @@ def replica_at(store: Store, catalog: Catalog, upto: Position) -> ReplicaAt:
     touched = replica_changes(store, catalog, base.position, upto)
     if touched is None:
         raise HotspareError(f"{where}: the logs from point {base.id} to {upto} are not all in the catalog")
-    logs = sorted((lg for lg in catalog.logs if base.position < lg.position <= upto), key=lambda lg: lg.position)
+    logs = catalog_logs(store, catalog, after=base.position, upto=upto)
     return ReplicaAt(catalog, upto, base, logs, touched)
 
 

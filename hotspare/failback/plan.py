@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from hotspare import layout
-from hotspare.catalog import Catalog
+from hotspare.catalog import Catalog, catalog_logs
 from hotspare.consolidate.sources import read_extent_columns
 from hotspare.errors import HotspareError, InvalidObject
 from hotspare.failback import ranges as rg
@@ -43,7 +43,7 @@ def replica_changes(store: Store, catalog: Catalog, after: Position, upto: Posit
     chain of logs is no longer whole in the catalog (retention folded some into the base)."""
     if upto <= after:
         return rg.EMPTY.copy()
-    logs = sorted((lg for lg in catalog.logs if after < lg.position <= upto), key=lambda lg: lg.position)
+    logs = catalog_logs(store, catalog, after=after, upto=upto)
     for epoch in range(after[0], upto[0] + 1):
         chain = [lg for lg in logs if lg.epoch == epoch]
         nxt = after[1] + 1 if epoch == after[0] else 0

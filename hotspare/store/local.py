@@ -197,10 +197,14 @@ class LocalStore(Store):
         """
         try:
             with os.scandir(directory) as it:
+                # Entries wholly at or before ``after`` are dropped before sorting: a listing
+                # after the newest of 150,000 logs sorts only what follows it. (An entry
+                # whose name ``after`` starts with may be a directory holding later keys.)
                 entries = [
-                    (dir_key + e.name + ("/" if e.is_dir(follow_symlinks=False) else ""), e)
+                    (key + ("/" if e.is_dir(follow_symlinks=False) else ""), e)
                     for e in it
                     if not e.name.startswith(TMP_PREFIX)
+                    and ((key := dir_key + e.name) > after or after.startswith(key))
                 ]
         except (FileNotFoundError, NotADirectoryError):
             return

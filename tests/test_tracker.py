@@ -285,7 +285,7 @@ def test_a_client_with_reconnect_delay_stalls_across_a_daemon_restart(tmp_path: 
     sock = tmp_path / "state" / "m1" / "serve" / "root.sock"
     opts = f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export=root," \
            "file.reconnect-delay=30"
-    client = subprocess.Popen(["qemu-io", "--image-opts", "-c", "write -P 0x61 1M 64k", "-c", "sleep 3000",
+    client = subprocess.Popen(["qemu-io", "--image-opts", "-c", "write -P 0x61 1M 64k", "-c", "sleep 8000",
                                "-c", "write -P 0x62 2M 64k", "-c", "flush", opts],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)

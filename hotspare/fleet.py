@@ -27,7 +27,6 @@ from hotspare.store.base import Store
 
 Job = Literal["ingest", "consolidate"]
 JOBS: tuple[Job, ...] = ("ingest", "consolidate")
-RESOURCE_PREFIX = "hotspare.machine."
 
 
 @dataclass(frozen=True)
@@ -49,11 +48,6 @@ class Survey:
         if self.error:
             return self.error
         return f"{self.pending_logs} new log(s), {self.unpointed_logs} accepted log(s) not in a point"
-
-
-def machine_name(value: str) -> str:
-    """A machine's name from its name or its event resource id (``hotspare.machine.<name>``)."""
-    return value.removeprefix(RESOURCE_PREFIX)
 
 
 def lease_name(machine: str) -> str:

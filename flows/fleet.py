@@ -79,14 +79,14 @@ def run_fleet(job: engine.Job, store: str | None, store_block: str | None, polic
 
 
 @flow(name="fleet-ingest", task_runner=ThreadPoolTaskRunner(max_workers=FLEET_PARALLEL))
-def fleet_ingest(store: str | None = None, store_block: str | None = None, busy_wait: float = 10.0) -> list[MachineRun]:
+def fleet_ingest(store: str | None = None, store_block: str | None = None, busy_wait: float = 30.0) -> list[MachineRun]:
     """Ingest the new extent logs of every protected machine that has some."""
     return run_fleet("ingest", store, store_block, None, busy_wait)
 
 
 @flow(name="fleet-consolidate", task_runner=ThreadPoolTaskRunner(max_workers=FLEET_PARALLEL))
 def fleet_consolidate(store: str | None = None, store_block: str | None = None, policy_block: str | None = None,
-                      busy_wait: float = 10.0) -> list[MachineRun]:
+                      busy_wait: float = 30.0) -> list[MachineRun]:
     """Ingest and consolidate every protected machine with logs that no recovery point holds;
     ``policy_block`` overrides every machine's own policy."""
     return run_fleet("consolidate", store, store_block, policy_block, busy_wait)

@@ -163,23 +163,37 @@ def test_one_deployment_covers_machines_protected_after_it(fleet_deployed: dict[
     assert {r["machine"]: r["outcome"] for r in rows} == {m: "done" for m in MACHINES}, rows
 
 
-def test_automations_pass_the_machine_name(fleet_deployed: dict[str, str], tmp_path: Path) -> None:
-    """An outside alert names only the resource id (no prefect.resource.name label): the
-    failover run the automation starts has ``machine: m9``, not ``hotspare.machine.m9``."""
+@pytest.mark.parametrize("trigger", ["alert-down", "heartbeat-loss"])
+def test_automations_pass_the_machine_name(fleet_deployed: dict[str, str], tmp_path: Path, trigger: str) -> None:
+    """An outside alert names only the resource id (no prefect.resource.name label), and a
+    proactive heartbeat-loss trigger fires with no event of its own: either way the failover
+    run the automation starts has ``machine: m9``, not ``hotspare.machine.m9``."""
     from deployments import automations as auto
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter
     from prefect.events import emit_event
 
+    from hotspare.machine import DiskSpec, MachineConfig, Policy
+
     failover_id = auto.deployment_id("failover/failover")
-    auto.apply([auto.alert_down(failover_id, {"store": str(tmp_path / "store")})])
+    params = {"store": str(tmp_path / "store")}
+    if trigger == "alert-down":
+        automation, event = auto.alert_down(failover_id, params), auto.DOWN
+    else:
+        cfg = MachineConfig(name="m9", disks=[DiskSpec(name="root", path="/dev/null", size=1 << 20)],
+                            policy=Policy(heartbeat_window=10))
+        automation, event = auto.heartbeat_loss(cfg, failover_id, params), auto.HEARTBEAT
+    auto.apply([automation])
     try:
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + 90
             runs = []
+            sent = 0
             while not runs:
-                assert time.monotonic() < deadline, "the alert automation started no failover run"
-                emit_event(event=auto.DOWN, resource={"prefect.resource.id": "hotspare.machine.m9"})
+                assert time.monotonic() < deadline, f"the {trigger} automation started no failover run"
+                if trigger == "alert-down" or sent < 3:  # heartbeats, then silence
+                    emit_event(event=event, resource={"prefect.resource.id": "hotspare.machine.m9"})
+                    sent += 1
                 time.sleep(3)
                 runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [failover_id]}))
             assert {r.parameters["machine"] for r in runs} == {"m9"}
@@ -187,7 +201,7 @@ def test_automations_pass_the_machine_name(fleet_deployed: dict[str, str], tmp_p
         # No failover run may be left for a later test's worker: drop the automation, let
         # the events in flight land, then delete every run it started.
         with get_client(sync_client=True) as client:
-            for a in client.read_automations_by_name("hotspare-alert-down"):
+            for a in client.read_automations_by_name(automation.name):
                 client.delete_automation(a.id)
             time.sleep(3)
             for r in client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [failover_id]})):

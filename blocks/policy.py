@@ -15,6 +15,13 @@ class MachinePolicy(Block):
     _block_type_name = "hotspare-machine-policy"
     _block_type_slug = "hotspare-machine-policy"
     _description = "How hotspare watches, fails over and retains a protected machine."
+    _code_example = """\
+    ```python
+    from blocks.policy import MachinePolicy
+
+    policy = MachinePolicy.load("BLOCK_NAME").policy()  # a hotspare.machine.Policy
+    ```
+    """
 
     heartbeat_window: int = Field(60, ge=10, title="Heartbeat window (s)",
                                   description="Seconds without a heartbeat before the machine counts as down.")

@@ -26,6 +26,13 @@ class HotspareStore(Block):
         "Where hotspare keeps extent logs, catalogs and consolidated VHDs: "
         "s3://bucket/prefix, file:///path or a directory."
     )
+    _code_example = """\
+    ```python
+    from blocks.store import HotspareStore
+
+    store = HotspareStore.load("BLOCK_NAME").open()  # a hotspare.store.Store
+    ```
+    """
 
     url: str = Field(
         default="./.hotspare/store",

@@ -23,6 +23,13 @@ class LocalQemuHostBlock(Block):
     _block_type_name = "hotspare-local-qemu"
     _block_type_slug = "hotspare-local-qemu"
     _description = "Run failed-over VMs with QEMU on the flow's machine."
+    _code_example = """\
+    ```python
+    from blocks.vmhost import LocalQemuHostBlock
+
+    host = LocalQemuHostBlock.load("BLOCK_NAME").host()  # a hotspare.vm.host.VmHost
+    ```
+    """
 
     qemu: str = Field("qemu-system-x86_64", title="QEMU binary")
     start_timeout: float = Field(30.0, gt=0, title="Start timeout (s)")
@@ -39,6 +46,13 @@ class DockerQemuHostBlock(Block):
     _block_type_name = "hotspare-docker-qemu"
     _block_type_slug = "hotspare-docker-qemu"
     _description = "Run failed-over VMs with QEMU in Docker containers."
+    _code_example = """\
+    ```python
+    from blocks.vmhost import DockerQemuHostBlock
+
+    host = DockerQemuHostBlock.load("BLOCK_NAME").host()  # a hotspare.vm.host.VmHost
+    ```
+    """
 
     base_url: str | None = Field(None, title="Docker daemon", description="e.g. unix:///var/run/docker.sock; empty: DOCKER_HOST")
     image: str = Field("hotspare/qemu-runner:bookworm", title="Runner image")
@@ -55,6 +69,13 @@ class Ec2HostBlock(Block):
     _block_type_name = "hotspare-ec2-host"
     _block_type_slug = "hotspare-ec2-host"
     _description = "Run failed-over VMs as EC2 instances."
+    _code_example = """\
+    ```python
+    from blocks.vmhost import Ec2HostBlock
+
+    host = Ec2HostBlock.load("BLOCK_NAME").host()  # a hotspare.vm.host.VmHost
+    ```
+    """
 
     region: str = Field(title="Region")
     instance_type: str = Field("t3.micro", title="Instance type")

@@ -10,8 +10,10 @@
 - ``hotspare-restore-heartbeat``: reactive. A restore-mode heartbeat of a fenced machine
   runs the ``failback`` deployment.
 
-The flows take ``machine`` as given by the event's resource id (``hotspare.machine.<m>``)
-and strip the prefix, so one automation serves every machine.
+Each action passes the machine's name as the ``machine`` parameter, rendered from the
+event's resource id (``hotspare.machine.<m>``) by Prefect's templating, so one automation
+serves every machine and a run's parameters read ``machine: web1``. (The resource id is used
+rather than the ``prefect.resource.name`` label because an outside alert may not set it.)
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from prefect.events.actions import RunDeployment
 from prefect.events.schemas.automations import EventTrigger, Posture
 
 from hotspare.errors import HotspareError
+from hotspare.failover import RESOURCE_PREFIX
 from hotspare.machine import MachineConfig
 
 HEARTBEAT = "hotspare.machine.heartbeat"
 DOWN = "hotspare.machine.down"
-MACHINE_PARAM = "{{ event.resource.id }}"
+# Jinja's replace filter: the resource id without its prefix, the machine's name.
+MACHINE_PARAM = "{{ event.resource.id | replace('" + RESOURCE_PREFIX + "', '', 1) }}"
 
 
 def _run(deployment_id, **params) -> RunDeployment:

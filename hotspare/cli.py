@@ -533,11 +533,13 @@ def vm_stop(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = None
 def deploy(machines: Annotated[Optional[list[str]], typer.Argument(help="machines (default: all)")] = None,
            store: StoreOpt = None,
            store_block: Annotated[Optional[str], typer.Option(help="store block the automations pass to flows")] = None) -> None:
-    """Apply the detection automations (heartbeat loss, alerts, restore) to the Prefect server."""
+    """Register hotspare's block types, then apply the detection automations (heartbeat
+    loss, alerts, restore) to the Prefect server."""
     from hotspare.machine import list_machines, load_machine
 
     st = _store(store)
     _flows()
+    _register_blocks()
     from deployments import automations as auto
 
     params = {"store_block": store_block} if store_block else {"store": st.url}
@@ -547,6 +549,15 @@ def deploy(machines: Annotated[Optional[list[str]], typer.Argument(help="machine
     items.append(auto.restore_heartbeat(auto.deployment_id("failback/failback"), params))
     for name in auto.apply(items):
         console.print(f"automation {name} applied")
+
+
+def _register_blocks() -> None:
+    """Register hotspare's block types, so the UI offers them (Blocks > +) before anyone
+    has saved one."""
+    from blocks import register_block_types
+
+    for slug in register_block_types():
+        console.print(f"block type {slug} registered")
 
 
 @app.command("demo-disk")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything hotspare and its tests need on a fresh Debian machine, idempotently:
 # system tools with apt-get where missing, then a virtualenv in .venv with the project.
-# Fast when everything is already there (one dpkg query, one pip check).
+# Fast when everything is already there (a few `command -v` and one hash of the lock file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,10 @@ declare -A need=(
   [qemu-img]=qemu-utils
   [qemu-io]=qemu-utils
   [qemu-system-x86_64]=qemu-system-x86
+  [qemu-storage-daemon]=qemu-system-common
+  [nbdinfo]=libnbd-bin
+  [fusermount3]=fuse3
+  [fio]=fio
   [xxhsum]=xxhash
   [vhdiinfo]=libvhdi-utils
 )
@@ -33,15 +37,21 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv" >&2
   "$py" -m venv .venv
 fi
+# The install is locked: constraints.txt holds the exact version of every package, so each
+# machine gets the set that was tested together. The stamp records the hash of
+# constraints.txt and pyproject.toml, so a change to either (a pull, an edit, a checkout)
+# re-installs, and an unchanged pair costs nothing.
 stamp=.venv/.hotspare-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: pip install -e .[test]" >&2
+want="$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: pip install -c constraints.txt -e .[test]" >&2
   # pip's own chatter goes to a log, shown only if the install fails.
-  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[test]'; } \
-      > .venv/pip.log 2>&1; then
+  if ! { .venv/bin/python -m pip install -q --upgrade pip \
+         && .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]' \
+         && .venv/bin/python -m pip check; } > .venv/pip.log 2>&1; then
     tail -50 .venv/pip.log >&2
     echo "setup: pip install failed (full log: .venv/pip.log)" >&2
     exit 1
   fi
-  touch "$stamp"
+  echo "$want" > "$stamp"
 fi

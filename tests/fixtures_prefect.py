@@ -35,8 +35,11 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
+    # The scheduler looks for deployments to schedule every 2 s instead of every 60 s, so a
+    # test of a schedule waits seconds (setting from prefect.settings.models.server.services).
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_UI_ENABLED="false", PREFECT_API_URL=url)
+               PREFECT_SERVER_UI_ENABLED="false", PREFECT_API_URL=url,
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([_prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

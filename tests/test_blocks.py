@@ -76,3 +76,147 @@ def test_protect_takes_a_vm_host_block_name(tmp_path) -> None:
     assert '"host": "lab-qemu"' in r.stdout
     r = cli("protect", "m1", "--disk", f"root={image}", "--host", "../evil", env=env, check=False)
     assert r.returncode == 1 and "VM host name '../evil' is invalid" in r.stderr
+
+
+# --- Blocks out of the box: `hotspare deploy` registers the types, and every command and
+# import path that README, prefect.yaml or a block names exists.
+
+import os  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from blocks import block_types  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.prefix) / "bin" / "prefect")
+COMMAND = re.compile(r"(?:^|[\s`(])(hotspare|prefect)((?: [a-z][a-z0-9-]*)+)")
+IMPORT = re.compile(r"from [\w.]+ import [\w, ]+")
+
+
+def _code(text: str) -> list[str]:
+    """The code in a text: fenced blocks and inline backtick spans."""
+    fenced = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    rest = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)
+    return fenced + re.findall(r"`([^`\n]+)`", rest)
+
+
+def _block_texts() -> list[str]:
+    out = []
+    for bt in block_types():
+        out += [bt.get_description() or "", bt.get_code_example() or "", bt.__doc__ or ""]
+        out += [f.description or "" for f in bt.model_fields.values()]
+    return out
+
+
+def _named() -> dict[str, list[str]]:
+    """Where each source names code: README, prefect.yaml (its comments and values), blocks."""
+    return {"README.md": _code((REPO / "README.md").read_text()),
+            "deployments/prefect.yaml": _code((REPO / "deployments" / "prefect.yaml").read_text()),
+            "block descriptions": [c for t in _block_texts() for c in _code(t)]}
+
+
+def _commands() -> dict[tuple[str, ...], str]:
+    found = {}
+    for source, snippets in _named().items():
+        for snippet in snippets:
+            for line in snippet.splitlines():
+                for prog, words in COMMAND.findall(line):
+                    found.setdefault((prog, *words.split()), source)
+    return found
+
+
+def test_the_docs_name_commands_and_imports() -> None:
+    """The scan below finds what it must check (a scan that finds nothing proves nothing)."""
+    commands = _commands()
+    assert ("hotspare", "deploy") in commands and ("prefect", "worker", "start") in commands
+    assert any(c[:2] == ("prefect", "deploy") for c in commands)
+    assert any("from blocks.store import HotspareStore" in s for ss in _named().values() for s in ss)
+
+
+def test_every_hotspare_command_the_docs_name_exists() -> None:
+    import typer
+
+    from hotspare.cli import app
+
+    root = typer.main.get_command(app)
+    missing = []
+    for (prog, *words), source in sorted(_commands().items()):
+        if prog != "hotspare":
+            continue
+        group = root
+        first = True
+        for w in words:
+            sub = getattr(group, "commands", {}).get(w)
+            if sub is None:
+                if first:
+                    missing.append(f"{source}: `hotspare {' '.join(words)}`: no command {w!r}")
+                break
+            group, first = sub, False
+    assert not missing, "\n".join(missing)
+
+
+def test_every_prefect_command_the_docs_name_exists() -> None:
+    missing = []
+    for (prog, *words), source in sorted(_commands().items()):
+        if prog != "prefect":
+            continue
+        r = subprocess.run([PREFECT, *words, "--help"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            missing.append(f"{source}: `prefect {' '.join(words)}` does not exist: {(r.stderr or r.stdout)[-300:]}")
+    assert not missing, "\n".join(missing)
+
+
+def test_every_import_the_docs_and_blocks_name_works(tmp_path) -> None:
+    """Each import line, run in a fresh interpreter outside the repository (as a user's
+    script or a worker would), from README, prefect.yaml and every block's code example."""
+    lines = sorted({m for ss in _named().values() for s in ss for m in IMPORT.findall(s)})
+    for bt in block_types():
+        example = bt.get_code_example() or ""
+        assert f"import {bt.__name__}" in example, f"block {bt.get_block_type_slug()}: its code example " \
+                                                   f"does not import {bt.__name__}:\n{example}"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for line in lines:
+        r = subprocess.run([sys.executable, "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, f"`{line}` fails: {r.stderr[-500:]}"
+
+
+def test_hotspare_deploy_registers_the_block_types(prefect_api: str, tmp_path) -> None:
+    """With none of hotspare's block types on the server, `hotspare deploy` registers them
+    all, and the snippet each one's page shows imports."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from tests.helpers import cli
+    from tests.test_deployments import deploy
+    from tests.test_failover import _drop_automations
+
+    slugs = [bt.get_block_type_slug() for bt in block_types()]
+    with get_client(sync_client=True) as client:
+        for slug in slugs:
+            try:
+                bt = client.read_block_type_by_slug(slug)
+            except ObjectNotFound:
+                continue
+            for doc in client.read_block_documents_by_type(slug):
+                client.delete_block_document(doc.id)
+            client.delete_block_type(bt.id)
+        for slug in slugs:
+            with pytest.raises(ObjectNotFound):
+                client.read_block_type_by_slug(slug)
+    env = {"PREFECT_API_URL": prefect_api, "HOTSPARE_REPO": str(REPO), "HOTSPARE_STORE_BLOCK": ""}
+    deploy({**os.environ, **env}, "failover", "failback")  # the automations' deployments
+    try:
+        out = cli("deploy", "--store", str(tmp_path / "store"), env=env).stdout
+    finally:
+        _drop_automations()
+    for slug in slugs:
+        assert f"block type {slug} registered" in out
+    with get_client(sync_client=True) as client:
+        for bt in block_types():
+            example = client.read_block_type_by_slug(bt.get_block_type_slug()).code_example
+            line = IMPORT.search(example or "")
+            assert line, f"{bt.get_block_type_slug()}: no import in its code example {example!r}"
+            r = subprocess.run([sys.executable, "-c", line.group(0)], cwd=tmp_path, capture_output=True, text=True)
+            assert r.returncode == 0, f"{bt.get_block_type_slug()}: `{line.group(0)}` fails: {r.stderr[-500:]}"

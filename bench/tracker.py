@@ -57,13 +57,13 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.scratch import scratch  # noqa: E402
-from hotspare.capture import qemu as qemu_mod  # noqa: E402
-from hotspare.capture.agent import Agent, CycleReport  # noqa: E402
-from hotspare.extentlog.reader import iter_extents  # noqa: E402
-from hotspare.machine import DEFAULT_BLOCK_SIZE, DiskSpec, MachineConfig, save_machine  # noqa: E402
-from hotspare.store import open_store  # noqa: E402
-from hotspare.store.base import Store  # noqa: E402
+from bench.scratch import scratch
+from hotspare.capture import qemu as qemu_mod
+from hotspare.capture.agent import Agent, CycleReport
+from hotspare.extentlog.reader import iter_extents
+from hotspare.machine import DEFAULT_BLOCK_SIZE, DiskSpec, MachineConfig, save_machine
+from hotspare.store import open_store
+from hotspare.store.base import Store
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BS = DEFAULT_BLOCK_SIZE
@@ -180,7 +180,7 @@ def fio(uri: str, out: Path, *, rw: str, bs: str, iodepth: int, seconds: float, 
             f"--output={out}", *extra]
     if background:
         return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    p = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 120)
+    p = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 120, check=False)
     if p.returncode != 0:
         raise RuntimeError(f"fio failed: {p.stderr.strip()[-2000:]}")
     res = fio_result(out)
@@ -360,7 +360,7 @@ class Running:
             if on_cycle:
                 on_cycle(r)
 
-        self.thread = threading.Thread(target=self.agent.run, kwargs=dict(interval=INTERVAL, once=False, on_cycle=cb),
+        self.thread = threading.Thread(target=self.agent.run, kwargs={"interval": INTERVAL, "once": False, "on_cycle": cb},
                                        daemon=True)
         self.thread.start()
 
@@ -384,7 +384,7 @@ def throughput(args, root: Path, daemons: list) -> dict:
     sock = root / "qemu-nbd.sock"
     ref_uri = f"nbd+unix:///root?socket={sock}"
     out = root / "fio.json"
-    workloads = {"seq": dict(rw="write", bs="64k", iodepth=16), "rand": dict(rw="randwrite", bs="4k", iodepth=32)}
+    workloads = {"seq": {"rw": "write", "bs": "64k", "iodepth": 16}, "rand": {"rw": "randwrite", "bs": "4k", "iodepth": 32}}
 
     def ref(w: str) -> dict:
         p = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), "-x", DISK, "--cache=writeback", "-t",
@@ -407,7 +407,9 @@ def throughput(args, root: Path, daemons: list) -> dict:
             try:
                 res = fio(ag.daemon.served_at(DISK), out, seconds=args.seconds, size=size, **workloads[w])
             finally:
-                run.stop()
+                t_end = time.monotonic()
+                run.stop()  # the cycle under way finishes: how far the agent lags behind the writes
+                lag = time.monotonic() - t_end
             c1, d1 = cpu_self_children()[0], proc_cpu(ag.daemon.pid())
             ag.daemon.stop()  # qemu-nbd needs the file: the daemon holds its lock
         res = dict(res)
@@ -415,7 +417,7 @@ def throughput(args, root: Path, daemons: list) -> dict:
         res["cycles"] = len(cyc)
         res["shipped"] = sum(d.data_bytes + d.zero_bytes for r in cyc for d in r.disks)
         res["cycle_s"] = [d.seconds for r in cyc for d in r.disks]
-        res["agent_cpu"], res["daemon_cpu"] = c1 - c0, d1 - d0
+        res["agent_cpu"], res["daemon_cpu"], res["lag"] = c1 - c0, d1 - d0, lag
         return res
 
     # The seed on the sparse disk, then one sequential pass with qemu-nbd so every block is
@@ -483,8 +485,10 @@ def report_throughput(args, best: dict) -> None:
     row("write latency p99 (ours with cycles / qemu-nbd)",
         lambda o, i, r: f"{o['clat_ns']['percentile'].get('99.000000', 0) / 1e3:,.0f} / "
                         f"{r['clat_ns']['percentile'].get('99.000000', 0) / 1e3:,.0f} us")
-    row("cycles during the run; mean / max cycle",
+    row("cycles during the run; mean / max cycle (incl. the last, which ends after fio)",
         lambda o, i, r: f"{o['cycles']}; {np.mean(o['cycle_s'] or [0]):.2f} / {max(o['cycle_s'] or [0]):.2f} s")
+    row("after fio ended, the cycle under way still took",
+        lambda o, i, r: f"{o['lag']:.1f} s")
     row("shipped by the agent during the run",
         lambda o, i, r: f"{o['shipped'] / MiB:,.0f} MiB ({o['shipped'] / max(1, o['io_bytes']):.2f}x the bytes written)")
     row("CPU during the run: agent / daemon",
@@ -528,7 +532,6 @@ def rpo(args, root: Path, kind: str, store: Store, daemons: list) -> dict:
     blocks = rng.choice(nblocks, n, replace=False)
     offsets = [int(half + b * BS + rng.integers(0, BS // 4096) * 4096) for b in blocks]
     rate = n / max(args.seconds, n / args.write_rate)
-    freezes: list[list[float]] = []  # [start, end] per freeze
     cycles: list[dict] = []  # per cycle that froze: freeze start/end, keys, cut upload end, cycle end
     puts: dict[str, float] = {}
     pending: dict = {}
@@ -554,10 +557,10 @@ def rpo(args, root: Path, kind: str, store: Store, daemons: list) -> dict:
         def on_cycle(r: CycleReport) -> None:
             if "start" in pending:
                 keys = [k for d in r.disks for k in d.logs]
-                cycles.append(dict(start=pending.pop("start"), end=pending.pop("end"), keys=keys,
-                                   cut=puts.get(keys[-1], time.monotonic()) if keys else time.monotonic(),
-                                   done=time.monotonic(), seconds=r.disks[0].seconds,
-                                   shipped=sum(d.data_bytes + d.zero_bytes for d in r.disks)))
+                cycles.append({"start": pending.pop("start"), "end": pending.pop("end"), "keys": keys,
+                                   "cut": puts.get(keys[-1], time.monotonic()) if keys else time.monotonic(),
+                                   "done": time.monotonic(), "seconds": r.disks[0].seconds,
+                                   "shipped": sum(d.data_bytes + d.zero_bytes for d in r.disks)})
 
         ag.qemu._freeze = freeze  # type: ignore[method-assign]
         store.put_file = put_file  # type: ignore[method-assign]
@@ -617,13 +620,13 @@ def rpo(args, root: Path, kind: str, store: Store, daemons: list) -> dict:
         cut_end = np.array([c["cut"] for c in cycles] + [np.nan])
         rpo_s = cut_end[found[ok]] - acks[ok]
         wait = np.array(list(starts) + [np.nan])[predicted] - acks
-        res = dict(n=n, rate=rate, rpo=rpo_s, wait=wait[~np.isnan(wait)], missing=int((~ok).sum()),
-                   same=int((found[ok] == predicted[ok]).sum()), earlier=int((found[ok] < predicted[ok]).sum()),
-                   later=int((found[ok] > predicted[ok]).sum()), cycles=len(cycles),
-                   cycle_s=np.array([c["done"] - c["start"] for c in cycles]),
-                   freeze_ms=np.array([(c["end"] - c["start"]) * 1e3 for c in cycles]),
-                   shipped=sum(c["shipped"] for c in cycles), wall=wall, agent_cpu=c1 - c0, daemon_cpu=d1 - d0,
-                   bg=bg_res, ag=ag)
+        res = {"n": n, "rate": rate, "rpo": rpo_s, "wait": wait[~np.isnan(wait)], "missing": int((~ok).sum()),
+                   "same": int((found[ok] == predicted[ok]).sum()), "earlier": int((found[ok] < predicted[ok]).sum()),
+                   "later": int((found[ok] > predicted[ok]).sum()), "cycles": len(cycles),
+                   "cycle_s": np.array([c["done"] - c["start"] for c in cycles]),
+                   "freeze_ms": np.array([(c["end"] - c["start"]) * 1e3 for c in cycles]),
+                   "shipped": sum(c["shipped"] for c in cycles), "wall": wall, "agent_cpu": c1 - c0, "daemon_cpu": d1 - d0,
+                   "bg": bg_res, "ag": ag}
         return res
 
 
@@ -723,9 +726,9 @@ class CostRun:
 
     def result(self) -> dict:
         self.nbd.close()
-        return dict(size=self.size, seed=self.seed, times=np.array(self.times), cpu=np.array(self.cpu),
-                    kids=np.array(self.kids), dcpu=np.array(self.dcpu), shipped=np.array(self.shipped),
-                    steps=dict(self.timers.acc), agent=self.agent)
+        return {"size": self.size, "seed": self.seed, "times": np.array(self.times), "cpu": np.array(self.cpu),
+                    "kids": np.array(self.kids), "dcpu": np.array(self.dcpu), "shipped": np.array(self.shipped),
+                    "steps": dict(self.timers.acc), "agent": self.agent}
 
 
 def cost(args, root: Path, store: Store, daemons: list) -> tuple[dict, dict]:
@@ -753,8 +756,8 @@ def idle(agent: Agent, seconds: float) -> dict:
     wall = time.monotonic() - t0
     s1, k1 = cpu_self_children()
     d1 = proc_cpu(agent.daemon.pid())
-    return dict(wall=wall, cycles=len(run.reports), agent=(s1 - s0) + (k1 - k0), children=k1 - k0, daemon=d1 - d0,
-                shipped=sum(d.data_bytes for _, r in run.reports for d in r.disks))
+    return {"wall": wall, "cycles": len(run.reports), "agent": (s1 - s0) + (k1 - k0), "children": k1 - k0, "daemon": d1 - d0,
+                "shipped": sum(d.data_bytes for _, r in run.reports for d in r.disks)}
 
 
 def report_cost(args, small: dict, big: dict, idles: dict[str, dict]) -> None:
@@ -769,7 +772,7 @@ def report_cost(args, small: dict, big: dict, idles: dict[str, dict]) -> None:
     for label, key, tgt in [("cycle time", "times", True), ("agent CPU (self + children)", None, True),
                             ("  of which children (qemu-img, nbdinfo)", "kids", False),
                             ("daemon CPU", "dcpu", False)]:
-        def m(r: dict) -> float:
+        def m(r: dict, key: str | None = key) -> float:
             return float(np.mean(r["cpu"] + r["kids"])) if key is None else float(np.mean(r[key]))
         ratio = m(big) / m(small)
         t.add_row(label, f"{m(big) * 1e3:,.1f} ms", f"{m(small) * 1e3:,.1f} ms", f"{ratio:.2f}",
@@ -811,7 +814,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0, help="seconds per fio run and at least per RPO run (default 4)")
     ap.add_argument("--store", choices=["local", "s3", "both"], default="both",
                     help="store(s) of the RPO and idle tests: local directory, SeaweedFS, or both (default)")
-    ap.add_argument("--rounds", type=int, default=2, help="throughput runs per contender, best counts (default 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="throughput runs per contender, best counts (default 3)")
     ap.add_argument("--writes", type=int, default=1200, help="RPO writes per store (default 1200)")
     ap.add_argument("--write-rate", type=float, default=200.0, help="RPO writes per second at most (default 200)")
     ap.add_argument("--bg-iops", type=int, default=250, help="background fio random 4 KiB IOPS in the RPO test (default 250)")
@@ -828,7 +831,7 @@ def main() -> int:
     only = set(args.only.split(","))
     for tool, pkg in [("qemu-storage-daemon", "qemu-system-common"), ("qemu-nbd", "qemu-utils"), ("fio", "fio"),
                       ("nbdinfo", "libnbd-bin"), ("fusermount3", "fuse3")]:
-        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, check=False).returncode != 0:
             console.print(f"[red]{tool} is missing: apt-get install {pkg}[/red]")
             return 2
     if args.small < 64 * MiB or args.big < args.small:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -160,8 +161,7 @@ class QemuTracker:
             w.next = f"hs-{top + 1}"
             fleece = self.daemon.view_dir / f"{d}.fleece.qcow2"
             fleece.unlink(missing_ok=True)
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(fleece), str(w.spec.size)],
-                           check=True, capture_output=True, timeout=60)
+            shutil.copyfile(self._fleece_template(w.spec), fleece)  # a copy, not a qemu-img run per cycle
             self.daemon.execute("blockdev-add", {"driver": "qcow2", "node-name": f"fl-{d}", "backing": node(d),
                                                  "file": {"driver": "file", "filename": str(fleece)}})
             actions.append({"type": "block-dirty-bitmap-add",
@@ -183,6 +183,16 @@ class QemuTracker:
             self.daemon.execute("block-export-add", export)
             self.daemon.execute("block-export-add", {"type": "fuse", "id": f"view-fuse-{d}", "node-name": f"fl-{d}",
                                                      "mountpoint": str(view), "writable": False})
+
+    def _fleece_template(self, spec: DiskSpec) -> str:
+        """An empty qcow2 of the disk's size, made once: each view starts as a copy of it."""
+        path = self.daemon.view_dir / f"{spec.name}.fleece-{spec.size}.template"
+        if not path.exists():
+            tmp = path.with_suffix(".new")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(spec.size)],
+                           check=True, capture_output=True, timeout=60)
+            os.replace(tmp, path)
+        return str(path)
 
     def _ship(self, w: DiskWork) -> None:
         spec, state = w.spec, w.state

@@ -157,16 +157,27 @@ def store(store_url: str) -> Iterator[Store]:
     s.close()
 
 
-@pytest.fixture(autouse=True)
-def _stop_storage_daemons(tmp_path: Path) -> Iterator[None]:
-    """Storage daemons outlive the agents that start them, by design: a test stops every
-    daemon it started (their pidfiles lie under its tmp_path) and unmounts their FUSE files."""
-    yield
-    for pidfile in tmp_path.rglob("qsd/pid"):
+def _kill_daemons_under(root: Path) -> None:
+    for pidfile in root.rglob("qsd/pid"):
         try:
             os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
         except (ValueError, ProcessLookupError, OSError):
             pass
     time.sleep(0.1)
-    for mnt in [*tmp_path.rglob("serve/*.img"), *tmp_path.rglob("view/*.img")]:
+    for mnt in [*root.rglob("serve/*.img"), *root.rglob("view/*.img")]:
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+
+
+@pytest.fixture(autouse=True)
+def _stop_storage_daemons(tmp_path: Path) -> Iterator[None]:
+    """Storage daemons outlive the agents that start them, by design: a test stops every
+    daemon it started (their pidfiles lie under its tmp_path) and unmounts their FUSE files."""
+    yield
+    _kill_daemons_under(tmp_path)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _stop_all_storage_daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """...and the session those that module fixtures started under the session's base."""
+    yield
+    _kill_daemons_under(tmp_path_factory.getbasetemp())

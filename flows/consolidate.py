@@ -19,7 +19,7 @@ from flows.ingest import ingest
 from hotspare.catalog import Catalog, commit_catalog, load_catalog
 from hotspare.catalog.model import utcnow
 from hotspare.consolidate import point as engine
-from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.errors import AlreadyExists, HotspareError, UsageError
 from hotspare.faults import crash_point
 from hotspare.machine import DiskSpec, Policy, load_machine
 from hotspare.store import Store
@@ -125,18 +125,25 @@ def advance_base(store: Store, machine: str, disk: DiskSpec, policy: Policy, out
     raise HotspareError(f"retention of {machine}/{disk.name} lost {MAX_RACES} races in a row")
 
 
+def load_policy(name: str) -> Policy:
+    """The policy of the machine policy block ``name``; UsageError when there is none."""
+    from blocks.policy import MachinePolicy
+
+    try:
+        return MachinePolicy.load(name).policy()
+    except ValueError as err:  # Prefect: "Unable to find block document named ..."
+        raise UsageError(f"--policy-block {name!r}: no machine policy block of that name "
+                         f"(create one in the Prefect UI, type hotspare-machine-policy): {err}") from None
+
+
 @flow(name="consolidate", flow_run_name="consolidate {machine}")
 def consolidate(machine: str, store: str | None = None, store_block: str | None = None,
                 policy_block: str | None = None) -> list[DiskConsolidation]:
     """Ingest, then compact the new logs of every disk of ``machine`` into recovery points."""
-    ingest(machine=machine, store=store, store_block=store_block)
     st = resolve_store(store, store_block)
     cfg = load_machine(st, machine)
-    policy = cfg.policy
-    if policy_block:
-        from blocks.policy import MachinePolicy
-
-        policy = MachinePolicy.load(policy_block).policy()
+    policy = load_policy(policy_block) if policy_block else cfg.policy  # before any work: a bad name fails fast
+    ingest(machine=machine, store=store, store_block=store_block)
     results = [consolidate_disk(st, machine, d, policy) for d in cfg.disks]
     create_table_artifact(
         [{"disk": r.disk, "point": r.point or "(nothing new)", "logs": r.logs, "bytes applied": r.bytes_applied,

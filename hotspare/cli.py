@@ -74,6 +74,10 @@ def _agent_state_dir(state_dir: str | None, machine: str) -> Path:
     return Path(root) / machine
 
 
+# The tracked block sizes DiskSpec accepts (a power of two from 4 KiB to 16 MiB), in KiB.
+MIN_BLOCK_KIB, MAX_BLOCK_KIB = 4, 16 << 10
+
+
 @app.command()
 def protect(
     machine: MachineArg,
@@ -92,6 +96,9 @@ def protect(
     from hotspare.machine import MachineConfig, Policy, load_machine, parse_disk_arg, save_machine
 
     layout.check_name("machine", machine)
+    if not MIN_BLOCK_KIB <= block_size_kib <= MAX_BLOCK_KIB or block_size_kib & (block_size_kib - 1):
+        raise typer.BadParameter(f"--block-size-kib {block_size_kib}: the block size must be a power of two "
+                                 f"from {MIN_BLOCK_KIB} to {MAX_BLOCK_KIB} KiB", param_hint="--block-size-kib")
     st = _store(store)
     disks = [parse_disk_arg(d, block_size_kib << 10) for d in disk]
     if len({d.name for d in disks}) != len(disks):

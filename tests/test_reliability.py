@@ -6,13 +6,18 @@ user would. Clock skew is simulated by writing heartbeats and logs with skewed t
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from hotspare import layout
 from hotspare.errors import UsageError
-from tests.helpers import cli, random_image
+from tests.helpers import HOTSPARE, cli, random_image, sha256_file
 
 SIZE = 8 << 20
 
@@ -27,3 +32,81 @@ def test_a_name_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
     r = cli("protect", "x\n", "--disk", f"root={image}", "--store", str(tmp_path / "store"), check=False)
     assert r.returncode != 0 and "invalid" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "store" / "machines").exists() or not any((tmp_path / "store" / "machines").iterdir())
+
+
+@pytest.mark.parametrize("kib", ["-64", "3", str(2**40), "0", "32768"])
+def test_a_bad_block_size_is_one_line_and_exit_2(tmp_path: Path, kib: str) -> None:
+    image = tmp_path / "disk.img"
+    random_image(image, SIZE)
+    r = cli("protect", "m1", "--disk", f"root={image}", "--block-size-kib", kib, "--store", str(tmp_path / "store"),
+            check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "power of two" in r.stderr, r.stderr
+    assert not (tmp_path / "store" / "machines" / "m1").exists()
+
+
+def _one_line_error(r) -> str:
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    return errors[0]
+
+
+@contextlib.contextmanager
+def tiny_filesystem(where: Path, size: str = "1m"):
+    """A directory on a file system of ``size`` (a tmpfs), so writes run out of space; None
+    when this process may not mount (then the caller limits the file size instead)."""
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        yield None
+        return
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def _consolidated(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A protected machine with one recovery point; (its disk image, the CLI environment)."""
+    image = tmp_path / "disk.img"
+    random_image(image, SIZE, fill=0.6)
+    env = {"HOTSPARE_STORE": str(tmp_path / "store"), "HOTSPARE_AGENT_STATE": str(tmp_path / "agent")}
+    cli("protect", "m1", "--disk", f"root={image}", env=env)
+    cli("agent", "m1", "--once", env=env)
+    cli("consolidate", "m1", env=env)
+    return image, env
+
+
+def test_cli_faults_are_one_line_errors(tmp_path: Path, prefect_api: str) -> None:
+    image, env = _consolidated(tmp_path)
+    line = _one_line_error(cli("consolidate", "m1", "--policy-block", "nope", env=env, check=False))
+    assert "nope" in line and "policy" in line, line
+
+    # A full file system: one line naming the file, and no temp file left behind.
+    with tiny_filesystem(tmp_path / "full") as full:
+        if full is None:
+            if os.environ.get("CI", "").lower() == "true" and os.geteuid() == 0:
+                pytest.fail("cannot mount a tmpfs as root")
+            full = tmp_path / "full"
+            limit = {"preexec_fn": _limit_file_size(1 << 20)}
+        else:
+            limit = {}
+        out = full / "m1.raw"
+        r = _run_cli(["export", "m1", "--disk", "root", "--out", str(out), "--format", "raw"], env, **limit)
+        line = _one_line_error(r)
+        assert str(out) in line and "cannot write" in line, line
+        assert list(full.iterdir()) == [], list(full.iterdir())
+
+
+def _limit_file_size(limit: int):
+    def set_limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return set_limit
+
+
+def _run_cli(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([HOTSPARE, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env}, **kw)

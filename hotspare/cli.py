@@ -116,6 +116,15 @@ def protect(
     except AlreadyExists:
         pass
     old = load_machine(st, machine)
+    resized = [(d, o) for d in disks for o in old.disks if d.name == o.name and d.size != o.size]
+    if resized and [d.name for d in old.disks] == [d.name for d in disks]:
+        # The agent tells a resized disk to re-protect; this is the way that works.
+        d, o = resized[0]
+        raise UsageError(f"disk {d.name} of machine {machine} is now {d.size} bytes, its replica {o.size}: a replica "
+                         f"cannot change size in place. Protect the resized machine under a new name, which seeds a "
+                         f"new replica: hotspare protect {machine}-2 " + " ".join(f"--disk {x.name}={x.path}" for x in disks)
+                         + f" (then run its agent as {machine}-2); {machine}'s recovery points stay readable with "
+                         f"hotspare export {machine}")
     if [(d.name, d.size, d.block_size) for d in old.disks] != [(d.name, d.size, d.block_size) for d in disks]:
         raise UsageError(f"machine {machine} is already protected with other disks "
                          f"({', '.join(f'{d.name}={d.size}' for d in old.disks)}); disks cannot change in place")
@@ -298,10 +307,24 @@ def export(
     cfg.disk(disk)
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+    for d in cfg.disks:
+        if _same_path(out, Path(d.path)):
+            raise UsageError(f"--out {out} is disk {d.name} of protected machine {machine} ({d.path}): "
+                             "refusing to overwrite it; export to another file")
     p = find_point(cats[disk], point, when)
     progress = bar_factory(console)(f"export {p.id}", cats[disk].disk_size) if console.is_terminal else None
     export_point(st, cats[disk], p, fmt, out, progress)  # type: ignore[arg-type]
     console.print(f"exported {machine}/{disk} point {p.id} ({p.time.isoformat()}) to {out} as {fmt}")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name the same file (through links too)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def machine_status(st, machine: str) -> dict:

@@ -110,3 +110,39 @@ def _limit_file_size(limit: int):
 def _run_cli(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([HOTSPARE, *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env}, **kw)
+
+
+def test_export_never_overwrites_a_disk_of_the_machine(tmp_path: Path, prefect_api: str) -> None:
+    image, env = _consolidated(tmp_path)
+    before = sha256_file(image)
+    line = _one_line_error(cli("export", "m1", "--disk", "root", "--out", str(image), "--format", "raw",
+                               env=env, check=False))
+    assert str(image) in line and "protected" in line, line
+    link = tmp_path / "alias.img"
+    link.symlink_to(image)
+    _one_line_error(cli("export", "m1", "--disk", "root", "--out", str(link), "--format", "raw", env=env, check=False))
+    assert sha256_file(image) == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_resized_disk_is_told_a_way_that_works(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    random_image(image, SIZE)
+    env = {"HOTSPARE_STORE": str(tmp_path / "store"), "HOTSPARE_AGENT_STATE": str(tmp_path / "agent")}
+    cli("protect", "m1", "--disk", f"root={image}", env=env)
+    cli("agent", "m1", "--once", env=env)
+    with open(image, "r+b") as f:
+        f.truncate(2 * SIZE)
+    line = _one_line_error(cli("agent", "m1", "--once", env=env, check=False))
+    assert "re-protect" in line, line
+    line = _one_line_error(cli("protect", "m1", "--disk", f"root={image}", env=env, check=False))
+    assert "hotspare protect m1-2 --disk root=" in line, line
+    # What the message says works.
+    command = line.split("hotspare protect ", 1)[1].split(" (then", 1)[0].split()
+    cli("protect", *command, env=env)
+    r = cli("agent", "m1-2", "--once", env=env)
+    assert "shipped 1 log(s)" in r.stdout or "shipped" in r.stdout, r.stdout
+    from hotspare.machine import load_machine
+    from hotspare.store import open_store
+
+    assert load_machine(open_store(env["HOTSPARE_STORE"]), "m1-2").disks[0].size == 2 * SIZE

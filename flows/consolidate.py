@@ -18,9 +18,12 @@ from pydantic import BaseModel
 from flows.ingest import ingest
 from hotspare.catalog import Catalog, commit_catalog, load_catalog
 from hotspare.catalog.model import utcnow
+from hotspare.consolidate import damage
 from hotspare.consolidate import point as engine
-from hotspare.errors import AlreadyExists, HotspareError, UsageError
+from hotspare.consolidate.damage import DamagedObject
+from hotspare.errors import AlreadyExists, HotspareError, InvalidLog, UsageError
 from hotspare.faults import crash_point
+from hotspare.ingest import quarantine
 from hotspare.machine import DiskSpec, Policy, load_machine
 from hotspare.store import Store
 from tasks.common import resolve_store
@@ -79,10 +82,25 @@ def consolidate_disk(store: Store, machine: str, disk: DiskSpec, policy: Policy)
     out = DiskConsolidation(disk=disk.name)
     for _ in range(MAX_RACES):
         catalog = load_catalog(store, machine, disk.name, disk.size)
-        build = engine.prepare(store, catalog)
-        if build is None:
-            break
-        rewritten, copied, uploaded = build_vhd(store, build, f"{machine}/{disk.name}")
+        try:
+            build = engine.prepare(store, catalog)
+            if build is None:
+                break
+            rewritten, copied, uploaded = build_vhd(store, build, f"{machine}/{disk.name}")
+        except InvalidLog as err:
+            fix = damage.repair(catalog, err)
+            if fix is None:
+                raise
+            try:
+                commit_catalog(store, fix.catalog)
+            except AlreadyExists:
+                continue  # the catalog moved: re-plan (and re-check) from the new one
+            if fix.quarantine:
+                quarantine(store, fix.quarantine, fix.catalog.rejected[-1].reason)
+            if fix.wait_for_resync:
+                raise DamagedObject(fix.message) from err
+            logger.warning("%s", fix.message)
+            continue
         nxt = engine.commit_point(catalog, build)
         crash_point("consolidate-before-commit")
         try:

@@ -146,3 +146,102 @@ def test_a_resized_disk_is_told_a_way_that_works(tmp_path: Path) -> None:
     from hotspare.store import open_store
 
     assert load_machine(open_store(env["HOTSPARE_STORE"]), "m1-2").disks[0].size == 2 * SIZE
+
+
+# -- finding 3: every read of accepted data checks the rows' checksums ---------------------
+
+def flip_a_data_bit(path: Path, row: int | None = None) -> int:
+    """Rewrite the log at ``path`` with one bit of one row's data flipped and its checksums
+    left as they were (a data page damaged at rest that still decodes); returns that row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hotspare.extentlog.schema import SCHEMA
+
+    pf = pq.ParquetFile(path)
+    table = pf.read()
+    data = table.column("data").to_pylist()
+    if row is None:
+        row = next(i for i, d in enumerate(data) if d is not None and any(d))
+    d = bytearray(data[row])
+    d[len(d) // 2] ^= 0x01
+    data[row] = bytes(d)
+    table = table.set_column(table.schema.get_field_index("data"), "data", pa.array(data, pa.large_binary()))
+    table = pa.Table.from_arrays(table.columns, schema=SCHEMA).replace_schema_metadata(pf.metadata.metadata)
+    tmp = path.with_name(path.name + ".new")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return row
+
+
+def test_replay_and_export_check_row_checksums(tmp_path: Path) -> None:
+    from hotspare.errors import InvalidLog
+    from hotspare.extentlog import Extent, write_log
+    from hotspare.replay import apply_log
+    from hotspare.store import open_store
+
+    st = open_store(str(tmp_path / "store"))
+    key = layout.log_key("m1", "root", 0, 0, 2)
+    path = tmp_path / "store" / key
+    path.parent.mkdir(parents=True)
+    write_log(str(path), [Extent(seq=i, offset=i << 20, length=65536, data=bytes([i + 1]) * 65536) for i in range(3)],
+              machine="m1", disk="root", epoch=0, disk_size=SIZE)
+    flip_a_data_bit(path, row=2)
+    out = tmp_path / "out.raw"
+    with open(out, "wb") as f:
+        f.truncate(SIZE)
+    fd = os.open(out, os.O_WRONLY)
+    try:
+        with pytest.raises(InvalidLog, match="row 2: checksum mismatch") as err:
+            apply_log(st, key, fd)
+    finally:
+        os.close(fd)
+    assert err.value.key == key and err.value.row == 2
+
+
+def _catalog(env: dict[str, str]):
+    from hotspare.catalog import load_catalog
+    from hotspare.store import open_store
+
+    return load_catalog(open_store(env["HOTSPARE_STORE"]), "m1", "root", SIZE)
+
+
+def _assert_export_is_the_disk(tmp_path: Path, env: dict[str, str], image: Path) -> None:
+    out = tmp_path / "export.raw"
+    cli("export", "m1", "--disk", "root", "--out", str(out), "--format", "raw", env=env)
+    assert sha256_file(out) == sha256_file(image), "the newest point differs from the disk"
+
+
+def _changed_and_ingested(image: Path, env: dict[str, str]) -> str:
+    """Write to the disk, ship and ingest it; the new accepted log's key."""
+    from tests.helpers import qemu_io
+
+    before = {lg.key for lg in _catalog(env).logs}
+    qemu_io(image, "write -P 0x5a 0 65536", "write -P 0xa5 1048576 131072", "write -P 0x33 4194304 65536")
+    cli("agent", "m1", "--once", env=env)
+    cli("ingest", "m1", env=env)
+    new = [lg.key for lg in _catalog(env).logs if lg.key not in before]
+    assert len(new) == 1, new
+    return new[0]
+
+
+def test_consolidation_checks_row_checksums_and_asks_for_a_resync(tmp_path: Path, prefect_api: str) -> None:
+    image, env = _consolidated(tmp_path)
+    key = _changed_and_ingested(image, env)
+    store_root = Path(env["HOTSPARE_STORE"])
+    row = flip_a_data_bit(store_root / key)
+    before = _catalog(env)
+
+    line = _one_line_error(cli("consolidate", "m1", env=env, check=False))
+    assert key in line and f"row {row}" in line and "checksum" in line, line
+    after = _catalog(env)
+    assert after.points == before.points and after.vhd == before.vhd, "no point made from a damaged log"
+    assert after.resync_from == before.applied_seq(0) + 1 and key not in after.accepted_keys()
+    assert (store_root / layout.quarantine_key(key)).is_file() and not (store_root / key).exists()
+    assert "resync" in line
+
+    r = cli("agent", "m1", "--once", env=env)
+    assert "(resync)" in r.stdout, r.stdout
+    cli("consolidate", "m1", env=env)
+    assert _catalog(env).resync_from is None
+    _assert_export_is_the_disk(tmp_path, env, image)

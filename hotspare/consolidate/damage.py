@@ -1,0 +1,60 @@
+"""The way back from an object the catalog names that is damaged.
+
+- damaged log: an accepted log that is gone from the store, does not decode, or whose rows
+  fail their checksums. It cannot be replayed, so the catalog drops it (recording why, and
+  the log goes to quarantine), and asks the agent to re-send the disk (``resync_from``): a
+  resync re-sends every block, so it supersedes what the lost log held. Until it arrives no
+  point is made past the lost log: the accepted logs after it lose their cut.
+
+Points, logs and VHDs that are sound are never touched; older catalog versions keep the
+history as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hotspare.catalog import Catalog, RejectedLog
+from hotspare.errors import HotspareError, InvalidLog
+
+
+class DamagedObject(HotspareError):
+    """Consolidation stopped at a missing or damaged object; the message says how it recovers."""
+
+
+@dataclass
+class Repair:
+    catalog: Catalog  # the next catalog version, to commit create-only
+    message: str  # what happened and what recovers it
+    quarantine: str | None = None  # the damaged log to move to quarantine after the commit
+    wait_for_resync: bool = False  # nothing more can be consolidated until the agent re-sends
+
+
+def repair(catalog: Catalog, err: HotspareError) -> Repair | None:
+    """The repair of ``catalog`` for ``err``, or None when ``err`` is not damage of an object
+    this catalog names (then it is re-raised as it is)."""
+    current = catalog.point("current")
+    bad = next((lg for lg in catalog.logs if isinstance(err, InvalidLog) and lg.key == err.key), None)
+    # Only a log past the current point: older ones hold points between base and current,
+    # and rebuilding a base without them would be silently wrong.
+    if bad is not None and (current is None or bad.position > current.position):
+        return _drop_log(catalog, err)  # type: ignore[arg-type]
+    return None
+
+
+def _resync_from(catalog: Catalog) -> int:
+    return catalog.applied_seq(catalog.epoch) + 1
+
+
+def _drop_log(catalog: Catalog, err: InvalidLog) -> Repair:
+    bad = next(lg for lg in catalog.logs if lg.key == err.key)
+    logs = [lg if lg.position < bad.position else lg.model_copy(update={"cut": False})
+            for lg in catalog.logs if lg.key != err.key]
+    seq = _resync_from(catalog)
+    reason = f"accepted, then found damaged by consolidation: {err.detail}"
+    nxt = catalog.next(logs=logs, rejected=catalog.rejected + [RejectedLog(key=err.key, reason=reason)],
+                       resync_from=seq)
+    return Repair(nxt, f"{err}: the log cannot be replayed; nothing was consolidated past it. It was dropped from "
+                       f"the catalog (v{nxt.version}) and quarantined, and the agent is asked to re-send the disk "
+                       f"(resync from seq {seq}): run the agent, then consolidate again",
+                  quarantine=err.key, wait_for_resync=True)

@@ -20,7 +20,7 @@ from hotspare.catalog import Catalog, commit_catalog, load_catalog
 from hotspare.catalog.model import utcnow
 from hotspare.consolidate import damage
 from hotspare.consolidate import point as engine
-from hotspare.consolidate.damage import DamagedObject
+from hotspare.consolidate.damage import DamagedObject, DamagedVhd
 from hotspare.errors import AlreadyExists, HotspareError, InvalidLog, UsageError
 from hotspare.faults import crash_point
 from hotspare.ingest import quarantine
@@ -87,7 +87,7 @@ def consolidate_disk(store: Store, machine: str, disk: DiskSpec, policy: Policy)
             if build is None:
                 break
             rewritten, copied, uploaded = build_vhd(store, build, f"{machine}/{disk.name}")
-        except InvalidLog as err:
+        except (InvalidLog, DamagedVhd) as err:
             fix = damage.repair(catalog, err)
             if fix is None:
                 raise

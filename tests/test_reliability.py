@@ -245,3 +245,59 @@ def test_consolidation_checks_row_checksums_and_asks_for_a_resync(tmp_path: Path
     cli("consolidate", "m1", env=env)
     assert _catalog(env).resync_from is None
     _assert_export_is_the_disk(tmp_path, env, image)
+
+
+# -- finding 8: a way back from a missing or damaged object --------------------------------
+
+def test_a_deleted_accepted_log_asks_for_a_resync(tmp_path: Path, prefect_api: str) -> None:
+    image, env = _consolidated(tmp_path)
+    key = _changed_and_ingested(image, env)
+    (Path(env["HOTSPARE_STORE"]) / key).unlink()
+    before = _catalog(env)
+    line = _one_line_error(cli("consolidate", "m1", env=env, check=False))
+    assert key in line and "missing" in line and "resync" in line, line
+    after = _catalog(env)
+    assert after.points == before.points and after.resync_from == before.applied_seq(0) + 1
+    assert "(resync)" in cli("agent", "m1", "--once", env=env).stdout
+    cli("consolidate", "m1", env=env)
+    _assert_export_is_the_disk(tmp_path, env, image)
+
+
+def _truncate_current_vhd(env: dict[str, str]) -> str:
+    key = _catalog(env).vhd["current"]
+    path = Path(env["HOTSPARE_STORE"]) / key
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    return key
+
+
+def test_a_damaged_current_vhd_is_rebuilt_from_the_base(tmp_path: Path, prefect_api: str) -> None:
+    from tests.helpers import qemu_io
+
+    image, env = _consolidated(tmp_path)
+    _changed_and_ingested(image, env)
+    cli("consolidate", "m1", env=env)
+    cat = _catalog(env)
+    assert cat.vhd["base"] != cat.vhd["current"]
+    damaged = cat.point("current")
+    key = _truncate_current_vhd(env)
+    qemu_io(image, "write -P 0x77 2097152 65536")
+    cli("agent", "m1", "--once", env=env)
+    r = cli("consolidate", "m1", env=env)
+    assert "point 0-" in r.stdout, r.stdout
+    cat = _catalog(env)
+    assert key not in cat.vhd.values() and damaged.id in [p.id for p in cat.points]
+    _assert_export_is_the_disk(tmp_path, env, image)
+
+
+def test_a_damaged_only_vhd_names_itself_and_asks_for_a_resync(tmp_path: Path, prefect_api: str) -> None:
+    image, env = _consolidated(tmp_path)
+    key = _truncate_current_vhd(env)
+    _changed_and_ingested(image, env)
+    line = _one_line_error(cli("consolidate", "m1", env=env, check=False))
+    assert key in line and "resync" in line and "agent" in line, line
+    assert "(resync)" in cli("agent", "m1", "--once", env=env).stdout
+    r = cli("consolidate", "m1", env=env)
+    assert "point 0-" in r.stdout, r.stdout
+    assert key not in _catalog(env).vhd.values()
+    _assert_export_is_the_disk(tmp_path, env, image)

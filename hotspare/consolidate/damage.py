@@ -1,10 +1,15 @@
-"""The way back from an object the catalog names that is damaged.
+"""The way back from an object the catalog names that is missing or damaged.
 
 - damaged log: an accepted log that is gone from the store, does not decode, or whose rows
   fail their checksums. It cannot be replayed, so the catalog drops it (recording why, and
   the log goes to quarantine), and asks the agent to re-send the disk (``resync_from``): a
   resync re-sends every block, so it supersedes what the lost log held. Until it arrives no
   point is made past the lost log: the accepted logs after it lose their cut.
+- damaged current VHD: the newest point's VHD object is gone or does not parse. When the
+  base is another VHD, the damaged point becomes a point between base and current (base
+  plus its logs, which are kept) and the next point is rebuilt from the base. When it was
+  the only VHD, the disk's points are dropped and the agent is asked to re-send the disk,
+  from which the next point is built from nothing.
 
 Points, logs and VHDs that are sound are never touched; older catalog versions keep the
 history as it was.
@@ -16,6 +21,18 @@ from dataclasses import dataclass
 
 from hotspare.catalog import Catalog, RejectedLog
 from hotspare.errors import HotspareError, InvalidLog
+
+
+class DamagedVhd(HotspareError):
+    """A VHD object the catalog names is missing or does not parse."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.reason))
 
 
 class DamagedObject(HotspareError):
@@ -39,6 +56,8 @@ def repair(catalog: Catalog, err: HotspareError) -> Repair | None:
     # and rebuilding a base without them would be silently wrong.
     if bad is not None and (current is None or bad.position > current.position):
         return _drop_log(catalog, err)  # type: ignore[arg-type]
+    if isinstance(err, DamagedVhd) and err.key == catalog.vhd.get("current"):
+        return _drop_current(catalog, err)
     return None
 
 
@@ -58,3 +77,19 @@ def _drop_log(catalog: Catalog, err: InvalidLog) -> Repair:
                        f"the catalog (v{nxt.version}) and quarantined, and the agent is asked to re-send the disk "
                        f"(resync from seq {seq}): run the agent, then consolidate again",
                   quarantine=err.key, wait_for_resync=True)
+
+
+def _drop_current(catalog: Catalog, err: DamagedVhd) -> Repair:
+    base = catalog.vhd.get("base")
+    if base and base != err.key:
+        points = [p.model_copy(update={"vhd": ""}) if p.vhd == err.key else p for p in catalog.points]
+        nxt = catalog.next(points=points, vhd={**catalog.vhd, "current": base})
+        return Repair(nxt, f"{err}: the current VHD is damaged; its point is kept as base plus logs, and the next "
+                           f"point is rebuilt from the base {base} (catalog v{nxt.version})")
+    seq = _resync_from(catalog)
+    nxt = catalog.next(points=[], vhd={}, logs=[lg.model_copy(update={"cut": False}) for lg in catalog.logs],
+                       resync_from=seq)
+    return Repair(nxt, f"{err}: the current VHD is damaged and no other VHD of the disk can rebuild it. Its points "
+                       f"were dropped (catalog v{nxt.version}; v{catalog.version} keeps them) and the agent is asked "
+                       f"to re-send the disk (resync from seq {seq}): run the agent, then consolidate again to "
+                       "build a new point from it", wait_for_resync=True)

@@ -22,6 +22,7 @@ from hotspare import layout
 from hotspare.catalog import AcceptedLog, Catalog, RecoveryPoint
 from hotspare.catalog.model import utcnow
 from hotspare.consolidate.build import PartJob, part_jobs, run_job
+from hotspare.consolidate.damage import DamagedVhd
 from hotspare.consolidate.plan import VhdPlan, plan_vhd, previous_layout
 from hotspare.consolidate.sources import Sources, compute_sources
 from hotspare.errors import AlreadyExists, HotspareError, NotFound
@@ -67,8 +68,13 @@ def plan_build(store: Store, catalog: Catalog, previous: str | None, logs: list[
     sources = compute_sources(store, [lg.key for lg in logs], catalog.disk_size)
     prev_layout = None
     if previous is not None:
-        with store.open(previous) as f:
-            prev_layout = previous_layout(VhdReader(f, previous), previous)
+        try:
+            with store.open(previous) as f:
+                prev_layout = previous_layout(VhdReader(f, previous), previous)
+        except HotspareError as err:
+            if getattr(err, "transient", False):
+                raise
+            raise DamagedVhd(previous, getattr(err, "reason", None) or str(err)) from err
     plan = plan_vhd(catalog.disk_size, sources, previous, prev_layout)
     exists = False
     try:

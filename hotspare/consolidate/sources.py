@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hotspare.errors import InvalidLog, NotFound
 from hotspare.extentlog.reader import open_parquet, read_row_group
 from hotspare.extentlog.schema import SECTOR, zero_checksum
 from hotspare.store.base import Store
@@ -84,8 +85,12 @@ def read_extent_columns(store: Store, key: str) -> tuple[np.ndarray, np.ndarray,
 
 
 def open_accepted(store: Store, key: str):
-    """An accepted log opened for reading."""
-    return store.open(key)
+    """An accepted log opened for reading; InvalidLog when it is gone from the store (it was
+    accepted, so it is damage, handled like any damaged log)."""
+    try:
+        return store.open(key)
+    except NotFound:
+        raise InvalidLog(key, "missing from the store (deleted after it was accepted)") from None
 
 
 def compute_sources(store: Store, log_keys: list[str], disk_size: int) -> Sources:

@@ -331,7 +331,7 @@ def machine_status(st, machine: str) -> dict:
     """What ``hotspare status`` reports for one machine, as plain data."""
     from hotspare.catalog import load_catalog
     from hotspare.catalog.model import utcnow
-    from hotspare.heartbeat import load_heartbeat
+    from hotspare.heartbeat import SKEW_REPORTED, load_heartbeat
     from hotspare.machine import load_machine
     from hotspare.state import load_state
 
@@ -354,6 +354,9 @@ def machine_status(st, machine: str) -> dict:
         "since": (state.at if state.version else cfg.created_at).isoformat(),
         "phase": state.phase or None, "host": state.host, "vm": state.vm,
         "heartbeat": None if hb is None else {"time": hb.time.isoformat(), "age_seconds": round(hb.age, 1),
+                                              "received": hb.received_at.isoformat() if hb.received_at else None,
+                                              "clock_skew_seconds": None if hb.skew is None else round(hb.skew, 1),
+                                              "clock_skewed": hb.skew is not None and abs(hb.skew) > SKEW_REPORTED,
                                               "mode": hb.mode, "epoch": hb.epoch,
                                               "fresh": hb.age <= cfg.policy.heartbeat_window,
                                               "restore": hb.restore.model_dump(mode="json") if hb.restore else None},
@@ -380,6 +383,8 @@ def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (
     for r in report:
         hb = r["heartbeat"]
         hb_text = "never" if hb is None else f"{hb['age_seconds']:.0f}s ago ({hb['mode']})" + ("" if hb["fresh"] else " SILENT")
+        if hb is not None and hb["clock_skewed"]:
+            hb_text += f"; agent clock {hb['clock_skew_seconds']:+.0f}s off the store's"
         vm = f"{r['host']}:{r['vm'].get('vm_id', '?')}" if r["vm"] else ""
         for i, (d, info) in enumerate(r["disks"].items()):
             lag = "" if info["lag_seconds"] is None else f"{info['lag_seconds']:.0f}s"

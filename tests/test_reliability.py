@@ -11,6 +11,8 @@ import os
 import resource
 import signal
 import subprocess
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -301,3 +303,58 @@ def test_a_damaged_only_vhd_names_itself_and_asks_for_a_resync(tmp_path: Path, p
     assert "point 0-" in r.stdout, r.stdout
     assert key not in _catalog(env).vhd.values()
     _assert_export_is_the_disk(tmp_path, env, image)
+
+
+# -- findings 4 and 5: time that decides anything is the store's or the ingest's ----------
+
+def _protected(tmp_path: Path, st) -> None:
+    from hotspare.machine import MachineConfig, parse_disk_arg, save_machine
+
+    image = tmp_path / "disk.img"
+    random_image(image, SIZE)
+    save_machine(st, MachineConfig(name="m1", disks=[parse_disk_arg(f"root={image}")]), create_only=True)
+
+
+def _skewed_heartbeat(st, skew: timedelta) -> None:
+    """A heartbeat as an agent whose clock is ``skew`` off would write it."""
+    import json
+
+    from hotspare.catalog.model import utcnow
+
+    doc = {"machine": "m1", "mode": "normal", "epoch": 0, "time": (utcnow() + skew).isoformat(), "disks": {}}
+    st.put(layout.heartbeat_key("m1"), json.dumps(doc).encode())
+
+
+def test_a_live_machine_with_a_slow_clock_is_not_failed_over(tmp_path: Path, store) -> None:
+    from hotspare.cli import machine_status
+    from hotspare.failover import MachineAlive, check_silent
+    from hotspare.machine import load_machine
+    from hotspare.state import load_state
+
+    _protected(tmp_path, store)
+    _skewed_heartbeat(store, -timedelta(minutes=10))  # sent just now, by a clock 10 min slow
+    cfg = load_machine(store, "m1")
+    with pytest.raises(MachineAlive, match="refusing"):
+        check_silent(store, cfg, load_state(store, "m1"))
+    hb = machine_status(store, "m1")["heartbeat"]
+    assert hb["fresh"] and hb["age_seconds"] < 30 and hb["clock_skewed"], hb
+    assert -620 < hb["clock_skew_seconds"] < -580, hb
+
+
+def test_a_dead_machine_with_a_fast_clock_is_silent(tmp_path: Path) -> None:
+    from hotspare.cli import machine_status
+    from hotspare.failover import check_silent
+    from hotspare.machine import load_machine
+    from hotspare.state import load_state
+    from hotspare.store import open_store
+
+    st = open_store(str(tmp_path / "store"))
+    _protected(tmp_path, st)
+    _skewed_heartbeat(st, timedelta(days=1))
+    # ... and the store received it 10 minutes ago (the machine died since).
+    old = time.time() - 600
+    os.utime(tmp_path / "store" / layout.heartbeat_key("m1"), (old, old))
+    silence = check_silent(st, load_machine(st, "m1"), load_state(st, "m1"))
+    assert "last heartbeat 600s ago" in silence or "last heartbeat 599s ago" in silence, silence
+    hb = machine_status(st, "m1")["heartbeat"]
+    assert not hb["fresh"] and 590 < hb["age_seconds"] < 620 and hb["clock_skewed"], hb

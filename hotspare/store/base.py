@@ -16,6 +16,7 @@ import io
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO
 
 from hotspare.errors import StoreError
@@ -25,6 +26,9 @@ from hotspare.errors import StoreError
 class ObjectInfo:
     key: str
     size: int
+    # When the store received the object (S3 LastModified, a local file's mtime): the store's
+    # clock, not the writer's, so it decides ages (heartbeat freshness). None if unknown.
+    modified: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,11 @@ class Store(ABC):
     @abstractmethod
     def size(self, key: str) -> int:
         """The object's size in bytes; raises NotFound."""
+
+    def stat(self, key: str) -> ObjectInfo:
+        """The object's size and, where the backend knows it, when the store received it;
+        raises NotFound."""
+        return ObjectInfo(key, self.size(key))
 
     @abstractmethod
     def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:

@@ -26,6 +26,7 @@ import os
 import secrets
 import stat
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
 
 from hotspare.errors import AlreadyExists, NotFound, StoreError, UsageError
 from hotspare.store.base import (
@@ -174,12 +175,15 @@ class LocalStore(Store):
             os.close(fd)
 
     def size(self, key: str) -> int:
+        return self.stat(key).size
+
+    def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)
         with self._errors(key, reading=True):
             st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(self._name(key))
-        return st.st_size
+        return ObjectInfo(key, st.st_size, _mtime(st))
 
     def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         check_prefix(prefix)
@@ -217,10 +221,10 @@ class LocalStore(Store):
                 yield from self._walk(entry.path, key, prefix, after)
             elif key.startswith(prefix) and key > after and entry.is_file(follow_symlinks=False):
                 try:
-                    size = entry.stat(follow_symlinks=False).st_size
+                    st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # deleted since the scan
-                yield ObjectInfo(key, size)
+                yield ObjectInfo(key, st.st_size, _mtime(st))
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -342,6 +346,11 @@ class LocalStore(Store):
 
 
 # ------------------------------------------------------------------ file helpers
+
+
+def _mtime(st: os.stat_result) -> datetime:
+    """When the file was last written, by this machine's clock (the store's clock here)."""
+    return datetime.fromtimestamp(st.st_mtime, timezone.utc)
 
 
 def _check_range(offset: int, length: int) -> None:

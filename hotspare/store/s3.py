@@ -307,8 +307,12 @@ class S3Store(Store):
                 return body.read()
 
     def size(self, key: str) -> int:
+        return self.stat(key).size
+
+    def stat(self, key: str) -> ObjectInfo:
         with self._call(key):
-            return int(self._client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+            head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        return ObjectInfo(key, int(head["ContentLength"]), head.get("LastModified"))
 
     def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         check_prefix(prefix)
@@ -327,7 +331,7 @@ class S3Store(Store):
                 for obj in page.get("Contents", ()):
                     if obj["Key"].endswith("/"):
                         continue  # a "directory marker" some tools create, not an object
-                    yield ObjectInfo(obj["Key"][cut:], int(obj["Size"]))
+                    yield ObjectInfo(obj["Key"][cut:], int(obj["Size"]), obj.get("LastModified"))
 
     def delete(self, key: str) -> None:
         with self._call(key):

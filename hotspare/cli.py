@@ -345,7 +345,7 @@ def machine_status(st, machine: str) -> dict:
         disks[d.name] = {
             "size": d.size, "catalog_version": cat.version, "applied_seq": cat.applied_seq(cat.epoch),
             "newest_point": cur.id if cur else None, "newest_point_time": cur.time.isoformat() if cur else None,
-            "lag_seconds": round((utcnow() - cur.time).total_seconds(), 1) if cur else None,
+            "lag_seconds": round(max(0.0, (utcnow() - cur.time).total_seconds()), 1) if cur else None,
             "logs_not_consolidated": sum(1 for lg in cat.logs if not cur or lg.position > cur.position),
             "fenced_epochs": [f.epoch for f in cat.fences],
         }

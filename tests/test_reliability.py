@@ -358,3 +358,58 @@ def test_a_dead_machine_with_a_fast_clock_is_silent(tmp_path: Path) -> None:
     assert "last heartbeat 600s ago" in silence or "last heartbeat 599s ago" in silence, silence
     hb = machine_status(st, "m1")["heartbeat"]
     assert not hb["fresh"] and 590 < hb["age_seconds"] < 620 and hb["clock_skewed"], hb
+
+
+def _ship(st, first: int, n: int, ts: datetime, fill: int) -> None:
+    """An agent's cycle of ``n`` writes stamped ``ts`` (a skewed clock), one log, a cut."""
+    import tempfile
+
+    from hotspare.extentlog import Extent, write_log
+
+    with tempfile.NamedTemporaryFile(suffix=".parquet") as f:
+        write_log(f.name, [Extent(seq=first + i, offset=i << 16, length=65536, data=bytes([fill]) * 65536, ts=ts)
+                           for i in range(n)], machine="m1", disk="root", epoch=0, disk_size=SIZE)
+        st.put_file(layout.log_key("m1", "root", 0, first, first + n - 1), f.name, create_only=True)
+
+
+def _consolidate_here(st) -> None:
+    """Ingest, then make the new current point, with the engine alone."""
+    from hotspare.catalog import commit_catalog, load_catalog
+    from hotspare.consolidate import point as engine
+    from hotspare.ingest import ingest_disk
+    from hotspare.machine import load_machine
+
+    disk = load_machine(st, "m1").disks[0]
+    ingest_disk(st, "m1", disk)
+    cat = load_catalog(st, "m1", "root", SIZE)
+    build = engine.prepare(st, cat)
+    assert build is not None
+    engine.run_build(st, build)
+    commit_catalog(st, engine.commit_point(cat, build))
+
+
+def test_retention_and_points_use_the_accepted_time_not_ts(tmp_path: Path) -> None:
+    from hotspare.catalog import load_catalog
+    from hotspare.catalog.model import utcnow
+    from hotspare.cli import machine_status
+    from hotspare.consolidate.export import find_point
+    from hotspare.consolidate.point import kept_points
+    from hotspare.machine import Policy
+    from hotspare.store import open_store
+
+    st = open_store(str(tmp_path / "store"))
+    _protected(tmp_path, st)
+    t0 = utcnow()
+    # The agent's clock 2 days slow: every point is young, and all are kept.
+    for i in range(3):
+        _ship(st, 3 * i, 3, utcnow() - timedelta(days=2), fill=i + 1)
+        _consolidate_here(st)
+    cat = load_catalog(st, "m1", "root", SIZE)
+    assert len(cat.points) == 3 and all(p.time >= t0 for p in cat.points), [p.time for p in cat.points]
+    assert len(kept_points(cat, Policy(retention_points=24, retention_hours=24))) == 3
+    # Then 2 days fast: --at now still finds the newest point, and the lag is not negative.
+    _ship(st, 9, 3, utcnow() + timedelta(days=2), fill=9)
+    _consolidate_here(st)
+    cat = load_catalog(st, "m1", "root", SIZE)
+    assert find_point(cat, at=utcnow()).id == cat.point("current").id == "0-11"
+    assert machine_status(st, "m1")["disks"]["root"]["lag_seconds"] >= 0

@@ -64,7 +64,9 @@ def _machine_disk(key: str) -> tuple[str, str]:
 
 def plan_build(store: Store, catalog: Catalog, previous: str | None, logs: list[AcceptedLog], key: str) -> VhdBuild:
     logs = sorted(logs, key=lambda lg: (lg.epoch, lg.first_seq))
-    timestamp = max((lg.captured_at or lg.accepted_at for lg in logs), default=utcnow())
+    # A point's time is when its newest log was accepted (the ingest's clock): never the
+    # agent's ``ts``, whose clock may be days off and would mislead retention and --at.
+    timestamp = max((lg.accepted_at for lg in logs), default=utcnow())
     sources = compute_sources(store, [lg.key for lg in logs], catalog.disk_size)
     prev_layout = None
     if previous is not None:

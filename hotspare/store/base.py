@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import BinaryIO
 
@@ -28,7 +28,8 @@ class ObjectInfo:
     size: int
     # When the store received the object (S3 LastModified, a local file's mtime): the store's
     # clock, not the writer's, so it decides ages (heartbeat freshness). None if unknown.
-    modified: datetime | None = None
+    # Not part of equality: two listings of the same objects are equal.
+    modified: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

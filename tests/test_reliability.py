@@ -413,3 +413,45 @@ def test_retention_and_points_use_the_accepted_time_not_ts(tmp_path: Path) -> No
     cat = load_catalog(st, "m1", "root", SIZE)
     assert find_point(cat, at=utcnow()).id == cat.point("current").id == "0-11"
     assert machine_status(st, "m1")["disks"]["root"]["lag_seconds"] >= 0
+
+
+# -- finding 9: transient store errors are retried at the store boundary ------------------
+
+def test_catalog_and_machine_reads_survive_truncated_bodies(tmp_path: Path, s3_env) -> None:
+    import uuid
+
+    from hotspare.catalog import load_catalog
+    from hotspare.machine import load_machine
+    from hotspare.store import open_store
+    from hotspare.store.s3 import S3Store
+    from tests.faultproxy import FaultProxy, Rule
+
+    bucket = f"hotspare-test-{uuid.uuid4().hex[:12]}"
+    s3_env.client().create_bucket(Bucket=bucket)
+    direct = open_store(f"s3://{bucket}/root")
+    _protected(tmp_path, direct)
+    for i in range(2):
+        _ship(direct, 3 * i, 3, datetime.now().astimezone(), fill=i + 1)
+        _consolidate_here(direct)
+    want_cfg, want_cat = load_machine(direct, "m1"), load_catalog(direct, "m1", "root", SIZE)
+
+    proxy = FaultProxy(s3_env.endpoint_url)
+    try:
+        st = S3Store(bucket, "root", endpoint_url=proxy.url)
+        # Every read a flow makes outside its tasks, each cut short twice (botocore does not
+        # retry a body cut short after its headers), a listing reset, heads throttled.
+        proxy.rules = [Rule("GET", "machine.json", "truncate", 2), Rule("GET", "catalog/HEAD", "truncate", 2),
+                       Rule("GET", "catalog/00000", "truncate", 2), Rule("GET", "list-type=2", "truncate", 2),
+                       Rule("GET", "list-type=2", "reset", 2), Rule("HEAD", "heartbeat", "503", 8)]
+        assert load_machine(st, "m1") == want_cfg
+        assert load_catalog(st, "m1", "root", SIZE) == want_cat
+        st.put(layout.heartbeat_key("m1"), b"{}")
+        assert st.stat(layout.heartbeat_key("m1")).size == 2
+        assert proxy.faults >= 10, proxy.rules
+        # A create-only write whose answer is lost after the server acted is still ours.
+        proxy.rules = [Rule("PUT", "state/00000", "truncate", 1)]
+        st.put(layout.state_key("m1", 1), b'{"x": 1}', create_only=True)
+        assert direct.get(layout.state_key("m1", 1)) == b'{"x": 1}'
+        st.close()
+    finally:
+        proxy.close()

@@ -28,7 +28,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 
-from hotspare.errors import AlreadyExists, NotFound, StoreError, UsageError
+from hotspare.errors import AlreadyExists, NotFound, StoreError, TransientStoreError, UsageError
 from hotspare.store.base import (
     CopyRange,
     ObjectInfo,
@@ -38,9 +38,12 @@ from hotspare.store.base import (
     check_key,
     check_prefix,
     check_receipts,
+    retrying,
 )
 
 TMP_PREFIX = ".tmp-"
+# errnos a network file system (NFS, SMB, FUSE) returns for a fault that may pass: retried.
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY}
 _COPY_CHUNK = 64 << 20  # bytes per copy_file_range/sendfile/read call
 
 
@@ -86,6 +89,8 @@ class LocalStore(Store):
             name = self._name(key)
             if reading and err.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
                 raise NotFound(name) from err
+            if err.errno in _TRANSIENT_ERRNOS:
+                raise TransientStoreError(name, err.strerror or str(err)) from err
             raise StoreError(name, err.strerror or str(err)) from err
 
     def _open_read(self, key: str) -> int:
@@ -138,7 +143,10 @@ class LocalStore(Store):
             with self._errors(key, reading=False):
                 _write_all(fd, memoryview(data))
 
-        self._write(key, create_only, fill)
+        if create_only:
+            self._write(key, create_only, fill)  # a retry could not tell its own link from a rival's
+        else:
+            retrying(lambda: self._write(key, create_only, fill))
 
     def put_file(self, key: str, path: str, *, create_only: bool = False) -> None:
         try:
@@ -159,6 +167,9 @@ class LocalStore(Store):
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         _check_range(offset, length)
+        return retrying(lambda: self._get_range(key, offset, length))
+
+    def _get_range(self, key: str, offset: int, length: int) -> bytes:
         fd = self._open_read(key)
         try:
             with self._errors(key, reading=True):
@@ -167,6 +178,9 @@ class LocalStore(Store):
             os.close(fd)
 
     def get(self, key: str) -> bytes:
+        return retrying(lambda: self._get(key))
+
+    def _get(self, key: str) -> bytes:
         fd = self._open_read(key)
         try:
             with self._errors(key, reading=True):
@@ -178,6 +192,9 @@ class LocalStore(Store):
         return self.stat(key).size
 
     def stat(self, key: str) -> ObjectInfo:
+        return retrying(lambda: self._stat(key))
+
+    def _stat(self, key: str) -> ObjectInfo:
         path = self._path(key)
         with self._errors(key, reading=True):
             st = os.stat(path)

@@ -440,16 +440,19 @@ def _report(state, what: str) -> None:
 def failover_cmd(machine: MachineArg, store: StoreOpt = None,
                  approve: Annotated[bool, typer.Option(help="approve now instead of waiting in the Prefect UI")] = False,
                  vm_dir: VmDirOpt = None,
-                 expect_marker: Annotated[bool, typer.Option(help="wait for the demo guest's marker")] = True) -> None:
+                 expect_marker: Annotated[bool, typer.Option(help="wait for the demo guest's marker")] = True,
+                 boot_timeout: Annotated[float, typer.Option(help="seconds the VM has to show its marker")] = 120.0) -> None:
     """Fail MACHINE over to a VM booted from its replica (runs the failover flow)."""
     from hotspare.store import open_store
 
+    if not boot_timeout > 0:
+        raise typer.BadParameter("--boot-timeout must be a positive number of seconds")
     url = open_store(store).url
     _flows()
     from flows.failover import failover
 
     _report(failover(machine=machine, store=url, approve=approve, vm_dir=vm_dir, expect_marker=expect_marker,
-                     return_state=True), "failover")
+                     boot_timeout=boot_timeout, return_state=True), "failover")
 
 
 def _running_vm(st, machine: str, vm_dir: str | None):
@@ -458,10 +461,18 @@ def _running_vm(st, machine: str, vm_dir: str | None):
     from hotspare.vm.host import VmHandle
 
     state = load_state(st, machine)
-    if state.state != "failed-over" or not state.vm:
-        raise HotspareError(f"{machine} has no failed-over VM (state {state.state})")
-    handle = VmHandle.model_validate(state.vm)
-    return state, handle, _vm_host(state.host or "local"), engine.vm_dir(machine, vm_dir)
+    workdir = engine.vm_dir(machine, vm_dir)
+    host = _vm_host(state.host or "local") if state.state in ("failed-over", "failing-over") else None
+    vm = state.vm
+    if vm is None and host is not None and state.state == "failing-over":
+        # A failover that died between the launch and recording it: its VM's handle is in
+        # the work directory.
+        running = host.find_running(workdir)
+        vm = running.model_dump(mode="json") if running is not None else None
+    if host is None or not vm:
+        raise HotspareError(f"{machine} has no launched VM (state {state.state}"
+                            f"{', step ' + state.step if state.step else ''})")
+    return state, VmHandle.model_validate(vm), host, workdir
 
 
 def _vm_host(name: str):
@@ -511,9 +522,16 @@ def vm_stop(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = None
     cfg = load_machine(st, machine)
     state, handle, host, workdir = _running_vm(st, machine, vm_dir)
     engine.stop_capture(workdir)
-    keys = VmCapture(host, handle, st, disk=cfg.disks[0].name, epoch=state.epoch,
+    # A failing-over machine's VM writes the epoch after the fenced one (as vm capture does).
+    epoch = state.epoch + (1 if state.state == "failing-over" else 0)
+    keys = VmCapture(host, handle, st, disk=cfg.disks[0].name, epoch=epoch,
                      disk_size=cfg.disks[0].size).final_capture()
     commit_state(st, state.next(step="vm-stopped", vm=None))
+    if state.state == "failing-over":
+        console.print(f"stopped VM {handle.vm_id} of {machine}, launched by an unfinished failover; its writes went "
+                      f"out in {len(keys)} log(s). {machine} stays fenced (failing-over): run 'hotspare failover "
+                      f"{machine}' to boot it again.")
+        return
     console.print(f"stopped VM {handle.vm_id} of {machine}; its last writes went out in {len(keys)} log(s). "
                   f"The replica (epoch {state.epoch}) is the truth; run 'hotspare consolidate {machine}'.")
 

@@ -60,7 +60,8 @@ def tiny_filesystem(where: Path, size: str = "1m"):
     """A directory on a file system of ``size`` (a tmpfs), so writes run out of space; None
     when this process may not mount (then the caller limits the file size instead)."""
     where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                       check=False)
     if r.returncode != 0:
         yield None
         return
@@ -82,7 +83,7 @@ def _consolidated(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 def test_cli_faults_are_one_line_errors(tmp_path: Path, prefect_api: str) -> None:
-    image, env = _consolidated(tmp_path)
+    _, env = _consolidated(tmp_path)
     line = _one_line_error(cli("consolidate", "m1", "--policy-block", "nope", env=env, check=False))
     assert "nope" in line and "policy" in line, line
 
@@ -111,7 +112,7 @@ def _limit_file_size(limit: int):
 
 def _run_cli(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([HOTSPARE, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env}, **kw)
+                          env={**os.environ, **env}, check=False, **kw)
 
 
 def test_export_never_overwrites_a_disk_of_the_machine(tmp_path: Path, prefect_api: str) -> None:
@@ -455,3 +456,61 @@ def test_catalog_and_machine_reads_survive_truncated_bodies(tmp_path: Path, s3_e
         st.close()
     finally:
         proxy.close()
+
+
+# -- finding 12: a failed failover stops the VM it launched -----------------------------
+
+def _qemus(vm_id: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", f"guest={vm_id}"], capture_output=True, text=True,
+                          check=False).stdout.split()
+
+
+def _protect_broken_demo(tmp_path: Path, demo_disk: Path) -> dict[str, str]:
+    with open(demo_disk, "r+b") as f:
+        f.write(bytes(440))  # the MBR's boot code: the BIOS finds nothing to boot
+    env = {"HOTSPARE_STORE": str(tmp_path / "store"), "HOTSPARE_AGENT_STATE": str(tmp_path / "agent"),
+           "HOTSPARE_VM_DIR": str(tmp_path / "vms")}
+    cli("protect", "demo", "--disk", f"root={demo_disk}", "--heartbeat-window", "10", env=env)
+    cli("agent", "demo", "--once", "--quiet", env=env)
+    time.sleep(11)  # silent for longer than the window
+    return env
+
+
+def test_a_failover_that_fails_after_the_launch_stops_its_vm(tmp_path: Path, demo_disk: Path,
+                                                             prefect_api: str) -> None:
+    from hotspare.state import load_state
+    from hotspare.store import open_store
+    from hotspare.vm.host import load_handle
+
+    env = _protect_broken_demo(tmp_path, demo_disk)
+    r = cli("failover", "demo", "--approve", "--boot-timeout", "15", env=env, check=False)
+    handle = load_handle(tmp_path / "vms" / "demo")
+    try:
+        line = _one_line_error(r)
+        assert handle is not None and handle.vm_id in line and "stopped" in line and "no marker" in line, line
+        assert _qemus(handle.vm_id) == [], "the failed failover's VM still runs"
+        state = load_state(open_store(env["HOTSPARE_STORE"]), "demo")
+        assert state.state == "failing-over" and state.step == "boot-failed" and state.vm is None, state
+    finally:
+        if handle is not None and _qemus(handle.vm_id):
+            cli("vm", "stop", "demo", env=env, check=False)
+
+
+def test_vm_stop_stops_the_vm_of_an_unfinished_failover(tmp_path: Path, demo_disk: Path, prefect_api: str) -> None:
+    from hotspare.state import load_state
+    from hotspare.store import open_store
+    from hotspare.vm.host import load_handle
+
+    env = _protect_broken_demo(tmp_path, demo_disk)
+    r = cli("failover", "demo", "--approve", env={**env, "HOTSPARE_CRASH_AT": "failover-after-launch"}, check=False)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    handle = load_handle(tmp_path / "vms" / "demo")
+    assert handle is not None and _qemus(handle.vm_id), "the crashed failover left its VM running"
+    try:
+        r = cli("vm", "stop", "demo", env=env)
+        assert "unfinished failover" in r.stdout, r.stdout
+        assert _qemus(handle.vm_id) == []
+        assert load_state(open_store(env["HOTSPARE_STORE"]), "demo").state == "failing-over"
+    finally:
+        if _qemus(handle.vm_id):
+            subprocess.run(["kill", "-9", *_qemus(handle.vm_id)], check=False)

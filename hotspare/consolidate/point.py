@@ -50,8 +50,11 @@ class VhdBuild:
     logs: list[AcceptedLog]
     sources: Sources
     plan: VhdPlan
-    timestamp: datetime
+    timestamp: datetime  # the VHD's own timestamp: from the logs' contents, so a re-run rebuilds the same bytes
     exists: bool  # a crashed or concurrent run already published it
+    # The point's time: when its newest log was accepted (the ingest's clock), never the
+    # agent's ``ts``, whose clock may be days off and would mislead retention and --at.
+    point_time: datetime | None = None
 
     def jobs(self, store: Store, token: str) -> list[PartJob]:
         return part_jobs(self.plan, self.sources, self.key, token, disk_uuid(*_machine_disk(self.key)), self.timestamp)
@@ -64,9 +67,8 @@ def _machine_disk(key: str) -> tuple[str, str]:
 
 def plan_build(store: Store, catalog: Catalog, previous: str | None, logs: list[AcceptedLog], key: str) -> VhdBuild:
     logs = sorted(logs, key=lambda lg: (lg.epoch, lg.first_seq))
-    # A point's time is when its newest log was accepted (the ingest's clock): never the
-    # agent's ``ts``, whose clock may be days off and would mislead retention and --at.
-    timestamp = max((lg.accepted_at for lg in logs), default=utcnow())
+    timestamp = max((lg.captured_at or lg.accepted_at for lg in logs), default=utcnow())
+    point_time = max((lg.accepted_at for lg in logs), default=utcnow())
     sources = compute_sources(store, [lg.key for lg in logs], catalog.disk_size)
     prev_layout = None
     if previous is not None:
@@ -87,7 +89,7 @@ def plan_build(store: Store, catalog: Catalog, previous: str | None, logs: list[
         exists = True
     except NotFound:
         pass
-    return VhdBuild(key, previous, logs, sources, plan, timestamp, exists)
+    return VhdBuild(key, previous, logs, sources, plan, timestamp, exists, point_time)
 
 
 def prepare(store: Store, catalog: Catalog) -> VhdBuild | None:
@@ -139,7 +141,7 @@ def commit_point(catalog: Catalog, build: VhdBuild) -> Catalog:
     """The next catalog: the built point becomes current (and base, for the first point)."""
     newest = max(build.logs, key=lambda lg: lg.position)
     point = RecoveryPoint(id=f"{newest.epoch}-{newest.last_seq}", epoch=newest.epoch, seq=newest.last_seq,
-                          time=build.timestamp, vhd=build.key, bytes_applied=build.sources.applied_bytes,
+                          time=build.point_time or build.timestamp, vhd=build.key, bytes_applied=build.sources.applied_bytes,
                           consistent=newest.consistent)
     base = catalog.vhd.get("base") or build.key
     points = [p.model_copy(update={"vhd": p.vhd if p.vhd == base else ""}) for p in catalog.points]

@@ -18,9 +18,12 @@ from pydantic import BaseModel
 from flows.ingest import ingest
 from hotspare.catalog import Catalog, commit_catalog, load_catalog
 from hotspare.catalog.model import utcnow
+from hotspare.consolidate import damage
 from hotspare.consolidate import point as engine
-from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.consolidate.damage import DamagedObject, DamagedVhd
+from hotspare.errors import AlreadyExists, HotspareError, InvalidLog, UsageError
 from hotspare.faults import crash_point
+from hotspare.ingest import quarantine
 from hotspare.machine import DiskSpec, Policy, load_machine
 from hotspare.store import Store
 from tasks.common import resolve_store
@@ -79,10 +82,25 @@ def consolidate_disk(store: Store, machine: str, disk: DiskSpec, policy: Policy)
     out = DiskConsolidation(disk=disk.name)
     for _ in range(MAX_RACES):
         catalog = load_catalog(store, machine, disk.name, disk.size)
-        build = engine.prepare(store, catalog)
-        if build is None:
-            break
-        rewritten, copied, uploaded = build_vhd(store, build, f"{machine}/{disk.name}")
+        try:
+            build = engine.prepare(store, catalog)
+            if build is None:
+                break
+            rewritten, copied, uploaded = build_vhd(store, build, f"{machine}/{disk.name}")
+        except (InvalidLog, DamagedVhd) as err:
+            fix = damage.repair(store, catalog, err)
+            if fix is None:
+                raise
+            try:
+                commit_catalog(store, fix.catalog)
+            except AlreadyExists:
+                continue  # the catalog moved: re-plan (and re-check) from the new one
+            if fix.quarantine:
+                quarantine(store, fix.quarantine, fix.catalog.rejected[-1].reason)
+            if fix.wait_for_resync:
+                raise DamagedObject(fix.message) from err
+            logger.warning("%s", fix.message)
+            continue
         nxt = engine.commit_point(catalog, build)
         crash_point("consolidate-before-commit")
         try:
@@ -125,18 +143,25 @@ def advance_base(store: Store, machine: str, disk: DiskSpec, policy: Policy, out
     raise HotspareError(f"retention of {machine}/{disk.name} lost {MAX_RACES} races in a row")
 
 
+def load_policy(name: str) -> Policy:
+    """The policy of the machine policy block ``name``; UsageError when there is none."""
+    from blocks.policy import MachinePolicy
+
+    try:
+        return MachinePolicy.load(name).policy()
+    except ValueError as err:  # Prefect: "Unable to find block document named ..."
+        raise UsageError(f"--policy-block {name!r}: no machine policy block of that name "
+                         f"(create one in the Prefect UI, type hotspare-machine-policy): {err}") from None
+
+
 @flow(name="consolidate", flow_run_name="consolidate {machine}")
 def consolidate(machine: str, store: str | None = None, store_block: str | None = None,
                 policy_block: str | None = None) -> list[DiskConsolidation]:
     """Ingest, then compact the new logs of every disk of ``machine`` into recovery points."""
-    ingest(machine=machine, store=store, store_block=store_block)
     st = resolve_store(store, store_block)
     cfg = load_machine(st, machine)
-    policy = cfg.policy
-    if policy_block:
-        from blocks.policy import MachinePolicy
-
-        policy = MachinePolicy.load(policy_block).policy()
+    policy = load_policy(policy_block) if policy_block else cfg.policy  # before any work: a bad name fails fast
+    ingest(machine=machine, store=store, store_block=store_block)
     results = [consolidate_disk(st, machine, d, policy) for d in cfg.disks]
     create_table_artifact(
         [{"disk": r.disk, "point": r.point or "(nothing new)", "logs": r.logs, "bytes applied": r.bytes_applied,

@@ -10,6 +10,7 @@ adopts the running VM instead of starting another.
 from __future__ import annotations
 
 import base64
+import contextlib
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -79,7 +80,7 @@ def _run_name() -> str:
 
 @flow(name="failover", flow_run_name=_run_name)
 def failover(machine: str, store: str | None = None, store_block: str | None = None, approve: bool = False,
-             vm_dir: str | None = None, expect_marker: bool = True):
+             vm_dir: str | None = None, expect_marker: bool = True, boot_timeout: float = 120.0):
     """Fail ``machine`` over to a VM booted from its replica (see the module docstring)."""
     machine = engine.machine_name(machine)
     logger = get_run_logger()
@@ -140,17 +141,33 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
     handle = launch_vm(policy.host, VmSpec(machine=machine, boot_disk=image, format="raw", cpus=policy.vm_cpus,
                                            memory_mib=policy.vm_memory_mib, workdir=workdir))
     crash_point("failover-after-launch")  # a re-run must adopt this VM, not start another
-    state = _commit(st, state.next(step="launched", vm=handle.model_dump(mode="json")))
-    _step("launched", machine, state, vm_id=handle.vm_id, accel=handle.accel)
-    marker = host.wait_for_marker(handle, timeout=120).counter if expect_marker else None
-    status = host.status(handle)
-    if status != "running":
-        raise HotspareError(f"VM {handle.vm_id} of {machine} is {status}, not running")
-    shot = host.screendump(handle, workdir / "screen.png")
-    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(Path(shot).read_bytes()).decode(),
-                          key=f"failover-screen-{artifact_slug(machine)}", description=f"{machine}'s VM screen after boot")
-    engine.start_capture(st.url, machine, workdir)
-    state = _commit(st, state.next(state="failed-over", step="verified", epoch=old_epoch + 1))
+    try:
+        state = _commit(st, state.next(step="launched", vm=handle.model_dump(mode="json")))
+        _step("launched", machine, state, vm_id=handle.vm_id, accel=handle.accel)
+        marker = host.wait_for_marker(handle, timeout=boot_timeout).counter if expect_marker else None
+        status = host.status(handle)
+        if status != "running":
+            raise HotspareError(f"VM {handle.vm_id} of {machine} is {status}, not running")
+        shot = host.screendump(handle, workdir / "screen.png")
+        create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(Path(shot).read_bytes()).decode(),
+                              key=f"failover-screen-{artifact_slug(machine)}",
+                              description=f"{machine}'s VM screen after boot")
+        engine.start_capture(st.url, machine, workdir)
+        state = _commit(st, state.next(state="failed-over", step="verified", epoch=old_epoch + 1))
+    except BaseException as err:
+        # A VM that failed its checks never became the machine's truth, and must not keep
+        # running unseen: stop its capture (if it started) and the VM, and say so in the state.
+        stopped = engine.stop_failed_vm(host, handle, workdir)
+        state = load_state(st, machine)
+        if state.state == "failing-over":
+            with contextlib.suppress(AlreadyExists):
+                state = commit_state(st, state.next(step="boot-failed", vm=None, reason=f"{type(err).__name__}: {err}"))
+        _step("boot-failed", machine, state, vm_id=handle.vm_id, error=str(err), stopped=stopped)
+        if isinstance(err, Exception):
+            raise HotspareError(f"failover of {machine}: VM {handle.vm_id} was launched, then failed: {err}. "
+                                f"{stopped}. {machine} stays fenced (state failing-over): fix the cause and run "
+                                f"the failover again") from err
+        raise
     _step("failed-over", machine, state, vm_id=handle.vm_id, accel=handle.accel, marker=marker)
     create_table_artifact([{"machine": machine, "point": point_id, "new epoch": old_epoch + 1, "host": policy.host,
                             "VM": handle.vm_id, "accel": handle.accel, "QMP status": status,

@@ -74,6 +74,10 @@ def _agent_state_dir(state_dir: str | None, machine: str) -> Path:
     return Path(root) / machine
 
 
+# The tracked block sizes DiskSpec accepts (a power of two from 4 KiB to 16 MiB), in KiB.
+MIN_BLOCK_KIB, MAX_BLOCK_KIB = 4, 16 << 10
+
+
 @app.command()
 def protect(
     machine: MachineArg,
@@ -92,6 +96,9 @@ def protect(
     from hotspare.machine import MachineConfig, Policy, load_machine, parse_disk_arg, save_machine
 
     layout.check_name("machine", machine)
+    if not MIN_BLOCK_KIB <= block_size_kib <= MAX_BLOCK_KIB or block_size_kib & (block_size_kib - 1):
+        raise typer.BadParameter(f"--block-size-kib {block_size_kib}: the block size must be a power of two "
+                                 f"from {MIN_BLOCK_KIB} to {MAX_BLOCK_KIB} KiB", param_hint="--block-size-kib")
     st = _store(store)
     disks = [parse_disk_arg(d, block_size_kib << 10) for d in disk]
     if len({d.name for d in disks}) != len(disks):
@@ -109,6 +116,15 @@ def protect(
     except AlreadyExists:
         pass
     old = load_machine(st, machine)
+    resized = [(d, o) for d in disks for o in old.disks if d.name == o.name and d.size != o.size]
+    if resized and [d.name for d in old.disks] == [d.name for d in disks]:
+        # The agent tells a resized disk to re-protect; this is the way that works.
+        d, o = resized[0]
+        raise UsageError(f"disk {d.name} of machine {machine} is now {d.size} bytes, its replica {o.size}: a replica "
+                         f"cannot change size in place. Protect the resized machine under a new name, which seeds a "
+                         f"new replica: hotspare protect {machine}-2 " + " ".join(f"--disk {x.name}={x.path}" for x in disks)
+                         + f" (then run its agent as {machine}-2); {machine}'s recovery points stay readable with "
+                         f"hotspare export {machine}")
     if [(d.name, d.size, d.block_size) for d in old.disks] != [(d.name, d.size, d.block_size) for d in disks]:
         raise UsageError(f"machine {machine} is already protected with other disks "
                          f"({', '.join(f'{d.name}={d.size}' for d in old.disks)}); disks cannot change in place")
@@ -335,17 +351,31 @@ def export(
     cfg.disk(disk)
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+    for d in cfg.disks:
+        if _same_path(out, Path(d.path)):
+            raise UsageError(f"--out {out} is disk {d.name} of protected machine {machine} ({d.path}): "
+                             "refusing to overwrite it; export to another file")
     p = find_point(cats[disk], point, when)
     progress = bar_factory(console)(f"export {p.id}", cats[disk].disk_size) if console.is_terminal else None
     export_point(st, cats[disk], p, fmt, out, progress)  # type: ignore[arg-type]
     console.print(f"exported {machine}/{disk} point {p.id} ({p.time.isoformat()}) to {out} as {fmt}")
 
 
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name the same file (through links too)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def machine_status(st, machine: str) -> dict:
     """What ``hotspare status`` reports for one machine, as plain data."""
     from hotspare.catalog import catalog_logs, load_catalog
     from hotspare.catalog.model import utcnow
-    from hotspare.heartbeat import load_heartbeat
+    from hotspare.heartbeat import SKEW_REPORTED, load_heartbeat
     from hotspare.machine import load_machine
     from hotspare.state import load_state
 
@@ -359,7 +389,7 @@ def machine_status(st, machine: str) -> dict:
         disks[d.name] = {
             "size": d.size, "catalog_version": cat.version, "applied_seq": cat.applied_seq(cat.epoch),
             "newest_point": cur.id if cur else None, "newest_point_time": cur.time.isoformat() if cur else None,
-            "lag_seconds": round((utcnow() - cur.time).total_seconds(), 1) if cur else None,
+            "lag_seconds": round(max(0.0, (utcnow() - cur.time).total_seconds()), 1) if cur else None,
             "logs_not_consolidated": (len(catalog_logs(st, cat, after=cur.position)) if cur else cat.log_count),
             "logs_accepted": cat.log_count, "manifests": len(cat.manifests),
             "fenced_epochs": [f.epoch for f in cat.fences],
@@ -370,6 +400,9 @@ def machine_status(st, machine: str) -> dict:
         "since": (state.at if state.version else cfg.created_at).isoformat(),
         "phase": state.phase or None, "host": state.host, "vm": state.vm,
         "heartbeat": None if hb is None else {"time": hb.time.isoformat(), "age_seconds": round(hb.age, 1),
+                                              "received": hb.received_at.isoformat() if hb.received_at else None,
+                                              "clock_skew_seconds": None if hb.skew is None else round(hb.skew, 1),
+                                              "clock_skewed": hb.skew is not None and abs(hb.skew) > SKEW_REPORTED,
                                               "mode": hb.mode, "epoch": hb.epoch,
                                               "fresh": hb.age <= cfg.policy.heartbeat_window,
                                               "restore": hb.restore.model_dump(mode="json") if hb.restore else None},
@@ -396,6 +429,8 @@ def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (
     for r in report:
         hb = r["heartbeat"]
         hb_text = "never" if hb is None else f"{hb['age_seconds']:.0f}s ago ({hb['mode']})" + ("" if hb["fresh"] else " SILENT")
+        if hb is not None and hb["clock_skewed"]:
+            hb_text += f"; agent clock {hb['clock_skew_seconds']:+.0f}s off the store's"
         vm = f"{r['host']}:{r['vm'].get('vm_id', '?')}" if r["vm"] else ""
         for i, (d, info) in enumerate(r["disks"].items()):
             lag = "" if info["lag_seconds"] is None else f"{info['lag_seconds']:.0f}s"
@@ -451,16 +486,19 @@ def _report(state, what: str) -> None:
 def failover_cmd(machine: MachineArg, store: StoreOpt = None,
                  approve: Annotated[bool, typer.Option(help="approve now instead of waiting in the Prefect UI")] = False,
                  vm_dir: VmDirOpt = None,
-                 expect_marker: Annotated[bool, typer.Option(help="wait for the demo guest's marker")] = True) -> None:
+                 expect_marker: Annotated[bool, typer.Option(help="wait for the demo guest's marker")] = True,
+                 boot_timeout: Annotated[float, typer.Option(help="seconds the VM has to show its marker")] = 120.0) -> None:
     """Fail MACHINE over to a VM booted from its replica (runs the failover flow)."""
     from hotspare.store import open_store
 
+    if not boot_timeout > 0:
+        raise typer.BadParameter("--boot-timeout must be a positive number of seconds")
     url = open_store(store).url
     _flows()
     from flows.failover import failover
 
     _report(failover(machine=machine, store=url, approve=approve, vm_dir=vm_dir, expect_marker=expect_marker,
-                     return_state=True), "failover")
+                     boot_timeout=boot_timeout, return_state=True), "failover")
 
 
 def _running_vm(st, machine: str, vm_dir: str | None):
@@ -469,10 +507,18 @@ def _running_vm(st, machine: str, vm_dir: str | None):
     from hotspare.vm.host import VmHandle
 
     state = load_state(st, machine)
-    if state.state != "failed-over" or not state.vm:
-        raise HotspareError(f"{machine} has no failed-over VM (state {state.state})")
-    handle = VmHandle.model_validate(state.vm)
-    return state, handle, _vm_host(state.host or "local"), engine.vm_dir(machine, vm_dir)
+    workdir = engine.vm_dir(machine, vm_dir)
+    host = _vm_host(state.host or "local") if state.state in ("failed-over", "failing-over") else None
+    vm = state.vm
+    if vm is None and host is not None and state.state == "failing-over":
+        # A failover that died between the launch and recording it: its VM's handle is in
+        # the work directory.
+        running = host.find_running(workdir)
+        vm = running.model_dump(mode="json") if running is not None else None
+    if host is None or not vm:
+        raise HotspareError(f"{machine} has no launched VM (state {state.state}"
+                            f"{', step ' + state.step if state.step else ''})")
+    return state, VmHandle.model_validate(vm), host, workdir
 
 
 def _vm_host(name: str):
@@ -522,9 +568,16 @@ def vm_stop(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = None
     cfg = load_machine(st, machine)
     state, handle, host, workdir = _running_vm(st, machine, vm_dir)
     engine.stop_capture(workdir)
-    keys = VmCapture(host, handle, st, disk=cfg.disks[0].name, epoch=state.epoch,
+    # A failing-over machine's VM writes the epoch after the fenced one (as vm capture does).
+    epoch = state.epoch + (1 if state.state == "failing-over" else 0)
+    keys = VmCapture(host, handle, st, disk=cfg.disks[0].name, epoch=epoch,
                      disk_size=cfg.disks[0].size).final_capture()
     commit_state(st, state.next(step="vm-stopped", vm=None))
+    if state.state == "failing-over":
+        console.print(f"stopped VM {handle.vm_id} of {machine}, launched by an unfinished failover; its writes went "
+                      f"out in {len(keys)} log(s). {machine} stays fenced (failing-over): run 'hotspare failover "
+                      f"{machine}' to boot it again.")
+        return
     console.print(f"stopped VM {handle.vm_id} of {machine}; its last writes went out in {len(keys)} log(s). "
                   f"The replica (epoch {state.epoch}) is the truth; run 'hotspare consolidate {machine}'.")
 

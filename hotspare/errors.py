@@ -55,6 +55,9 @@ class InvalidLog(HotspareError):
         self.detail = f"row {row}: {reason}" if row is not None else reason
         super().__init__(f"{key}: {self.detail}")
 
+    def __reduce__(self):  # picklable with its fields (a task's error crosses to its flow)
+        return (type(self), (self.key, self.reason, self.row))
+
 
 class InvalidObject(HotspareError):
     """A catalog, machine or state file in the store that does not parse or validate."""

@@ -19,7 +19,7 @@ from hotspare.heartbeat import load_heartbeat
 from hotspare.machine import MachineConfig
 from hotspare.state import MachineState
 from hotspare.store.base import Store
-from hotspare.vm.host import VmHost
+from hotspare.vm.host import VmHandle, VmHost
 
 RESOURCE_PREFIX = "hotspare.machine."
 
@@ -43,6 +43,19 @@ def check_silent(store: Store, cfg: MachineConfig, state: MachineState) -> str:
         raise MachineAlive(f"machine {cfg.name} sent a heartbeat {hb.age:.0f}s ago (window {window}s): "
                            "refusing to fail over a live machine")
     return f"last heartbeat {hb.age:.0f}s ago (window {window}s)"
+
+
+def stop_failed_vm(host: VmHost, handle: VmHandle, workdir: Path) -> str:
+    """Stop a VM whose failover failed after its launch (it never became the machine's
+    truth); its capture, if it started, is stopped first. Returns what was done, for the
+    message."""
+    stop_capture(workdir)
+    try:
+        host.stop(handle, timeout=30.0)
+    except Exception:  # noqa: BLE001 - QMP gone, a host fault: it must end all the same
+        host.kill(handle)
+        return "the VM was killed (it did not stop within 30 s)"
+    return "the VM was stopped"
 
 
 def vm_dir(machine: str, root: str | None = None) -> Path:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from hotspare.catalog import Catalog, load_catalog
+from hotspare.catalog import Catalog, catalog_logs, load_catalog
 from hotspare.errors import HotspareError
 from hotspare.ingest import list_pending
 from hotspare.machine import list_machines, load_machine
@@ -56,16 +56,13 @@ def lease_name(machine: str) -> str:
     return f"hotspare-machine-{machine}"
 
 
-def unpointed(catalog: Catalog) -> int:
+def unpointed(store: Store, catalog: Catalog) -> int:
     """Accepted logs that a new recovery point would fold in: those after the current
     point up to the newest cut (points are made at cuts only)."""
     current = catalog.point("current")
-    after = current.position if current else (-1, -1)
-    cuts = [lg.position for lg in catalog.logs if lg.position > after and lg.cut]
-    if not cuts:
-        return 0
-    newest = max(cuts)
-    return sum(1 for lg in catalog.logs if after < lg.position <= newest)
+    logs = catalog_logs(store, catalog, after=current.position if current else None)
+    cuts = [i for i, lg in enumerate(logs) if lg.cut]
+    return cuts[-1] + 1 if cuts else 0
 
 
 def survey(store: Store, machine: str) -> Survey:
@@ -77,7 +74,7 @@ def survey(store: Store, machine: str) -> Survey:
         for disk in cfg.disks:
             catalog = load_catalog(store, machine, disk.name, disk.size)
             pending += len(list_pending(store, machine, disk.name, catalog))
-            unpointed_logs += unpointed(catalog)
+            unpointed_logs += unpointed(store, catalog)
     except HotspareError as err:
         return Survey(machine, error=f"cannot survey machine {machine}: {err}")
     return Survey(machine, pending, unpointed_logs)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from hotspare import layout
 from hotspare.catalog.model import utcnow
@@ -25,22 +25,39 @@ class Heartbeat(BaseModel):
     host: str = ""
     disks: dict[str, dict[str, Any]] = {}
     restore: RestoreProgress | None = None  # restore mode: divergence and apply progress
+    # When the store received it (its clock, not the agent's); set by load_heartbeat.
+    received_at: datetime | None = Field(None, exclude=True)
 
     @property
     def age(self) -> float:
-        return (utcnow() - self.time).total_seconds()
+        """Seconds since the store received the heartbeat (never from the agent's clock,
+        which may be wrong: ``time`` is only recorded, and compared in :attr:`skew`)."""
+        return max(0.0, (utcnow() - (self.received_at or self.time)).total_seconds())
+
+    @property
+    def skew(self) -> float | None:
+        """The agent's clock minus the store's, seconds, when both are known."""
+        return None if self.received_at is None else (self.time - self.received_at).total_seconds()
+
+
+# A skew of the agent's clock beyond this is reported (the store's own timestamps have a
+# second's resolution, and an upload takes time).
+SKEW_REPORTED = 5.0
 
 
 def load_heartbeat(store: Store, machine: str) -> Heartbeat | None:
     key = layout.heartbeat_key(machine)
     try:
         raw = store.get(key)
+        received = store.stat(key).modified
     except NotFound:
         return None
     try:
-        return Heartbeat.model_validate_json(raw)
+        hb = Heartbeat.model_validate_json(raw)
     except ValidationError as err:
         raise InvalidObject(key, field_error(err)) from err
+    hb.received_at = received
+    return hb
 
 
 def send_heartbeat(store: Store, machine: str, *, mode: str, epoch: int, disks: dict[str, dict[str, Any]],

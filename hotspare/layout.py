@@ -9,12 +9,13 @@ import re
 
 PAD = 20
 QUARANTINE = "quarantine/"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# fullmatch, not match with "$": "$" also matches before a trailing newline ("x\n").
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 def check_name(kind: str, name: str) -> str:
     """Machine and disk names become key segments: keep them plain."""
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         from hotspare.errors import UsageError
 
         raise UsageError(

@@ -16,11 +16,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from hotspare.consolidate.plan import VhdPlan, Window
-from hotspare.consolidate.sources import KEEP, ZERO, BlockSources, RowRef, Sources
+from hotspare.consolidate.sources import (
+    KEEP,
+    ZERO,
+    BlockSources,
+    RowRef,
+    Sources,
+    open_accepted,
+)
 from hotspare.errors import HotspareError
+from hotspare.extentlog.reader import check_rows, read_row_group
 from hotspare.extentlog.schema import SECTOR
 from hotspare.store.base import PartReceipt, Store
 from hotspare.vhd import BLOCK_SIZE, DynamicLayout, sector_bitmap_bytes
@@ -76,7 +83,8 @@ def _slots_in(lay: DynamicLayout, a: int, b: int) -> range:
 
 
 class _Rows:
-    """Row data, read one (log, row group) data column at a time and kept for the job."""
+    """Row data, read one (log, row group) data column at a time and kept for the job. Each
+    row group's checksums are verified when it is read (InvalidLog naming the log and row)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -86,8 +94,10 @@ class _Rows:
         k = (ref.log, ref.row_group)
         col = self.cache.get(k)
         if col is None:
-            with self.store.open(ref.log) as f:
-                col = pq.ParquetFile(f).read_row_group(ref.row_group, columns=["data"]).column("data")
+            with open_accepted(self.store, ref.log) as f:
+                t, row0 = read_row_group(f, ref.log, ref.row_group, ["length", "data", "checksum"])
+            col = t.column("data")
+            check_rows(ref.log, row0, t.column("length").to_numpy(), col, t.column("checksum").to_numpy())
             self.cache[k] = col
         buf = col[ref.row].as_buffer()  # type: ignore[index]
         if buf is None:

@@ -16,7 +16,7 @@ from typing import Literal
 
 from hotspare.catalog import Catalog, RecoveryPoint, catalog_logs
 from hotspare.consolidate.point import disk_uuid
-from hotspare.errors import UsageError
+from hotspare.errors import HotspareError, UsageError
 from hotspare.replay import apply_logs
 from hotspare.store.base import Store
 from hotspare.vhd import VhdReader, write_dynamic, write_fixed, write_raw
@@ -49,22 +49,42 @@ def find_point(catalog: Catalog, point_id: str | None = None, at: datetime | Non
 
 
 def _write(source, size: int, fmt: ExportFormat, out: Path, uid) -> None:
+    """Write the image beside ``out`` and rename it into place: ``out`` is either the whole
+    new image or untouched, and a failed write (a full file system) leaves no temp file."""
     tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as f:
-        if fmt == "raw":
-            write_raw(source, size, f)
-        elif fmt == "vhd":
-            write_dynamic(source, size, f, unique_id=uid)
-        else:
-            write_fixed(source, size, f, unique_id=uid)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "wb") as f:
+            if fmt == "raw":
+                write_raw(source, size, f)
+            elif fmt == "vhd":
+                write_dynamic(source, size, f, unique_id=uid)
+            else:
+                write_fixed(source, size, f, unique_id=uid)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _local_error(out: Path, err: OSError) -> HotspareError:
+    return HotspareError(f"{out}: cannot write the export ({err.strerror or err}); nothing was written there, "
+                         "free some space or choose another --out")
 
 
 def export_point(store: Store, catalog: Catalog, point: RecoveryPoint, fmt: ExportFormat, out: Path,
                  progress: Callable[[int], None] | None = None) -> int:
-    """Write ``point`` to ``out`` in ``fmt``; returns the disk size."""
+    """Write ``point`` to ``out`` in ``fmt``; returns the disk size. A local write fault (a
+    full file system, a file-size limit) is a HotspareError naming ``out``."""
+    try:
+        return _export_point(store, catalog, point, fmt, out, progress)
+    except OSError as err:
+        raise _local_error(out, err) from err
+
+
+def _export_point(store: Store, catalog: Catalog, point: RecoveryPoint, fmt: ExportFormat, out: Path,
+                  progress: Callable[[int], None] | None) -> int:
     size = catalog.disk_size
     uid = disk_uuid(catalog.machine, catalog.disk)
 

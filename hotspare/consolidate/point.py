@@ -28,6 +28,7 @@ from hotspare.catalog.manifest import sweep_manifests
 from hotspare.catalog.model import utcnow
 from hotspare.catalog.segments import drop_through
 from hotspare.consolidate.build import PartJob, part_jobs, run_job
+from hotspare.consolidate.damage import DamagedVhd
 from hotspare.consolidate.plan import VhdPlan, plan_vhd, previous_layout
 from hotspare.consolidate.sources import Sources, compute_sources
 from hotspare.errors import AlreadyExists, HotspareError, NotFound
@@ -55,8 +56,11 @@ class VhdBuild:
     logs: list[AcceptedLog]
     sources: Sources
     plan: VhdPlan
-    timestamp: datetime
+    timestamp: datetime  # the VHD's own timestamp: from the logs' contents, so a re-run rebuilds the same bytes
     exists: bool  # a crashed or concurrent run already published it
+    # The point's time: when its newest log was accepted (the ingest's clock), never the
+    # agent's ``ts``, whose clock may be days off and would mislead retention and --at.
+    point_time: datetime | None = None
 
     def jobs(self, store: Store, token: str) -> list[PartJob]:
         return part_jobs(self.plan, self.sources, self.key, token, disk_uuid(*_machine_disk(self.key)), self.timestamp)
@@ -70,11 +74,17 @@ def _machine_disk(key: str) -> tuple[str, str]:
 def plan_build(store: Store, catalog: Catalog, previous: str | None, logs: list[AcceptedLog], key: str) -> VhdBuild:
     logs = sorted(logs, key=lambda lg: (lg.epoch, lg.first_seq))
     timestamp = max((lg.captured_at or lg.accepted_at for lg in logs), default=utcnow())
+    point_time = max((lg.accepted_at for lg in logs), default=utcnow())
     sources = compute_sources(store, [lg.key for lg in logs], catalog.disk_size)
     prev_layout = None
     if previous is not None:
-        with store.open(previous) as f:
-            prev_layout = previous_layout(VhdReader(f, previous), previous)
+        try:
+            with store.open(previous) as f:
+                prev_layout = previous_layout(VhdReader(f, previous), previous)
+        except HotspareError as err:
+            if getattr(err, "transient", False):
+                raise
+            raise DamagedVhd(previous, getattr(err, "reason", None) or str(err)) from err
     plan = plan_vhd(catalog.disk_size, sources, previous, prev_layout)
     exists = False
     try:
@@ -85,7 +95,7 @@ def plan_build(store: Store, catalog: Catalog, previous: str | None, logs: list[
         exists = True
     except NotFound:
         pass
-    return VhdBuild(key, previous, logs, sources, plan, timestamp, exists)
+    return VhdBuild(key, previous, logs, sources, plan, timestamp, exists, point_time)
 
 
 def prepare(store: Store, catalog: Catalog) -> VhdBuild | None:
@@ -138,7 +148,7 @@ def commit_point(catalog: Catalog, build: VhdBuild) -> Catalog:
     """The next catalog: the built point becomes current (and base, for the first point)."""
     newest = max(build.logs, key=lambda lg: lg.position)
     point = RecoveryPoint(id=f"{newest.epoch}-{newest.last_seq}", epoch=newest.epoch, seq=newest.last_seq,
-                          time=build.timestamp, vhd=build.key, bytes_applied=build.sources.applied_bytes,
+                          time=build.point_time or build.timestamp, vhd=build.key, bytes_applied=build.sources.applied_bytes,
                           consistent=newest.consistent)
     base = catalog.vhd.get("base") or build.key
     points = [p.model_copy(update={"vhd": p.vhd if p.vhd == base else ""}) for p in catalog.points]

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from hotspare.errors import InvalidLog, NotFound
+from hotspare.extentlog.reader import open_parquet, read_row_group
 from hotspare.extentlog.schema import SECTOR, zero_checksum
 from hotspare.store.base import Store
 from hotspare.vhd import BLOCK_SIZE
@@ -65,11 +66,11 @@ class Sources:
 def read_extent_columns(store: Store, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(offset, length, is_zero, row_group, row_in_group) of every row of a log, in seq
     order, from its metadata columns only."""
-    with store.open(key) as f:
-        pf = pq.ParquetFile(f)
+    with open_accepted(store, key) as f:
+        pf = open_parquet(f, key)
         offs, lens, zero, rgs, rows = [], [], [], [], []
         for g in range(pf.num_row_groups):
-            t = pf.read_row_group(g, columns=["offset", "length", "checksum"])
+            t, _ = read_row_group(pf, key, g, ["offset", "length", "checksum"])
             length = t.column("length").to_numpy().astype(np.int64)
             sums = t.column("checksum").to_numpy()
             # Null data and data of zeros share the zero checksum; either way no download.
@@ -81,6 +82,15 @@ def read_extent_columns(store: Store, key: str) -> tuple[np.ndarray, np.ndarray,
             rows.append(np.arange(len(length), dtype=np.int32))
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
     return cat(offs, np.int64), cat(lens, np.int64), cat(zero, bool), cat(rgs, np.int32), cat(rows, np.int32)
+
+
+def open_accepted(store: Store, key: str):
+    """An accepted log opened for reading; InvalidLog when it is gone from the store (it was
+    accepted, so it is damage, handled like any damaged log)."""
+    try:
+        return store.open(key)
+    except NotFound:
+        raise InvalidLog(key, "missing from the store (deleted after it was accepted)") from None
 
 
 def compute_sources(store: Store, log_keys: list[str], disk_size: int) -> Sources:

@@ -37,7 +37,8 @@ class LogInfo:
     size: int = 0  # bytes of the file, when known
 
 
-def _open(f: BinaryIO, key: str) -> pq.ParquetFile:
+def open_parquet(f: BinaryIO, key: str) -> pq.ParquetFile:
+    """The log as a ParquetFile; InvalidLog when it is not one (truncated, corrupt)."""
     try:
         return pq.ParquetFile(f)
     except (pa.ArrowException, OSError, ValueError) as err:
@@ -71,7 +72,7 @@ def _meta(pf: pq.ParquetFile, key: str) -> LogMeta:
 
 def read_log_info(f: BinaryIO, key: str) -> LogMeta:
     """The log's metadata, from its footer only."""
-    return _meta(_open(f, key), key)
+    return _meta(open_parquet(f, key), key)
 
 
 def validate_log(f: BinaryIO, key: str, *, machine: str, disk: str, epoch: int, disk_size: int) -> LogInfo:
@@ -80,7 +81,7 @@ def validate_log(f: BinaryIO, key: str, *, machine: str, disk: str, epoch: int, 
     The seq rules relative to the catalog (gap, overlap, fence) are the caller's: it knows
     what was accepted.
     """
-    pf = _open(f, key)
+    pf = open_parquet(f, key)
     meta = _meta(pf, key)
     for field, want in (("machine", machine), ("disk", disk), ("epoch", epoch), ("disk_size", disk_size)):
         got = getattr(meta, field)
@@ -105,19 +106,7 @@ def validate_log(f: BinaryIO, key: str, *, machine: str, disk: str, epoch: int, 
         # Written as a subtraction so that a huge offset cannot wrap around uint64.
         _first_bad(key, row0, (length > disk_size) | (offset > disk_size - length),
                    lambda i: f"extent {offset[i]}+{length[i]} ends past the disk's end ({disk_size} bytes)")
-        data = batch.column("data")
-        sums = batch.column("checksum").to_numpy()
-        for i in range(n):  # one hash per extent (extents are up to MiBs, never per sector)
-            d = data[i].as_buffer()
-            if d is None:
-                ok = sums[i] == zero_checksum(int(length[i]))
-            else:
-                if d.size != length[i]:
-                    raise InvalidLog(key, f"data has {d.size} bytes, length says {length[i]}", row0 + i)
-                ok = sums[i] == xxhash.xxh3_64_intdigest(memoryview(d))
-                data_bytes += d.size
-            if not ok:
-                raise InvalidLog(key, "checksum mismatch: data differs from what was captured", row0 + i)
+        data_bytes += check_rows(key, row0, length, batch.column("data"), batch.column("checksum").to_numpy())
         covered += int(length.sum())
         ts_max = pa.compute.max(batch.column("ts")).as_py()
         newest_ts = ts_max if newest_ts is None else max(newest_ts, ts_max)
@@ -125,6 +114,26 @@ def validate_log(f: BinaryIO, key: str, *, machine: str, disk: str, epoch: int, 
         row0 += n
     return LogInfo(key=key, meta=meta, rows=rows, data_bytes=data_bytes, covered_bytes=covered,
                    captured_at=newest_ts)
+
+
+def check_rows(key: str, row0: int, length: np.ndarray, data: pa.Array, sums: np.ndarray) -> int:
+    """Check that each row's data has its length and its xxh3 checksum (null data: the
+    checksum of zeros); InvalidLog naming the first bad row (``row0`` is the index of the
+    first of these rows in the file). One hash per extent, never per sector; returns the
+    bytes carried as data. Every reader of accepted data calls this on the rows it uses."""
+    data_bytes = 0
+    for i in range(len(length)):
+        d = data[i].as_buffer()
+        if d is None:
+            ok = sums[i] == zero_checksum(int(length[i]))
+        else:
+            if d.size != length[i]:
+                raise InvalidLog(key, f"data has {d.size} bytes, length says {length[i]}", row0 + i)
+            ok = sums[i] == xxhash.xxh3_64_intdigest(memoryview(d))
+            data_bytes += d.size
+        if not ok:
+            raise InvalidLog(key, "checksum mismatch: data differs from what was captured", row0 + i)
+    return data_bytes
 
 
 def _batches(pf: pq.ParquetFile, key: str) -> Iterator[pa.RecordBatch]:
@@ -142,7 +151,23 @@ def _first_bad(key: str, row0: int, bad: np.ndarray, why) -> None:
 
 
 def iter_extents(f: BinaryIO, key: str) -> Iterator[tuple[np.ndarray, np.ndarray, pa.Array]]:
-    """(offsets, lengths, data) per row group, in seq order; data entries may be null."""
-    pf = _open(f, key)
+    """(offsets, lengths, data) per row group, in seq order; data entries may be null. Each
+    row group's checksums are verified before it is yielded (InvalidLog naming the row)."""
+    pf = open_parquet(f, key)
+    row0 = 0
     for batch in _batches(pf, key):
-        yield (batch.column("offset").to_numpy(), batch.column("length").to_numpy(), batch.column("data"))
+        length, data = batch.column("length").to_numpy(), batch.column("data")
+        check_rows(key, row0, length, data, batch.column("checksum").to_numpy())
+        row0 += batch.num_rows
+        yield (batch.column("offset").to_numpy(), length, data)
+
+
+def read_row_group(f: BinaryIO | pq.ParquetFile, key: str, group: int, columns: list[str]) -> tuple[pa.Table, int]:
+    """One row group's ``columns`` and the file index of its first row; InvalidLog when the
+    file or the group does not decode (truncated, corrupt)."""
+    pf = f if isinstance(f, pq.ParquetFile) else open_parquet(f, key)
+    try:
+        row0 = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+        return pf.read_row_group(group, columns=columns), row0
+    except (pa.ArrowException, OSError, ValueError, IndexError) as err:
+        raise InvalidLog(key, f"row group {group} unreadable (truncated or corrupt): {err}") from err

@@ -13,18 +13,25 @@ Terms:
 from __future__ import annotations
 
 import io
+import random
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import BinaryIO
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import BinaryIO, TypeVar
 
-from hotspare.errors import StoreError
+from hotspare.errors import StoreError, TransientStoreError
 
 
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int
+    # When the store received the object (S3 LastModified, a local file's mtime): the store's
+    # clock, not the writer's, so it decides ages (heartbeat freshness). None if unknown.
+    # Not part of equality: two listings of the same objects are equal.
+    modified: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,36 @@ def check_receipts(key: str, receipts: Sequence[PartReceipt]) -> list[PartReceip
             raise StoreError(key, f"compose parts do not tile the object: part {r.number} at {r.offset}, expected part {i} at {at}")
         at += r.size
     return ordered
+
+
+# Transient store errors (throttling, 5xx, resets, truncated bodies) are retried here, in
+# one place, by both backends: capped exponential backoff with jitter, about 15 s in all
+# before the error is raised. Only idempotent calls are retried (reads, plain puts, deletes,
+# parts of a staged compose); a create-only put is retried by S3Store.put, which then tells
+# its own earlier write from a rival's.
+RETRY_ATTEMPTS = 7
+RETRY_FIRST_DELAY = 0.2
+RETRY_MAX_DELAY = 5.0
+
+T = TypeVar("T")
+
+
+def retry_delays(attempts: int = RETRY_ATTEMPTS) -> Iterator[float]:
+    """The pauses between ``attempts`` tries: doubling from RETRY_FIRST_DELAY, capped."""
+    delay = RETRY_FIRST_DELAY
+    for _ in range(attempts - 1):
+        yield min(delay, RETRY_MAX_DELAY) * random.uniform(0.5, 1.0)
+        delay *= 2
+
+
+def retrying(call: Callable[[], T], *, attempts: int = RETRY_ATTEMPTS) -> T:
+    """``call()``, tried again after a :class:`TransientStoreError`; the last one is raised."""
+    for delay in retry_delays(attempts):
+        try:
+            return call()
+        except TransientStoreError:
+            time.sleep(delay)
+    return call()
 
 
 def check_key(key: str) -> str:
@@ -111,6 +148,11 @@ class Store(ABC):
     @abstractmethod
     def size(self, key: str) -> int:
         """The object's size in bytes; raises NotFound."""
+
+    def stat(self, key: str) -> ObjectInfo:
+        """The object's size and, where the backend knows it, when the store received it;
+        raises NotFound."""
+        return ObjectInfo(key, self.size(key))
 
     @abstractmethod
     def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:

@@ -26,8 +26,9 @@ import os
 import secrets
 import stat
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
 
-from hotspare.errors import AlreadyExists, NotFound, StoreError, UsageError
+from hotspare.errors import AlreadyExists, NotFound, StoreError, TransientStoreError, UsageError
 from hotspare.store.base import (
     CopyRange,
     ObjectInfo,
@@ -37,9 +38,12 @@ from hotspare.store.base import (
     check_key,
     check_prefix,
     check_receipts,
+    retrying,
 )
 
 TMP_PREFIX = ".tmp-"
+# errnos a network file system (NFS, SMB, FUSE) returns for a fault that may pass: retried.
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY}
 _COPY_CHUNK = 64 << 20  # bytes per copy_file_range/sendfile/read call
 
 
@@ -85,6 +89,8 @@ class LocalStore(Store):
             name = self._name(key)
             if reading and err.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
                 raise NotFound(name) from err
+            if err.errno in _TRANSIENT_ERRNOS:
+                raise TransientStoreError(name, err.strerror or str(err)) from err
             raise StoreError(name, err.strerror or str(err)) from err
 
     def _open_read(self, key: str) -> int:
@@ -137,7 +143,10 @@ class LocalStore(Store):
             with self._errors(key, reading=False):
                 _write_all(fd, memoryview(data))
 
-        self._write(key, create_only, fill)
+        if create_only:
+            self._write(key, create_only, fill)  # a retry could not tell its own link from a rival's
+        else:
+            retrying(lambda: self._write(key, create_only, fill))
 
     def put_file(self, key: str, path: str, *, create_only: bool = False) -> None:
         try:
@@ -158,6 +167,9 @@ class LocalStore(Store):
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         _check_range(offset, length)
+        return retrying(lambda: self._get_range(key, offset, length))
+
+    def _get_range(self, key: str, offset: int, length: int) -> bytes:
         fd = self._open_read(key)
         try:
             with self._errors(key, reading=True):
@@ -166,6 +178,9 @@ class LocalStore(Store):
             os.close(fd)
 
     def get(self, key: str) -> bytes:
+        return retrying(lambda: self._get(key))
+
+    def _get(self, key: str) -> bytes:
         fd = self._open_read(key)
         try:
             with self._errors(key, reading=True):
@@ -174,12 +189,18 @@ class LocalStore(Store):
             os.close(fd)
 
     def size(self, key: str) -> int:
+        return self.stat(key).size
+
+    def stat(self, key: str) -> ObjectInfo:
+        return retrying(lambda: self._stat(key))
+
+    def _stat(self, key: str) -> ObjectInfo:
         path = self._path(key)
         with self._errors(key, reading=True):
             st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(self._name(key))
-        return st.st_size
+        return ObjectInfo(key, st.st_size, _mtime(st))
 
     def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         check_prefix(prefix)
@@ -221,10 +242,10 @@ class LocalStore(Store):
                 yield from self._walk(entry.path, key, prefix, after)
             elif key.startswith(prefix) and key > after and entry.is_file(follow_symlinks=False):
                 try:
-                    size = entry.stat(follow_symlinks=False).st_size
+                    st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # deleted since the scan
-                yield ObjectInfo(key, size)
+                yield ObjectInfo(key, st.st_size, _mtime(st))
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -346,6 +367,11 @@ class LocalStore(Store):
 
 
 # ------------------------------------------------------------------ file helpers
+
+
+def _mtime(st: os.stat_result) -> datetime:
+    """When the file was last written, by this machine's clock (the store's clock here)."""
+    return datetime.fromtimestamp(st.st_mtime, timezone.utc)
 
 
 def _check_range(offset: int, length: int) -> None:

@@ -5,8 +5,10 @@ Errors are translated once, at this boundary, into :mod:`hotspare.errors` (as s3
 - ``NoSuchKey`` / 404 -> :class:`NotFound`;
 - ``PreconditionFailed`` / 412 and ``ConditionalRequestConflict`` / 409 on a create-only
   write -> :class:`AlreadyExists`;
-- throttling (``SlowDown``, 429), 5xx, timeouts and connection errors ->
-  :class:`TransientStoreError` (botocore has already retried them, "standard" mode);
+- throttling (``SlowDown``, 429), 5xx, timeouts, connection errors and truncated bodies ->
+  :class:`TransientStoreError`. botocore retries what it can ("standard" mode); idempotent
+  calls are then retried again by :func:`~hotspare.store.base.retrying` with capped
+  backoff (botocore does not retry a body cut short after the headers arrived);
 - any other S3 error -> :class:`StoreError` carrying the S3 code and message.
 
 Every message names the object as ``s3://bucket/prefix/key``.
@@ -43,7 +45,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +65,8 @@ from hotspare.store.base import (
     check_key,
     check_prefix,
     check_receipts,
+    retry_delays,
+    retrying,
 )
 
 MiB = 1 << 20
@@ -252,27 +257,74 @@ class S3Store(Store):
 
     # --------------------------------------------------------------- interface
 
+    def _put_retrying(self, key: str, create_only: bool, once: Callable[[], None], ours: Callable[[], bool]) -> None:
+        """Run the put ``once`` with the store's retries. A create-only put whose earlier try
+        failed in transit (it may have landed, its answer lost) and whose retry finds the
+        key taken succeeds if the object is ``ours()``: what this put wrote."""
+        if not create_only:
+            retrying(once)
+            return
+        lost = False
+        for delay in (*retry_delays(), None):
+            try:
+                once()
+                return
+            except TransientStoreError:
+                if delay is None:
+                    raise
+                lost = True
+                time.sleep(delay)
+            except AlreadyExists:
+                if lost and ours():
+                    return
+                raise
+
+    def _holds(self, key: str, size: int, read: Callable[[int, int], bytes]) -> bool:
+        """Whether object ``key`` has ``size`` bytes equal to ``read(offset, length)``'s."""
+        try:
+            if self.size(key) != size:
+                return False
+            step = 16 * MiB
+            return all(self.get_range(key, at, min(step, size - at)) == read(at, min(step, size - at))
+                       for at in range(0, size, step))
+        except NotFound:
+            return False
+
     def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
         body = data if isinstance(data, bytes) else bytes(data)  # botocore takes no memoryview
-        with self._call(key, create_only=create_only):
-            self._client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=body, **self._if_none_match(create_only)
-            )
+
+        def once() -> None:
+            with self._call(key, create_only=create_only):
+                self._client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=body, **self._if_none_match(create_only)
+                )
+
+        self._put_retrying(key, create_only, once, lambda: self._holds(key, len(body), lambda a, n: body[a:a + n]))
 
     def put_file(self, key: str, path: str, *, create_only: bool = False) -> None:
         full = self._key(key)
         try:
             size = os.path.getsize(path)
-            f = open(path, "rb") if size <= SINGLE_PUT_MAX else None  # noqa: SIM115 - closed below
         except OSError as err:
             raise UsageError(f"{path}: cannot read local file ({err.strerror})") from err
-        if f is not None:
-            with f, self._call(key, create_only=create_only):
-                # A file body streams from disk (and is re-read on a retry).
-                self._client.put_object(
-                    Bucket=self.bucket, Key=full, Body=f, ContentLength=size,
-                    **self._if_none_match(create_only),
-                )
+        if size <= SINGLE_PUT_MAX:
+            def once() -> None:
+                try:
+                    f = open(path, "rb")  # noqa: SIM115 - closed below
+                except OSError as err:
+                    raise UsageError(f"{path}: cannot read local file ({err.strerror})") from err
+                with f, self._call(key, create_only=create_only):
+                    # A file body streams from disk (and is re-read on a retry).
+                    self._client.put_object(
+                        Bucket=self.bucket, Key=full, Body=f, ContentLength=size,
+                        **self._if_none_match(create_only),
+                    )
+
+            def read(at: int, n: int) -> bytes:
+                with open(path, "rb") as f:
+                    return os.pread(f.fileno(), n, at)
+
+            self._put_retrying(key, create_only, once, lambda: self._holds(key, size, read))
             return
         part = max(FILE_PART, -(-size // MAX_PARTS))
         parts: list[_Part] = [
@@ -287,6 +339,9 @@ class S3Store(Store):
         if length == 0:
             self.size(key)  # still NotFound for a missing object
             return b""
+        return retrying(lambda: self._get_range(key, offset, length))
+
+    def _get_range(self, key: str, offset: int, length: int) -> bytes:
         with self._call(key):
             try:
                 resp = self._client.get_object(
@@ -301,41 +356,59 @@ class S3Store(Store):
                 return body.read()
 
     def get(self, key: str) -> bytes:
+        return retrying(lambda: self._get(key))
+
+    def _get(self, key: str) -> bytes:
         with self._call(key):
             resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
             with contextlib.closing(resp["Body"]) as body:
                 return body.read()
 
     def size(self, key: str) -> int:
+        return self.stat(key).size
+
+    def stat(self, key: str) -> ObjectInfo:
+        return retrying(lambda: self._stat(key))
+
+    def _stat(self, key: str) -> ObjectInfo:
         with self._call(key):
-            return int(self._client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+            head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        return ObjectInfo(key, int(head["ContentLength"]), head.get("LastModified"))
 
     def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         check_prefix(prefix)
         return self._list(prefix, start_after)
 
     def _list(self, prefix: str, start_after: str | None) -> Iterator[ObjectInfo]:
-        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix, "MaxKeys": self.list_page_size}
         if start_after:
             args["StartAfter"] = self.prefix + start_after
         cut = len(self.prefix)
-        with self._call(prefix):
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                **args, PaginationConfig={"PageSize": self.list_page_size}
-            )
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    if obj["Key"].endswith("/"):
-                        continue  # a "directory marker" some tools create, not an object
-                    yield ObjectInfo(obj["Key"][cut:], int(obj["Size"]))
+
+        def page() -> dict[str, Any]:
+            with self._call(prefix):
+                return self._client.list_objects_v2(**args)
+
+        while True:
+            got = retrying(page)  # page by page, so a retry never repeats a key
+            for obj in got.get("Contents", ()):
+                if obj["Key"].endswith("/"):
+                    continue  # a "directory marker" some tools create, not an object
+                yield ObjectInfo(obj["Key"][cut:], int(obj["Size"]), obj.get("LastModified"))
+            if not got.get("IsTruncated") or not got.get("NextContinuationToken"):
+                return
+            args["ContinuationToken"] = got["NextContinuationToken"]
 
     def delete(self, key: str) -> None:
-        with self._call(key):
-            try:
-                self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
-            except bex.ClientError as err:
-                if err.response.get("Error", {}).get("Code") not in _NOT_FOUND_CODES:
-                    raise
+        def once() -> None:
+            with self._call(key):
+                try:
+                    self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+                except bex.ClientError as err:
+                    if err.response.get("Error", {}).get("Code") not in _NOT_FOUND_CODES:
+                        raise
+
+        retrying(once)
 
     def compose(self, key: str, segments: Sequence[Segment], *, create_only: bool = False) -> int:
         """See :meth:`Store.compose`: a multipart upload where large copied ranges become
@@ -433,6 +506,10 @@ class S3Store(Store):
         return sum(p.size for p in parts if isinstance(p, _DataPart))
 
     def _send_part(self, key: str, upload_id: str, number: int, part: _Part) -> str:
+        # Sending a part number again replaces it: idempotent, so retried.
+        return retrying(lambda: self._send_part_once(key, upload_id, number, part))
+
+    def _send_part_once(self, key: str, upload_id: str, number: int, part: _Part) -> str:
         full = self._key(key)
         if isinstance(part, _CopyPart):
             src = part.source

@@ -381,7 +381,7 @@ def run(args: argparse.Namespace, root: Path, size: int, server: SeaweedFS) -> i
                                                        block_size=DEFAULT_BLOCK_SIZE)])
     save_machine(store, cfg, create_only=True)
     t = time.perf_counter()
-    with Agent(store, cfg, state) as agent:
+    with Agent(store, cfg, state, tracker="scan") as agent:
         r = agent.cycle().disks[0]
     ingest_all(store, cfg)
     console.print(f"seed: agent shipped {r.data_bytes / 2**20:.0f} MiB in {len(r.logs)} log(s), ingested, "
@@ -395,7 +395,7 @@ def run(args: argparse.Namespace, root: Path, size: int, server: SeaweedFS) -> i
     written = sum(n for _, n in writes)
     distinct = distinct_bytes(writes, size)
     t = time.perf_counter()
-    with Agent(store, cfg, state) as agent:
+    with Agent(store, cfg, state, tracker="scan") as agent:
         r = agent.cycle().disks[0]
     ingest_all(store, cfg)
     shipped = r.data_bytes + r.zero_bytes

@@ -286,7 +286,7 @@ def run(args: argparse.Namespace, root: Path, size: int) -> int:
     cfg = MachineConfig(name=MACHINE, disks=[DiskSpec(name=DISK, path=str(image), size=size, block_size=BS)],
                         policy=Policy(auto_approve=True))
     save_machine(store, cfg, create_only=True)
-    with Agent(store, cfg, state_dir) as agent:
+    with Agent(store, cfg, state_dir, tracker="scan") as agent:
         seed = agent.cycle().disks[0]
     console.print(f"seed: {size / 2**30:.2f} GiB image, {seed.data_bytes / MiB:.0f} MiB shipped in "
                   f"{len(seed.logs)} log(s), {time.perf_counter() - t:.1f} s")

@@ -203,7 +203,7 @@ def test_consolidation_with_manifests_keeps_every_point_right(tmp_path: Path, mo
     disk = cfg.disks[0]
     policy = Policy(retention_points=3, retention_hours=10**6)
     snaps: dict[str, Path] = {}
-    with Agent(st, cfg, tmp_path / "agent", log_target=1 << 20) as agent:
+    with Agent(st, cfg, tmp_path / "agent", tracker="scan", log_target=1 << 20) as agent:  # written directly
         for rnd in range(6):
             if rnd:
                 qemu_io(image, *[f"write -P {rnd * 7 + i} {((rnd * 5 + i * 3) % 15) << 20} 700k" for i in range(4)])

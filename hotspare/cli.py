@@ -629,9 +629,13 @@ def demo(
     size_mib: Annotated[int, typer.Option(help="size of the demo disk image, MiB")] = 64,
 ) -> None:
     """Run the whole cycle on a demo machine with embedded defaults."""
-    from hotspare.demo import run_demo
+    from flows.consolidate import consolidate
+    from flows.failback import failback
+    from flows.failover import failover
+    from hotspare.demo import DemoFlows, run_demo
 
-    run_demo(Path(workdir), size_mib=size_mib, console=console)
+    run_demo(Path(workdir), size_mib=size_mib, console=console,
+             flows=DemoFlows(consolidate=consolidate, failover=failover, failback=failback))
 
 def _click_errors() -> tuple[type[Exception], ...]:
     """Click's usage-error base classes: typer raises its vendored copy's, not click's."""

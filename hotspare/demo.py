@@ -24,7 +24,10 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -100,7 +103,16 @@ def _wait_marker(serial: Path, timeout: float, after: int = 0) -> int:
     raise HotspareError(f"no guest marker in {serial} after {timeout:.0f}s")
 
 
-def run_demo(workdir: Path, *, size_mib: int, console: Console) -> None:
+@dataclass(frozen=True)
+class DemoFlows:
+    """The flows the demo runs, passed in by the CLI: the engine never imports them."""
+
+    consolidate: Callable[..., Any]
+    failover: Callable[..., Any]
+    failback: Callable[..., Any]
+
+
+def run_demo(workdir: Path, *, size_mib: int, console: Console, flows: DemoFlows) -> None:
     root = (workdir / "demo").absolute()
     vms = root / "vms"
     _stop_previous(root, vms)
@@ -139,11 +151,9 @@ def run_demo(workdir: Path, *, size_mib: int, console: Console) -> None:
                                 f"shipped {shipped} log(s) at 0.5 s cuts; {rpo_text}; then it lost power at "
                                 f"counter {last_physical.counter}", t)
 
-    from flows.consolidate import consolidate
-    from flows.failover import failover
 
     t = time.monotonic()
-    consolidate(machine=MACHINE, store=store.url)
+    flows.consolidate(machine=MACHINE, store=store.url)
     cat = load_catalog(store, MACHINE, "root", cfg.disks[0].size)
     step("consolidate", f"recovery point {cat.points[-1].id} committed as a dynamic VHD", t)
 
@@ -151,7 +161,7 @@ def run_demo(workdir: Path, *, size_mib: int, console: Console) -> None:
     console.print(f"waiting {WINDOW}s for the heartbeat window to pass...")
     time.sleep(WINDOW + 1)
     t = time.monotonic()
-    result = failover(machine=MACHINE, store=store.url, vm_dir=str(vms))
+    result = flows.failover(machine=MACHINE, store=store.url, vm_dir=str(vms))
     step("failover", f"{result.message}; QEMU accel {result.accel}; the VM's first marker: {result.marker}", t)
     rto = time.monotonic() - silent_since
 
@@ -162,14 +172,13 @@ def run_demo(workdir: Path, *, size_mib: int, console: Console) -> None:
     step("the VM serves", f"it counts on to {vm_now}; its writes ship as epoch {result.epoch} logs every 2 s", t)
 
     t = time.monotonic()
-    from flows.failback import failback
 
     restorer = Restorer(store, cfg, root / "agent", say=lambda s: console.print(f"  machine (restore mode): {s}"))
     done: list[bool] = []
     agent_thread = threading.Thread(target=lambda: done.append(restorer.run(interval=0.5)), daemon=True)
     agent_thread.start()
     _wait_restore_heartbeat(store, agent_thread)
-    back = failback(machine=MACHINE, store=store.url, vm_dir=str(vms))
+    back = flows.failback(machine=MACHINE, store=store.url, vm_dir=str(vms))
     agent_thread.join(60)
     vm_last = parse_markers(serial.read_text(errors="replace"))[-1].counter
     moved = ", ".join(f"{k} {v} bytes" for k, v in back.bytes_moved.items())

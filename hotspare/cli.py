@@ -285,9 +285,11 @@ def consolidate_cmd(machine: MachineArg, store: StoreOpt = None,
         if r.point is None:
             console.print(f"{machine}/{r.disk}: nothing new to consolidate (base {r.base})")
             continue
-        console.print(f"{machine}/{r.disk}: point {r.point} from {r.logs} log(s), {r.bytes_applied} bytes applied; "
-                      f"{r.parts_rewritten} part(s) rewritten, {r.parts_copied} copied on the server, "
-                      f"{r.bytes_uploaded} bytes uploaded in {r.seconds:.1f}s; base {r.base}")
+        console.print(f"{machine}/{r.disk}: point {r.point}{' (converted from its VHD)' if r.converted else ''} from "
+                      f"{r.logs} log(s), {r.bytes_applied} bytes applied; {r.chunks_written} chunk(s) written in "
+                      f"{r.packs_written} pack(s), {r.chunks_deduplicated} deduplicated, {r.pages_written} index "
+                      f"page(s), {r.bytes_uploaded} bytes uploaded in {r.seconds:.1f}s; {r.points} point(s) kept, "
+                      f"base {r.base}")
 
 
 def _catalogs(store: str | None, machine: str):
@@ -304,9 +306,14 @@ def points(machine: MachineArg, store: StoreOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """List MACHINE's recovery points, per disk."""
     _, _, cats = _catalogs(store, machine)
+
+    def roles(c, p) -> list[str]:
+        return [r for r in ("base", "current") if (q := c.point(r)) is not None and q.id == p.id]
+
     if as_json:
-        print(json.dumps({d: [dict(p.model_dump(mode="json"), current=p.vhd == c.vhd.get("current"),
-                                   base=p.vhd == c.vhd.get("base")) for p in c.points]
+        print(json.dumps({d: [dict(p.model_dump(mode="json"), current="current" in roles(c, p),
+                                   base="base" in roles(c, p), vhd_object=c.vhd_objects.get(p.id))
+                              for p in c.points]
                           for d, c in cats.items()}, indent=1))
         return
     table = Table(title=f"recovery points of {machine}")
@@ -314,7 +321,7 @@ def points(machine: MachineArg, store: StoreOpt = None,
         table.add_column(col)
     for d, c in cats.items():
         for p in c.points:
-            role = " ".join(r for r in ("base", "current") if p.vhd and p.vhd == c.vhd.get(r))
+            role = " ".join(roles(c, p))
             table.add_row(d, p.id, str(p.epoch), str(p.seq), p.time.strftime("%Y-%m-%d %H:%M:%S"), f"{p.bytes_applied:,}",
                           "yes" if p.consistent else "NO (a scan of a live disk)", role)
     console.print(table)

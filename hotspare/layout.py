@@ -123,6 +123,48 @@ def vhd_key(machine: str, disk: str, name: str) -> str:
     return f"{vhd_prefix(machine, disk)}{name}.vhd"
 
 
+def packs_prefix(machine: str, disk: str) -> str:
+    return f"{disk_prefix(machine, disk)}packs/"
+
+
+def pack_key(machine: str, disk: str, version: int, pack_id: int) -> str:
+    """A chunk pack written for catalog ``version`` (a random ``pack_id`` tells racing
+    writers apart): a pack whose version is committed and that no catalog names is garbage."""
+    return f"{packs_prefix(machine, disk)}{num(version)}-{pack_id:016x}.pack"
+
+
+def index_prefix(machine: str, disk: str) -> str:
+    return f"{disk_prefix(machine, disk)}index/"
+
+
+def index_dir(machine: str, disk: str, point: str, version: int, token: str) -> str:
+    """The objects of one build of a point's index, written for catalog ``version``; the
+    ``token`` keeps racing builds of one version apart, so every write is create-only."""
+    return f"{index_prefix(machine, disk)}{point}/{num(version)}-{token}/"
+
+
+def index_root_key(directory: str) -> str:
+    return f"{directory}root.json"
+
+
+def index_page_key(directory: str, page: int) -> str:
+    return f"{directory}{num(page)}.page"
+
+
+def written_for(key: str) -> int | None:
+    """The catalog version a pack, VHD object or index build (any of its objects) was
+    written for, or None: the number that starts its name, else its directory's."""
+    for name in reversed(key.split("/")[-2:]):
+        if name[:PAD].isdigit() and name[PAD:PAD + 1] == "-":
+            return int(name[:PAD])
+    return None
+
+
+def vhd_object_key(machine: str, disk: str, version: int, point: str) -> str:
+    """A VHD object made from ``point``, written for catalog ``version``."""
+    return vhd_key(machine, disk, f"{num(version)}-{point}")
+
+
 def quarantine_key(key: str) -> str:
     return QUARANTINE + key
 

@@ -12,11 +12,10 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from hotspare import layout
 from hotspare.catalog import load_catalog
 from hotspare.errors import AlreadyExists, HotspareError
 from hotspare.failback import ranges as rg
-from hotspare.failback.content import cached_point_hashes, hashes_at, materialise, replica_at, write_data_logs
+from hotspare.failback.content import hashes_at, point_hashes, materialise, replica_at, write_data_logs
 from hotspare.failback.orders import DiskOrder, Order, RestoreProgress, commit_order, load_orders
 from hotspare.failback.plan import Position
 from hotspare.heartbeat import load_heartbeat
@@ -72,10 +71,10 @@ def publish(store: Store, machine: str, vm_epoch: int, label: str, kind: str, di
 
 @task(name="replica-hashes", **STORE_RETRY)
 def hash_replica(store: Store, machine: str, vm_epoch: int, disk: DiskSpec, upto: Position) -> np.ndarray:
-    """The replica's block hashes at ``upto`` (its base point's are kept for re-use)."""
+    """The replica's block hashes at ``upto``: its base point's from the index, the blocks the
+    later logs touch re-hashed."""
     rep = replica_at(store, load_catalog(store, machine, disk.name, disk.size), upto)
-    cache = layout.failback_hashes_key(machine, vm_epoch, f"replica-{rep.base.id}", disk.name)
-    return hashes_at(store, rep, disk, cached_point_hashes(store, rep.base, disk, cache))
+    return hashes_at(store, rep, disk, point_hashes(store, rep.catalog, rep.base, disk.block_size))
 
 
 def restore_progress(store: Store, machine: str, vm_epoch: int, max_age: float) -> RestoreProgress | None:

@@ -14,7 +14,7 @@ from pydantic import AliasChoices, BaseModel, Field, model_validator
 
 from hotspare import layout
 
-CATALOG_FORMAT = 2  # 2: the tail inline, older logs in manifests
+CATALOG_FORMAT = 3  # 2: the tail inline, older logs in manifests; 3: points are chunk indexes
 # The catalog keeps this many rejections for the operator to read; the reason files in
 # quarantine keep them all.
 REJECTED_KEPT = 100
@@ -81,7 +81,8 @@ class RecoveryPoint(BaseModel):
     epoch: int = Field(ge=0)
     seq: int = Field(ge=-1)
     time: datetime
-    vhd: str = Field("", description="key of the VHD object holding this point, if it is current or base")
+    root: str = Field("", description="key of the point's index root (its chunks)")
+    vhd: str = Field("", description="the layout before chunks: key of the VHD object holding this point")
     bytes_applied: int = Field(ge=0)
     consistent: bool = Field(False, description="a crash-consistent cut (a frozen view was read), "
                                                 "not a fuzzy read of a live disk")
@@ -108,7 +109,9 @@ class Catalog(BaseModel):
     rejected: list[RejectedLog] = Field(default_factory=list)
     fences: list[Fence] = Field(default_factory=list)
     points: list[RecoveryPoint] = Field(default_factory=list)
-    vhd: dict[str, str] = Field(default_factory=dict, description="role (current, base) -> VHD key")
+    vhd: dict[str, str] = Field(default_factory=dict,
+                                description="the layout before chunks: role (current, base) -> VHD key")
+    vhd_objects: dict[str, str] = Field(default_factory=dict, description="point id -> key of a VHD object made from it")
     folded: dict[int, int] = Field(default_factory=dict,
                                    description="epoch -> last seq folded into the base VHD (its logs are deleted)")
     # Set when a rejected log leaves a hole in the chain: the agent re-sends the disk's
@@ -138,9 +141,15 @@ class Catalog(BaseModel):
         return next((f for f in self.fences if f.epoch == epoch), None)
 
     def point(self, role: str) -> "RecoveryPoint | None":
-        """The point whose VHD plays ``role`` (current or base)."""
+        """The ``current`` (newest) or ``base`` (oldest) point. In a store of the layout
+        before chunks, the point whose VHD plays that role."""
         key = self.vhd.get(role)
-        return next((p for p in self.points if p.vhd == key), None) if key else None
+        if key:
+            return next((p for p in self.points if p.vhd == key), None)
+        pts = sorted((p for p in self.points if p.root), key=lambda p: p.position)
+        if not pts:
+            return None
+        return pts[-1] if role == "current" else pts[0]
 
     def next(self, **changes) -> "Catalog":
         """A copy as the next version, with ``changes`` applied."""

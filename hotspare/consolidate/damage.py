@@ -36,6 +36,19 @@ class DamagedVhd(HotspareError):
         return (type(self), (self.key, self.reason))
 
 
+class DamagedPoint(HotspareError):
+    """An object of the current point's index (its root, a page, a pack it reads) is missing
+    or fails its checksum."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.reason))
+
+
 class DamagedObject(HotspareError):
     """Consolidation stopped at a missing or damaged object; the message says how it recovers."""
 
@@ -60,7 +73,42 @@ def repair(store: Store, catalog: Catalog, err: HotspareError) -> Repair | None:
         return _drop_log(store, catalog, err, after)  # type: ignore[arg-type]
     if isinstance(err, DamagedVhd) and err.key == catalog.vhd.get("current"):
         return _drop_current(store, catalog, err)
+    if isinstance(err, DamagedPoint):
+        return _drop_damaged_points(store, catalog, err)
     return None
+
+
+def _names(store: Store, root_key: str, key: str) -> bool:
+    """Whether the index root ``root_key`` names ``key`` (as itself, a page or a pack); an
+    unreadable root counts as naming it."""
+    from hotspare.replica.index import read_root
+
+    if root_key == key:
+        return True
+    try:
+        root = read_root(store, root_key)
+    except HotspareError:
+        return True
+    return any(r.key == key for r in root.pages.values()) or any(r.key == key for r in root.packs.values())
+
+
+def _drop_damaged_points(store: Store, catalog: Catalog, err: DamagedPoint) -> Repair:
+    """Every point whose index names the damaged object is dropped; the next point is
+    rebuilt from the newest sound one plus its logs, or from a resync when none is left."""
+    bad = [p for p in catalog.points if p.root and _names(store, p.root, err.key)]
+    left = [p for p in catalog.points if p not in bad]
+    dropped = ", ".join(p.id for p in bad) or "none"
+    if left:
+        nxt = catalog.next(points=left)
+        return Repair(nxt, f"{err}: point(s) {dropped} read from it and were dropped (catalog v{nxt.version}); the "
+                           f"next point is rebuilt from point {left[-1].id} and the logs after it")
+    seq = _resync_from(catalog)
+    uncut = lambda logs: [lg.model_copy(update={"cut": False}) for lg in logs]  # noqa: E731
+    nxt = catalog.next(points=[], vhd={}, **_rewrite(store, catalog, None, uncut), resync_from=seq)
+    return Repair(nxt, f"{err}: every point of the disk reads from it. Its points ({dropped}) were dropped (catalog "
+                       f"v{nxt.version}; v{catalog.version} keeps them) and the agent is asked to re-send the disk "
+                       f"(resync from seq {seq}): run the agent, then consolidate again to build a new point from it",
+                  wait_for_resync=True)
 
 
 def _rewrite(store: Store, catalog: Catalog, after: tuple[int, int] | None, change) -> dict:

@@ -1,27 +1,37 @@
-"""Exporting a recovery point as a local disk image (raw, dynamic VHD or fixed VHD).
-
-The current and base points are their VHD objects, streamed through a ranged reader. A
-point between them is the base plus the logs up to it: the base is materialised as a
-sparse raw file, the logs are replayed in seq order, and the result converted.
+"""Exporting a recovery point as a local disk image (raw, dynamic VHD or fixed VHD), read
+from its chunks through :class:`~hotspare.replica.reader.ChunkReader`.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from hotspare.catalog import Catalog, RecoveryPoint, catalog_logs
-from hotspare.consolidate.point import disk_uuid
+from hotspare.catalog import Catalog, RecoveryPoint
 from hotspare.errors import HotspareError, UsageError
-from hotspare.replay import apply_logs
+from hotspare.replica.index import read_root
+from hotspare.replica.reader import ChunkReader
 from hotspare.store.base import Store
 from hotspare.vhd import VhdReader, write_dynamic, write_fixed, write_raw
 
 ExportFormat = Literal["raw", "vhd", "vhd-fixed"]
+
+
+def disk_uuid(machine: str, disk: str) -> uuid.UUID:
+    """The VHD unique id of a disk: stable across its points, so hypervisors see one disk."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"hotspare:{machine}/{disk}")
+
+
+def point_reader(store: Store, catalog: Catalog, point: RecoveryPoint) -> ChunkReader:
+    """The reader of ``point``'s bytes; a UsageError for a point of the layout before chunks."""
+    if not point.root:
+        raise UsageError(f"{catalog.machine}/{catalog.disk} point {point.id} is in the layout before chunks (VHD "
+                         f"points): run `hotspare consolidate {catalog.machine}` once to convert the disk")
+    return ChunkReader(store, read_root(store, point.root))
 
 
 def find_point(catalog: Catalog, point_id: str | None = None, at: datetime | None = None, *,
@@ -96,23 +106,9 @@ def _export_point(store: Store, catalog: Catalog, point: RecoveryPoint, fmt: Exp
             return data
         return read
 
-    if point.vhd:
+    if not point.root and point.vhd:  # not converted yet: its VHD object reads as well
         with store.open(point.vhd, buffer_size=4 << 20) as f:
             _write(counted(VhdReader(f, point.vhd).read), size, fmt, out, uid)
         return size
-    base = catalog.point("base")
-    if base is None or point.position < base.position:
-        raise UsageError(f"point {point.id} is older than the retention window")
-    logs = catalog_logs(store, catalog, after=base.position, upto=point.position)
-    with tempfile.TemporaryDirectory(dir=out.parent) as d:
-        raw = Path(d) / "point.raw"
-        with store.open(base.vhd, buffer_size=4 << 20) as f, open(raw, "wb") as r:
-            write_raw(VhdReader(f, base.vhd).read, size, r)
-        fd = os.open(raw, os.O_WRONLY)
-        try:
-            apply_logs(store, [lg.key for lg in logs], fd)
-        finally:
-            os.close(fd)
-        with open(raw, "rb") as r:
-            _write(counted(lambda o, n: os.pread(r.fileno(), n, o)), size, fmt, out, uid)
+    _write(counted(point_reader(store, catalog, point).read), size, fmt, out, uid)
     return size

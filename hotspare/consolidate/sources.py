@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hotspare.errors import InvalidLog, NotFound
-from hotspare.extentlog.reader import open_parquet, read_row_group
+from hotspare.errors import HotspareError, InvalidLog, NotFound
+from hotspare.extentlog.reader import check_rows, open_parquet, read_row_group
 from hotspare.extentlog.schema import SECTOR, zero_checksum
 from hotspare.store.base import Store
 from hotspare.vhd import BLOCK_SIZE
@@ -93,8 +93,9 @@ def open_accepted(store: Store, key: str):
         raise InvalidLog(key, "missing from the store (deleted after it was accepted)") from None
 
 
-def compute_sources(store: Store, log_keys: list[str], disk_size: int) -> Sources:
-    """The source runs of every block the logs (given in seq order) touch."""
+def compute_sources(store: Store, log_keys: list[str], disk_size: int, block_size: int = BLOCK_SIZE) -> Sources:
+    """The source runs of every ``block_size`` block the logs (given in seq order) touch."""
+    spb = block_size // SECTOR
     rows: list[RowRef] = []
     per_block: dict[int, list[tuple[int, int, int]]] = {}  # block -> [(owner, s0, s1)] in seq order
     applied = 0
@@ -107,23 +108,49 @@ def compute_sources(store: Store, log_keys: list[str], disk_size: int) -> Source
         last = (offset + length) // SECTOR  # exclusive
         for i, (s0, s1, z) in enumerate(zip(first.tolist(), last.tolist(), zero.tolist())):
             owner = ZERO if z else base + i
-            b0, b1 = s0 // SECTORS_PER_BLOCK, (s1 - 1) // SECTORS_PER_BLOCK
+            b0, b1 = s0 // spb, (s1 - 1) // spb
             for b in range(b0, b1 + 1):
-                lo = max(s0, b * SECTORS_PER_BLOCK) - b * SECTORS_PER_BLOCK
-                hi = min(s1, (b + 1) * SECTORS_PER_BLOCK) - b * SECTORS_PER_BLOCK
+                lo = max(s0, b * spb) - b * spb
+                hi = min(s1, (b + 1) * spb) - b * spb
                 per_block.setdefault(b, []).append((owner, lo, hi))
     blocks = {}
-    owner_map = np.empty(SECTORS_PER_BLOCK, dtype=np.int64)
+    owner_map = np.empty(spb, dtype=np.int64)
     for b, writes in per_block.items():
         owner_map.fill(KEEP)
         for owner, lo, hi in writes:  # in seq order: later writes win
             owner_map[lo:hi] = owner
         # Sectors past the disk's end (last, partial block) read as zeros.
-        end = (disk_size - b * BLOCK_SIZE) // SECTOR
-        if end < SECTORS_PER_BLOCK:
+        end = (disk_size - b * block_size) // SECTOR
+        if end < spb:
             owner_map[end:] = ZERO
         cuts = np.flatnonzero(np.diff(owner_map)) + 1
         starts = np.concatenate(([0], cuts))
-        ends = np.concatenate((cuts, [SECTORS_PER_BLOCK]))
+        ends = np.concatenate((cuts, [spb]))
         blocks[b] = BlockSources(b, [(int(owner_map[s]), int(s), int(e - s)) for s, e in zip(starts, ends)])
     return Sources(rows=rows, blocks=blocks, applied_bytes=applied)
+
+
+class RowData:
+    """Row data, read one (log, row group) data column at a time and kept while this object
+    lives. Each row group's checksums are verified when it is read (InvalidLog naming the
+    log and row)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.cache: dict[tuple[str, int], object] = {}
+        self.bytes_read = 0
+
+    def data(self, ref: RowRef) -> memoryview:
+        k = (ref.log, ref.row_group)
+        col = self.cache.get(k)
+        if col is None:
+            with open_accepted(self.store, ref.log) as f:
+                t, row0 = read_row_group(f, ref.log, ref.row_group, ["length", "data", "checksum"])
+            col = t.column("data")
+            check_rows(ref.log, row0, t.column("length").to_numpy(), col, t.column("checksum").to_numpy())
+            self.bytes_read += col.nbytes
+            self.cache[k] = col
+        buf = col[ref.row].as_buffer()  # type: ignore[index]
+        if buf is None:
+            raise HotspareError(f"{ref.log}: row {ref.row} of row group {ref.row_group} has no data but a data checksum")
+        return memoryview(buf)

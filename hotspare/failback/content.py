@@ -1,19 +1,19 @@
 """The replica's side of failback: its content and its block hashes at any position of the
 VM epoch, at a cost that follows the changed bytes, not the disk's size.
 
-The replica at position P is the newest consolidated point at or before P (its VHD, the
-*base*) plus the accepted logs after it. ``materialise`` writes into a sparse scratch file
+The replica at position P is the newest consolidated point at or before P (the *base*,
+read from its chunks) plus the accepted logs after it. ``materialise`` writes into a sparse scratch file
 the base's content for the ranges asked and for every block those logs touch, then replays
 the logs over it in seq order: those ranges then hold the replica's content at P. So the
 rounds after phase one, phase two included, need no new consolidation while the VM is
-stopped. The base's hashes are computed once per point (reading only the VHD blocks that
-hold data) and kept in the store; the hashes at P re-hash only the blocks the logs touch.
+stopped. The base's hashes are its index's (each entry holds the xxh3-64 of its block, as the
+agent hashes it), so no data is read for them; the hashes at P re-hash only the blocks the
+logs touch.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,17 +25,16 @@ import numpy as np
 import xxhash
 
 from hotspare import layout
-from hotspare.capture.state import zero_hashes
 from hotspare.catalog import AcceptedLog, Catalog, RecoveryPoint, catalog_logs
-from hotspare.errors import HotspareError, InvalidObject, NotFound
+from hotspare.errors import HotspareError
 from hotspare.extentlog import Extent, LogWriter
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.failback import ranges as rg
-from hotspare.failback.plan import Position, hashes_bytes, read_hashes, replica_changes
+from hotspare.failback.plan import Position, replica_changes
 from hotspare.machine import DiskSpec
 from hotspare.replay import apply_logs
 from hotspare.store.base import Store
-from hotspare.vhd import VhdReader
+from hotspare.consolidate.export import point_reader
 
 LOG_TARGET = 64 << 20
 
@@ -79,10 +78,9 @@ def materialise(store: Store, rep: ReplicaAt, ranges: rg.Ranges, block_size: int
     with tempfile.TemporaryFile(prefix="hotspare-replica-") as f:
         f.truncate(size)
         fd = f.fileno()
-        with store.open(rep.base.vhd, buffer_size=4 << 20) as v:
-            reader = VhdReader(v, rep.base.vhd)
-            for off, n in rg.pieces(need, MAX_EXTENT):
-                os.pwrite(fd, reader.read(off, n), off)
+        reader = point_reader(store, rep.catalog, rep.base)
+        for off, n in rg.pieces(need, MAX_EXTENT):
+            os.pwrite(fd, reader.read(off, n), off)
         apply_logs(store, [lg.key for lg in rep.logs], fd)
         yield fd
 
@@ -123,31 +121,14 @@ def write_data_logs(store: Store, read: Callable[[int, int], bytes], ranges: rg.
     return keys, data_bytes
 
 
-def point_hashes(store: Store, point: RecoveryPoint, disk_size: int, block_size: int) -> np.ndarray:
+def point_hashes(store: Store, catalog: Catalog, point: RecoveryPoint, block_size: int) -> np.ndarray:
     """xxh3-64 of every ``block_size`` block of a consolidated point, as the agent hashes
-    its disk; only the VHD blocks that hold data are read."""
-    hashes = zero_hashes(disk_size, block_size)
-    h = xxhash.xxh3_64_intdigest
-    with store.open(point.vhd, buffer_size=4 << 20) as f:
-        reader = VhdReader(f, point.vhd)
-        unit = math.lcm(reader.block_size, block_size)  # whole VHD blocks and whole agent blocks
-        for c in np.unique(reader.allocated_blocks() * reader.block_size // unit).tolist():
-            off = c * unit
-            mv = memoryview(reader.read(off, min(unit, disk_size - off)))
-            part = [h(mv[i:i + block_size]) for i in range(0, len(mv), block_size)]
-            hashes[off // block_size:off // block_size + len(part)] = part
-    return hashes
-
-
-def cached_point_hashes(store: Store, point: RecoveryPoint, disk: DiskSpec, cache_key: str) -> np.ndarray:
-    """``point_hashes``, computed once and kept at ``cache_key`` (a re-run reads them)."""
-    n = -(-disk.size // disk.block_size)
-    try:
-        return read_hashes(store, cache_key, n)
-    except (NotFound, InvalidObject):
-        hashes = point_hashes(store, point, disk.size, disk.block_size)
-        store.put(cache_key, hashes_bytes(hashes))
-        return hashes
+    its disk, from the point's index alone (its chunks are blocks of the same size)."""
+    reader = point_reader(store, catalog, point)
+    if reader.root.chunk_size != block_size:
+        raise HotspareError(f"{catalog.machine}/{catalog.disk}: point {point.id} has chunks of {reader.root.chunk_size} "
+                            f"bytes, the disk's blocks are {block_size}")
+    return reader.block_hashes()
 
 
 def hashes_at(store: Store, rep: ReplicaAt, disk: DiskSpec, base_hashes: np.ndarray) -> np.ndarray:

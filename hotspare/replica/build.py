@@ -1,0 +1,299 @@
+"""A consolidation into chunks: plan a point, build its parts, write its root, commit.
+
+1. :func:`plan_point`: the new point (the newest accepted cut after the current point), the
+   source runs of every block the logs since the current point touch (from their metadata
+   columns only: superseded bytes are never downloaded), and the previous root.
+2. :meth:`PointBuild.jobs` and :func:`run_part`: each part job is a run of index pages. It
+   reads its pages of the previous point, the log rows whose bytes survive, and, only for
+   blocks a partial write merges with, the previous chunks; it writes new chunks into packs,
+   create-only, deduplicated against the chunks of its pages and of the job, and writes its
+   new pages create-only. Jobs are self-contained, so mapped tasks run them on any worker.
+3. :func:`finish_root`: the new root, the previous one with the new pages and pack counts,
+   written create-only; :func:`commit_point` the catalog naming it.
+
+Every object a build writes is under a key of the catalog version it builds and a random
+token, so racing builds never overwrite each other, and a build that loses the commit race
+(or crashes) leaves only garbage that :mod:`hotspare.replica.gc` removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import xxhash
+
+from hotspare import layout
+from hotspare.catalog import AcceptedLog, Catalog, RecoveryPoint, catalog_logs
+from hotspare.catalog.model import utcnow
+from hotspare.consolidate.sources import KEEP, ZERO, BlockSources, RowData, RowRef, Sources, compute_sources
+from hotspare.extentlog.schema import SECTOR
+from hotspare.faults import crash_point
+from hotspare.replica.index import (
+    PAGE_CHUNKS,
+    IndexRoot,
+    digest_of,
+    PackRef,
+    PageRef,
+    page_bytes,
+    page_ref,
+    pack_id,
+    read_root,
+    root_bytes,
+)
+from hotspare.replica.packs import PACK_TARGET, PackWriter
+from hotspare.replica.reader import ChunkReader
+from hotspare.store.base import Store
+
+JOB_BYTES = 64 << 20  # changed bytes per part job
+
+
+@dataclass
+class PartJob:
+    """What one worker needs to build a run of pages of a new point; no shared state."""
+
+    machine: str
+    disk: str
+    version: int  # the catalog version the build commits
+    directory: str  # where its index objects go
+    disk_size: int
+    chunk_size: int
+    page_chunks: int
+    pages: list[int]
+    blocks: dict[int, BlockSources]  # the changed blocks of these pages
+    rows: dict[int, RowRef]  # owner id -> row
+    previous: IndexRoot | None  # the previous point's index (None: the disk was zeros)
+    legacy_vhd: str | None = None  # converting: the previous content is this VHD object
+    pack_target: int = PACK_TARGET
+
+
+@dataclass
+class PartResult:
+    pages: dict[int, PageRef | None]  # None: the page became all zeros
+    packs: dict[str, PackRef]  # written by the job
+    refs: dict[str, int]  # change of each pack's entry count
+    uploaded: int = 0
+    chunks_written: int = 0
+    chunks_deduplicated: int = 0
+    chunks_zero: int = 0
+    bytes_read: int = 0  # of logs and previous chunks
+
+
+@dataclass
+class PointBuild:
+    machine: str
+    disk: str
+    disk_size: int
+    chunk_size: int
+    version: int
+    token: str
+    point_id: str
+    epoch: int
+    seq: int
+    logs: list[AcceptedLog]
+    sources: Sources
+    previous: IndexRoot | None
+    point_time: datetime
+    consistent: bool
+    legacy_vhd: str | None = None
+    replaces: str | None = None  # converting the current point itself: its id
+    results: list[PartResult] = field(default_factory=list)
+
+    @property
+    def directory(self) -> str:
+        return layout.index_dir(self.machine, self.disk, self.point_id, self.version, self.token)
+
+    def jobs(self, job_bytes: int = JOB_BYTES) -> list[PartJob]:
+        pc = self.previous.page_chunks if self.previous else PAGE_CHUNKS
+        by_page: dict[int, list[int]] = {}
+        for b in sorted(self.sources.blocks):
+            by_page.setdefault(b // pc, []).append(b)
+        jobs: list[PartJob] = []
+        size = 0
+        for page, blocks in by_page.items():
+            if not jobs or size + len(blocks) * self.chunk_size > job_bytes:
+                jobs.append(PartJob(self.machine, self.disk, self.version, self.directory, self.disk_size,
+                                    self.chunk_size, pc, [], {}, {}, self.previous, self.legacy_vhd))
+                size = 0
+            job = jobs[-1]
+            job.pages.append(page)
+            for b in blocks:
+                src = self.sources.blocks[b]
+                job.blocks[b] = src
+                for o in src.owners:
+                    job.rows[o] = self.sources.rows[o]
+            size += len(blocks) * self.chunk_size
+        return jobs
+
+
+def current_root(store: Store, catalog: Catalog) -> IndexRoot | None:
+    cur = catalog.point("current")
+    return read_root(store, cur.root) if cur is not None and cur.root else None
+
+
+def plan_point(store: Store, catalog: Catalog, chunk_size: int) -> PointBuild | None:
+    """The build of a new current point, or None when no cut is newer than the current point
+    (and the current point is already chunked)."""
+    current = catalog.point("current")
+    legacy = current is not None and not current.root
+    after = current.position if current else (-1, -1)
+    logs = catalog_logs(store, catalog, after=after)
+    cuts = [lg for lg in logs if lg.cut]
+    if not cuts and not legacy:
+        return None  # points are made at cuts only: logs of an unfinished cycle wait for theirs
+    newest = cuts[-1] if cuts else None
+    new = [lg for lg in logs if newest is not None and lg.position <= newest.position]
+    sources = compute_sources(store, [lg.key for lg in new], catalog.disk_size, chunk_size)
+    previous = None if legacy else current_root(store, catalog)
+    point_time = max((lg.accepted_at for lg in new), default=current.time if current else utcnow())
+    if newest is not None:
+        epoch, seq, consistent = newest.epoch, newest.last_seq, newest.consistent
+    else:
+        assert current is not None
+        epoch, seq, consistent = current.epoch, current.seq, current.consistent
+    build = PointBuild(catalog.machine, catalog.disk, catalog.disk_size, chunk_size, catalog.version + 1,
+                       secrets.token_hex(4), f"{epoch}-{seq}", epoch, seq, new, sources, previous, point_time,
+                       consistent)
+    if legacy:
+        from hotspare.replica.convert import legacy_blocks
+
+        assert current is not None
+        build.legacy_vhd = current.vhd
+        build.replaces = current.id if newest is None else None
+        legacy_blocks(store, build)
+    return build
+
+
+def _chunk(src: BlockSources, old: bytes | None, length: int, rows: dict[int, RowRef], data: RowData,
+           chunk_size: int) -> bytearray:
+    """The final bytes of a changed block; ``old``: its previous content (None: zeros)."""
+    out = bytearray(chunk_size)
+    if old is not None and src.needs_previous:
+        out[:len(old)] = old
+    base = src.index * chunk_size
+    for owner, s0, n in src.runs:
+        a, b = s0 * SECTOR, (s0 + n) * SECTOR
+        if owner == ZERO:
+            out[a:b] = bytes(b - a)
+        elif owner != KEEP:
+            ref = rows[owner]
+            at = base + a - ref.offset
+            out[a:b] = data.data(ref)[at:at + (b - a)]
+    del out[length:]
+    return out
+
+
+def _previous_chunks(store: Store, job: PartJob, blocks: list[int]) -> dict[int, bytes]:
+    """The previous content of ``blocks`` (the ones a partial write merges with)."""
+    if not blocks:
+        return {}
+    if job.legacy_vhd is not None:
+        from hotspare.replica.convert import read_legacy
+
+        return read_legacy(store, job.legacy_vhd, blocks, job.chunk_size, job.disk_size)
+    if job.previous is None:
+        return {}
+    reader = ChunkReader(store, job.previous, readahead=0)
+    return reader.blocks(blocks)
+
+
+def run_part(store: Store, job: PartJob) -> PartResult:
+    """Build and write the chunks and pages of ``job``."""
+    root = job.previous or IndexRoot(machine=job.machine, disk=job.disk, point="", disk_size=job.disk_size,
+                                     chunk_size=job.chunk_size, page_chunks=job.page_chunks)
+    prev = ChunkReader(store, root, readahead=0)
+    data = RowData(store)
+    packs = PackWriter(store, job.machine, job.disk, job.version, target=job.pack_target)
+    res = PartResult(pages={}, packs={}, refs={})
+    refs: Counter[int] = Counter()
+    bodies: dict[int, bytes | None] = {}
+    old_chunks = _previous_chunks(store, job, [b for b, s in job.blocks.items() if s.needs_previous])
+    res.bytes_read += sum(len(c) for c in old_chunks.values())
+    for page in job.pages:
+        old = prev.page(page)
+        new = old.copy()
+        known = {digest_of(e): e for e in old[old["length"] > 0]}
+        first = page * job.page_chunks
+        for b in sorted(b for b in job.blocks if b // job.page_chunks == page):
+            length = root.chunk_length(b)
+            chunk = _chunk(job.blocks[b], old_chunks.get(b), length, job.rows, data, job.chunk_size)
+            e = new[b - first]
+            e["xxh"] = xxhash.xxh3_64_intdigest(chunk)
+            if not np.frombuffer(chunk, dtype=np.uint8).any():
+                e["digest"], e["pack"], e["offset"], e["length"] = b"", 0, 0, 0
+                res.chunks_zero += 1
+                continue
+            digest = hashlib.sha256(chunk).digest()
+            same = known.get(digest)
+            if same is not None:
+                e["digest"], e["pack"], e["offset"], e["length"] = digest, same["pack"], same["offset"], same["length"]
+                res.chunks_deduplicated += 1
+                continue
+            pid, at = packs.add(digest, chunk)
+            e["digest"], e["pack"], e["offset"], e["length"] = digest, pid, at, len(chunk)
+            known[digest] = e.copy()
+            res.chunks_written += 1
+        for p, n in zip(*np.unique(old["pack"][old["length"] > 0], return_counts=True)):
+            refs[int(p)] -= int(n)
+        for p, n in zip(*np.unique(new["pack"][new["length"] > 0], return_counts=True)):
+            refs[int(p)] += int(n)
+        bodies[page] = page_bytes(page, new) if new["length"].any() else None
+    packs.flush()  # before the pages: a page never names a pack that is not in the store
+    for page, body in bodies.items():
+        if body is None:
+            res.pages[page] = None
+            continue
+        key = layout.index_page_key(job.directory, page)
+        store.put(key, body, create_only=True)
+        res.pages[page] = page_ref(key, body)
+        res.uploaded += len(body)
+    res.packs = packs.written
+    res.uploaded += packs.uploaded
+    res.refs = {pack_id(p): n for p, n in refs.items() if n}
+    res.bytes_read += data.bytes_read
+    return res
+
+
+def finish_root(store: Store, build: PointBuild, results: list[PartResult]) -> tuple[str, IndexRoot]:
+    """Write the new point's root, create-only; returns its key and the root."""
+    prev = build.previous
+    root = IndexRoot(machine=build.machine, disk=build.disk, point=build.point_id, disk_size=build.disk_size,
+                     chunk_size=build.chunk_size, page_chunks=prev.page_chunks if prev else PAGE_CHUNKS,
+                     pages=dict(prev.pages) if prev else {}, packs={k: v.model_copy() for k, v in (prev.packs if prev else {}).items()})
+    for r in results:
+        for page, ref in r.pages.items():
+            if ref is None:
+                root.pages.pop(page, None)
+            else:
+                root.pages[page] = ref
+        root.packs.update({k: v.model_copy() for k, v in r.packs.items()})
+    for r in results:
+        for pid, n in r.refs.items():
+            root.packs[pid].refs += n
+    root.packs = {k: v for k, v in root.packs.items() if v.refs > 0}
+    key = layout.index_root_key(build.directory)
+    crash_point("consolidate-before-root")
+    store.put(key, root_bytes(root), create_only=True)
+    return key, root
+
+
+def commit_point(catalog: Catalog, build: PointBuild, root_key: str) -> Catalog:
+    """The next catalog: the built point becomes current."""
+    point = RecoveryPoint(id=build.point_id, epoch=build.epoch, seq=build.seq, time=build.point_time, root=root_key,
+                          bytes_applied=build.sources.applied_bytes, consistent=build.consistent)
+    if build.legacy_vhd is not None:
+        # Converted: the VHD points are gone with their VHDs; this point is the first chunked one.
+        return catalog.next(points=[point], vhd={})
+    return catalog.next(points=[*catalog.points, point])
+
+
+def run_build(store: Store, build: PointBuild, run_jobs=None) -> tuple[str, IndexRoot]:
+    """Build in this process (or through ``run_jobs``, which maps jobs to results), write the root."""
+    jobs = build.jobs()
+    results = run_jobs(jobs) if run_jobs else [run_part(store, j) for j in jobs]
+    build.results = results
+    return finish_root(store, build, results)

@@ -15,9 +15,9 @@ from hotspare import layout
 from hotspare.capture.agent import Agent
 from hotspare.catalog import AcceptedLog, Catalog, catalog_logs, commit_catalog, load_catalog, segments
 from hotspare.catalog.manifest import load_manifest, sweep_manifests, write_manifest
-from hotspare.consolidate import point as engine
+from hotspare.replica.consolidate import consolidate_disk
+from hotspare.replica.gc import collect_garbage, retention
 from hotspare.consolidate.export import export_point
-from hotspare.consolidate.sources import Sources
 from hotspare.errors import InvalidObject
 from hotspare.ingest import batches, ingest_disk
 from hotspare.machine import MachineConfig, Policy, parse_disk_arg, save_machine
@@ -102,9 +102,10 @@ def test_a_bad_manifest_gives_one_line_naming_its_key(tmp_path: Path, fault: str
     save_machine(st, cfg, create_only=True)
     from hotspare.catalog import RecoveryPoint
 
-    point = RecoveryPoint(id="0-0", epoch=0, seq=0, time=T0, bytes_applied=0, vhd=engine.point_key("m", "d", 0, 0))
+    point = RecoveryPoint(id="0-0", epoch=0, seq=0, time=T0, bytes_applied=0,
+                          root=layout.index_root_key(layout.index_dir("m", "d", "0-0", 1, "t")))
     cat = commit_catalog(st, Catalog(machine="m", disk="d", version=1, disk_size=8 << 20, tail=fake_logs(0, 200),
-                                     applied={0: 199}, points=[point], vhd={"current": point.vhd, "base": point.vhd}))
+                                     applied={0: 199}, points=[point]))
     key = cat.manifests[0].key
     if fault == "corrupt":
         raw = bytearray(st.get(key))
@@ -151,23 +152,21 @@ def test_retention_rewrites_the_manifest_it_cuts_and_gc_sweeps_only_old_unnamed_
     cat = add_logs(st, Catalog(machine="m", disk="d", version=0, disk_size=SIZE), fake_logs(0, 1000))
     from hotspare.catalog import RecoveryPoint
 
-    points = [RecoveryPoint(id=f"0-{s}", epoch=0, seq=s, time=T0 + timedelta(seconds=s), bytes_applied=0,
-                            vhd=engine.point_key("m", "d", 0, s) if s in (99, 999) else "") for s in (99, 500, 999)]
-    cat = commit_catalog(st, cat.next(points=points, vhd={"base": points[0].vhd, "current": points[2].vhd}))
+    points = [RecoveryPoint(id=f"0-{s}", epoch=0, seq=s, time=T0 + timedelta(seconds=s), bytes_applied=0)
+              for s in (99, 500, 999)]
+    cat = commit_catalog(st, cat.next(points=points))
     before = catalog_logs(st, cat)
     # The retention commit is version v+1. A manifest written for v+2 may be a concurrent
     # commit's, about to be named: kept. One written for v+1 lost that version's race: swept.
     pending = write_manifest(st, "m", "d", cat.version + 2, fake_logs(5000, 3), level=0)
     lost = write_manifest(st, "m", "d", cat.version + 1, fake_logs(6000, 3), level=0)
-    build = engine.VhdBuild(engine.point_key("m", "d", 0, 500), points[0].vhd, [], Sources([], {}, 0), None,  # type: ignore[arg-type]
-                            T0, exists=True)
-    nxt = commit_catalog(st, engine.commit_retention(st, cat, build, Policy(retention_points=2, retention_hours=10**6)))
+    nxt = commit_catalog(st, retention(st, cat, Policy(retention_points=2, retention_hours=10**6)))
     assert [lg.first_seq for lg in catalog_logs(st, nxt)] == list(range(501, 1000))
-    assert nxt.folded == {0: 500} and nxt.point("base").id == "0-500"
+    assert nxt.folded == {0: 500} and [p.id for p in nxt.points] == ["0-500", "0-999"]
     cut = [r for r in nxt.manifests if r.first == (0, 501)]
     assert cut and layout.manifest_version(cut[0].key) == nxt.version, "the cut manifest was rewritten"
     named_before = {r.key for r in cat.manifests}
-    engine.collect_garbage(st, nxt)
+    collect_garbage(st, nxt)
     left = {o.key for o in st.list(layout.manifests_prefix("m", "d"))}
     assert left == {r.key for r in nxt.manifests} | {pending.key}
     dropped = named_before - {r.key for r in nxt.manifests}
@@ -209,19 +208,9 @@ def test_consolidation_with_manifests_keeps_every_point_right(tmp_path: Path, mo
                 qemu_io(image, *[f"write -P {rnd * 7 + i} {((rnd * 5 + i * 3) % 15) << 20} 700k" for i in range(4)])
             agent.cycle()
             ingest_disk(st, "m1", disk)
-            cat = load_catalog(st, "m1", "root", size)
-            build = engine.prepare(st, cat)
-            engine.run_build(st, build)
-            nxt = commit_catalog(st, engine.commit_point(cat, build))
-            engine.collect_garbage(st, nxt, replaced=[cat.vhd["current"]] if cat.vhd.get("current") else [])
-            snaps[nxt.points[-1].id] = tmp_path / f"snap-{rnd}.raw"
-            shutil.copyfile(image, snaps[nxt.points[-1].id])
-            cat = nxt
-            ret = engine.retention_plan(st, cat, policy)
-            if ret is not None:
-                engine.run_build(st, ret)
-                nxt = commit_catalog(st, engine.commit_retention(st, cat, ret, policy))
-                engine.collect_garbage(st, nxt, replaced=[cat.vhd["base"]])
+            point = consolidate_disk(st, "m1", disk, policy).point
+            snaps[point] = tmp_path / f"snap-{rnd}.raw"
+            shutil.copyfile(image, snaps[point])
     cat = load_catalog(st, "m1", "root", size)
     assert cat.manifests and cat.folded and len(cat.points) == 3
     assert {o.key for o in st.list(layout.manifests_prefix("m1", "root"))} == {r.key for r in cat.manifests}

@@ -247,7 +247,7 @@ def test_consolidation_checks_row_checksums_and_asks_for_a_resync(tmp_path: Path
     line = _one_line_error(cli("consolidate", "m1", env=env, check=False))
     assert key in line and f"row {row}" in line and "checksum" in line, line
     after = _catalog(env)
-    assert after.points == before.points and after.vhd == before.vhd, "no point made from a damaged log"
+    assert after.points == before.points, "no point made from a damaged log"
     assert after.resync_from == before.applied_seq(0) + 1 and key not in {lg.key for lg in _logs(env)}
     assert (store_root / layout.quarantine_key(key)).is_file() and not (store_root / key).exists()
     assert "resync" in line
@@ -275,43 +275,49 @@ def test_a_deleted_accepted_log_asks_for_a_resync(tmp_path: Path, prefect_api: s
     _assert_export_is_the_disk(tmp_path, env, image)
 
 
-def _truncate_current_vhd(env: dict[str, str]) -> str:
-    key = _catalog(env).vhd["current"]
+def _truncate(env: dict[str, str], what: str) -> str:
+    """Cut the current point's index root or its first pack in half; returns its key."""
+    from hotspare.replica.index import read_root
+    from hotspare.store import open_store
+
+    cat = _catalog(env)
+    root_key = cat.point("current").root
+    key = root_key if what == "root" else next(iter(read_root(open_store(env["HOTSPARE_STORE"]), root_key).packs.values())).key
     path = Path(env["HOTSPARE_STORE"]) / key
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
     return key
 
 
-def test_a_damaged_current_vhd_is_rebuilt_from_the_base(tmp_path: Path, prefect_api: str) -> None:
+def test_a_damaged_current_index_is_rebuilt_from_the_previous_point(tmp_path: Path, prefect_api: str) -> None:
     from tests.helpers import qemu_io
 
     image, env = _consolidated(tmp_path)
     _changed_and_ingested(image, env)
     cli("consolidate", "m1", env=env)
     cat = _catalog(env)
-    assert cat.vhd["base"] != cat.vhd["current"]
+    assert len(cat.points) == 2
     damaged = cat.point("current")
-    key = _truncate_current_vhd(env)
+    key = _truncate(env, "root")
     qemu_io(image, "write -P 0x77 2097152 65536")
     cli("agent", "m1", "--once", env=env)
     r = cli("consolidate", "m1", env=env)
-    assert "point 0-" in r.stdout, r.stdout
+    assert "point 0-" in r.stdout and key in r.stdout + r.stderr, r.stdout + r.stderr
     cat = _catalog(env)
-    assert key not in cat.vhd.values() and damaged.id in [p.id for p in cat.points]
+    assert damaged.id not in [p.id for p in cat.points] and all(p.root != key for p in cat.points)
     _assert_export_is_the_disk(tmp_path, env, image)
 
 
-def test_a_damaged_only_vhd_names_itself_and_asks_for_a_resync(tmp_path: Path, prefect_api: str) -> None:
+def test_a_damaged_pack_names_itself_and_asks_for_a_resync(tmp_path: Path, prefect_api: str) -> None:
     image, env = _consolidated(tmp_path)
-    key = _truncate_current_vhd(env)
+    key = _truncate(env, "pack")
     _changed_and_ingested(image, env)
     line = _one_line_error(cli("consolidate", "m1", env=env, check=False))
     assert key in line and "resync" in line and "agent" in line, line
+    assert not _catalog(env).points, "the point that read from the lost pack is dropped"
     assert "(resync)" in cli("agent", "m1", "--once", env=env).stdout
     r = cli("consolidate", "m1", env=env)
     assert "point 0-" in r.stdout, r.stdout
-    assert key not in _catalog(env).vhd.values()
     _assert_export_is_the_disk(tmp_path, env, image)
 
 
@@ -384,18 +390,13 @@ def _ship(st, first: int, n: int, ts: datetime, fill: int) -> None:
 
 def _consolidate_here(st) -> None:
     """Ingest, then make the new current point, with the engine alone."""
-    from hotspare.catalog import commit_catalog, load_catalog
-    from hotspare.consolidate import point as engine
     from hotspare.ingest import ingest_disk
-    from hotspare.machine import load_machine
+    from hotspare.machine import Policy, load_machine
+    from hotspare.replica.consolidate import consolidate_disk
 
     disk = load_machine(st, "m1").disks[0]
     ingest_disk(st, "m1", disk)
-    cat = load_catalog(st, "m1", "root", SIZE)
-    build = engine.prepare(st, cat)
-    assert build is not None
-    engine.run_build(st, build)
-    commit_catalog(st, engine.commit_point(cat, build))
+    assert consolidate_disk(st, "m1", disk, Policy()).point is not None
 
 
 def test_retention_and_points_use_the_accepted_time_not_ts(tmp_path: Path) -> None:
@@ -403,7 +404,7 @@ def test_retention_and_points_use_the_accepted_time_not_ts(tmp_path: Path) -> No
     from hotspare.catalog.model import utcnow
     from hotspare.cli import machine_status
     from hotspare.consolidate.export import find_point
-    from hotspare.consolidate.point import kept_points
+    from hotspare.replica.gc import kept_points
     from hotspare.machine import Policy
     from hotspare.store import open_store
 

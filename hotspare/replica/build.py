@@ -32,6 +32,7 @@ from hotspare.catalog import AcceptedLog, Catalog, RecoveryPoint, catalog_logs
 from hotspare.catalog.model import utcnow
 from hotspare.consolidate.sources import KEEP, ZERO, BlockSources, RowData, RowRef, Sources, compute_sources
 from hotspare.extentlog.schema import SECTOR
+from hotspare.errors import InvalidObject
 from hotspare.faults import crash_point
 from hotspare.replica.index import (
     PAGE_CHUNKS,
@@ -131,8 +132,20 @@ class PointBuild:
 
 
 def current_root(store: Store, catalog: Catalog) -> IndexRoot | None:
+    """The current point's root, after checking that every pack it names is in the store at
+    its size (one listing, a request per thousand packs): a point built on a lost pack would
+    carry the loss forward unseen."""
     cur = catalog.point("current")
-    return read_root(store, cur.root) if cur is not None and cur.root else None
+    if cur is None or not cur.root:
+        return None
+    root = read_root(store, cur.root)
+    sizes = {o.key: o.size for o in store.list(layout.packs_prefix(catalog.machine, catalog.disk))}
+    for ref in root.packs.values():
+        if ref.key not in sizes:
+            raise InvalidObject(ref.key, f"pack missing from the store (point {cur.id} reads from it)")
+        if sizes[ref.key] != ref.size:
+            raise InvalidObject(ref.key, f"pack has {sizes[ref.key]} bytes, point {cur.id}'s index says {ref.size}")
+    return root
 
 
 def plan_point(store: Store, catalog: Catalog, chunk_size: int) -> PointBuild | None:

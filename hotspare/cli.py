@@ -338,7 +338,6 @@ def export(
     store: StoreOpt = None,
 ) -> None:
     """Materialise a recovery point of one disk as a local image."""
-    from datetime import datetime
 
     from hotspare.consolidate.export import export_point, find_point
     from hotspare.errors import UsageError
@@ -348,12 +347,7 @@ def export(
         raise UsageError(f"--format {fmt!r}: use vhd, vhd-fixed or raw")
     if point and at:
         raise UsageError("give --point or --at, not both")
-    when = None
-    if at:
-        try:
-            when = datetime.fromisoformat(at.replace("Z", "+00:00"))
-        except ValueError:
-            raise UsageError(f"--at {at!r}: not an ISO time such as 2026-11-25T13:00:00Z") from None
+    when = _when(at)
     st, cfg, cats = _catalogs(store, machine)
     cfg.disk(disk)
     if not out.parent.is_dir():
@@ -366,6 +360,59 @@ def export(
     progress = bar_factory(console)(f"export {p.id}", cats[disk].disk_size) if console.is_terminal else None
     export_point(st, cats[disk], p, fmt, out, progress)  # type: ignore[arg-type]
     console.print(f"exported {machine}/{disk} point {p.id} ({p.time.isoformat()}) to {out} as {fmt}")
+
+
+def _when(at: str | None):
+    from datetime import datetime
+
+    from hotspare.errors import UsageError
+
+    if not at:
+        return None
+    try:
+        return datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--at {at!r}: not an ISO time such as 2026-11-25T13:00:00Z") from None
+
+
+@app.command()
+def serve(
+    machine: MachineArg,
+    disk: Annotated[str, typer.Option(help="disk name")],
+    point: Annotated[Optional[str], typer.Option(help="point id (see hotspare points)")] = None,
+    at: Annotated[Optional[str], typer.Option(help="ISO time: the newest point at or before it")] = None,
+    socket: Annotated[Optional[Path], typer.Option(help="unix socket to serve on (default: ./<machine>-<disk>.sock)")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Serve a recovery point of one disk read-only over NBD (nbdkit), until interrupted."""
+    import signal as signals
+
+    from hotspare.consolidate.export import find_point
+    from hotspare.errors import UsageError
+    from hotspare.replica.serve import nbd_uri, start_server, stop_server
+
+    if point and at:
+        raise UsageError("give --point or --at, not both")
+    st, cfg, cats = _catalogs(store, machine)
+    cfg.disk(disk)
+    p = find_point(cats[disk], point, _when(at))
+    if not p.root:
+        raise UsageError(f"{machine}/{disk} point {p.id} is in the layout before chunks: run "
+                         f"`hotspare consolidate {machine}` once to convert the disk")
+    sock = Path(socket or f"{machine}-{disk}.sock").absolute()
+    log = sock.with_name(sock.name + ".log")
+    proc = start_server(st.url, p.root, sock, log=log)
+    console.print(f"serving {machine}/{disk} point {p.id} ({p.time.isoformat()}) read-only at {nbd_uri(sock)}; "
+                  "Ctrl-C stops")
+    signals.signal(signals.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        proc.wait()
+        raise UsageError(f"nbdkit serving {machine}/{disk} exited with {proc.returncode}: see {log}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_server(proc.pid)
+        sock.unlink(missing_ok=True)
 
 
 def _same_path(a: Path, b: Path) -> bool:

@@ -17,12 +17,15 @@ declare -A need=(
   [fio]=fio
   [xxhsum]=xxhash
   [vhdiinfo]=libvhdi-utils
+  [nbdkit]=nbdkit
 )
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
 done
 /usr/bin/python3 -c 'import pyvhdi' 2>/dev/null || missing+=(python3-libvhdi)
+# `hotspare serve` runs nbdkit's Python plugin (the point's chunk reader inside nbdkit).
+nbdkit python --dump-plugin >/dev/null 2>&1 || missing+=(nbdkit-plugin-python)
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   echo "setup: apt-get install ${missing[*]}" >&2

@@ -1,0 +1,82 @@
+"""Serving a recovery point read-only over NBD: nbdkit with hotspare's plugin
+(:mod:`.nbdkit_plugin`) on a unix socket. qemu-img, qemu-io and QEMU read it as
+``nbd+unix:///?socket=PATH``; a failed-over VM's disk is a qcow2 overlay over it.
+
+Store credentials reach nbdkit through its environment, never its command line (which any
+user can read in ``ps``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sysconfig
+import time
+from pathlib import Path
+
+from hotspare.errors import HotspareError
+
+PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def nbd_uri(socket: str | os.PathLike[str]) -> str:
+    return f"nbd+unix:///?socket={os.path.abspath(socket)}"
+
+
+def server_command(store_url: str, root_key: str, socket: Path, *, cache_mib: int = 512) -> list[str]:
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise HotspareError("serving a point needs nbdkit with its Python plugin: apt-get install nbdkit "
+                            "nbdkit-plugin-python (scripts/setup.sh installs them)")
+    return [nbdkit, "--unix", str(socket), "--readonly", "--foreground", "python", str(PLUGIN), f"sitedir={sysconfig.get_paths()['purelib']}",
+            f"path={REPO}", f"store={store_url}", f"root={root_key}", f"cache_mib={cache_mib}"]
+
+
+def start_server(store_url: str, root_key: str, socket: Path, *, log: Path, env: dict[str, str] | None = None,
+                 timeout: float = 30.0) -> subprocess.Popen:
+    """Start nbdkit serving the point whose index root is ``root_key`` at ``socket``, in its
+    own session (it outlives the caller); returns when the socket answers."""
+    socket = Path(os.path.abspath(socket))
+    socket.parent.mkdir(parents=True, exist_ok=True)
+    socket.unlink(missing_ok=True)
+    cmd = server_command(store_url, root_key, socket)
+    # nbdkit embeds the system's Python, which finds its standard library from the first
+    # python3 on PATH: a virtualenv's there would mix two Pythons' C modules (ssl fails).
+    child = {k: v for k, v in {**os.environ, **(env or {})}.items()
+             if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")}
+    child["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not socket.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc.pid)
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise HotspareError(f"nbdkit serving {root_key} at {socket} did not start: {' | '.join(tail) or 'no output'}")
+        time.sleep(0.05)
+    return proc
+
+
+def server_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError, PermissionError):
+        return False
+
+
+def stop_server(pid: int, timeout: float = 10.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while server_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if server_alive(pid):
+        os.kill(pid, signal.SIGKILL)

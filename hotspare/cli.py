@@ -331,13 +331,15 @@ def points(machine: MachineArg, store: StoreOpt = None,
 def export(
     machine: MachineArg,
     disk: Annotated[str, typer.Option(help="disk name")],
-    out: Annotated[Path, typer.Option(help="file to write")],
+    out: Annotated[Optional[Path], typer.Option(help="file to write")] = None,
     fmt: Annotated[str, typer.Option("--format", help="vhd (dynamic), vhd-fixed or raw")] = "vhd",
     point: Annotated[Optional[str], typer.Option(help="point id (see hotspare points)")] = None,
     at: Annotated[Optional[str], typer.Option(help="ISO time: the newest point at or before it")] = None,
+    to_store: Annotated[bool, typer.Option("--to-store", help="write a VHD object under vhd/ in the store "
+                                           "(for hypervisors and cloud imports) instead of --out")] = False,
     store: StoreOpt = None,
 ) -> None:
-    """Materialise a recovery point of one disk as a local image."""
+    """Materialise a recovery point of one disk as a local image, or as a VHD object in the store."""
 
     from hotspare.consolidate.export import export_point, find_point
     from hotspare.errors import UsageError
@@ -349,7 +351,19 @@ def export(
         raise UsageError("give --point or --at, not both")
     when = _when(at)
     st, cfg, cats = _catalogs(store, machine)
-    cfg.disk(disk)
+    spec = cfg.disk(disk)
+    if to_store:
+        from hotspare.replica.vhdobject import make_vhd_object
+
+        if out is not None:
+            raise UsageError("give --out or --to-store, not both")
+        pid = find_point(cats[disk], point, when).id
+        bar = bar_factory(console)(f"VHD of {pid}", spec.size) if console.is_terminal else None
+        p, key, made = make_vhd_object(st, machine, spec, pid, fmt=fmt, progress=bar)  # type: ignore[arg-type]
+        console.print(f"{machine}/{disk} point {p.id}: VHD object {key}{'' if made else ' (already made)'}")
+        return
+    if out is None:
+        raise UsageError("give --out FILE (or --to-store)")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: directory {out.parent} does not exist")
     for d in cfg.disks:

@@ -217,3 +217,32 @@ def test_two_consolidations_racing(tmp_path: Path, store) -> None:
     out = tmp_path / "after.raw"
     cli("export", "m1", "--disk", "root", "--format", "raw", "--out", str(out), env=env)
     qemu_same(out, "raw", image)
+
+
+def test_vhd_objects_in_the_store_pass_judge_vhd(tmp_path: Path, store_url: str, store) -> None:
+    from flows.vhd import vhd_objects
+
+    image, env = protect(tmp_path, store_url)
+    cli("agent", "m1", "--once", env=env)
+    cli("consolidate", "m1", env=env)
+    first = load_catalog(store, "m1", "root", SIZE).points[-1]
+    r = cli("export", "m1", "--disk", "root", "--to-store", "--format", "vhd-fixed", env=env)
+    key = load_catalog(store, "m1", "root", SIZE).vhd_objects[first.id]
+    assert key in r.stdout and key.startswith(layout.vhd_prefix("m1", "root"))
+    local = tmp_path / "fixed.vhd"
+    store.download(key, str(local))
+    judge_vhd(local, image)
+    assert "already made" in cli("export", "m1", "--disk", "root", "--to-store", "--format", "vhd-fixed", env=env).stdout
+    # The scheduled flow keeps the newest point's (dynamic) VHD object, and the older one goes.
+    random_writes(image, seed=9)
+    cli("agent", "m1", "--once", env=env)
+    cli("consolidate", "m1", env=env)
+    rows = vhd_objects(machine="m1", store=store_url)
+    cat = load_catalog(store, "m1", "root", SIZE)
+    newest = cat.point("current")
+    assert rows[0]["point"] == newest.id and list(cat.vhd_objects) == [newest.id]
+    assert {o.key for o in store.list(layout.vhd_prefix("m1", "root"))} == {cat.vhd_objects[newest.id]}
+    store.download(cat.vhd_objects[newest.id], str(local))
+    judge_vhd(local, image)
+    r = cli("export", "m1", "--disk", "root", "--to-store", "--format", "raw", env=env, check=False)
+    assert r.returncode == 1 and "a VHD object is vhd (dynamic) or vhd-fixed" in r.stderr

@@ -246,3 +246,29 @@ def test_vhd_objects_in_the_store_pass_judge_vhd(tmp_path: Path, store_url: str,
     judge_vhd(local, image)
     r = cli("export", "m1", "--disk", "root", "--to-store", "--format", "raw", env=env, check=False)
     assert r.returncode == 1 and "a VHD object is vhd (dynamic) or vhd-fixed" in r.stderr
+
+
+def test_consolidation_parts_run_on_a_dask_cluster(tmp_path: Path, store_url: str, store, monkeypatch) -> None:
+    """The part jobs go to the workers of a Dask LocalCluster (separate processes) through
+    prefect-dask's DaskTaskRunner, as a user with a large disk would spread them."""
+    from prefect_dask import DaskTaskRunner
+
+    from flows.consolidate import consolidate
+    from hotspare.replica import build
+
+    size = 1 << 30
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    # Writes in 8 of the disk's 16 index pages, so the plan has several parts.
+    qemu_io(image, *[f"write -P {i + 1} {i * (128 << 20) + 4096} 300k" for i in range(8)])
+    env = {"HOTSPARE_STORE": store_url, "HOTSPARE_AGENT_STATE": str(tmp_path / "agent"), "HOTSPARE_TRACKER": "scan"}
+    cli("protect", "m1", "--disk", f"root={image}", env=env)
+    cli("agent", "m1", "--once", env=env)
+    monkeypatch.setattr(build, "JOB_BYTES", 1 << 20)
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+    [result] = consolidate.with_options(task_runner=runner)(machine="m1", store=store_url)
+    assert result.parts >= 2 and result.chunks_written > 0, result
+    out = tmp_path / "after.raw"
+    cli("export", "m1", "--disk", "root", "--format", "raw", "--out", str(out), env=env)
+    qemu_same(out, "raw", image)

@@ -108,7 +108,9 @@ class PointBuild:
     def directory(self) -> str:
         return layout.index_dir(self.machine, self.disk, self.point_id, self.version, self.token)
 
-    def jobs(self, job_bytes: int = JOB_BYTES) -> list[PartJob]:
+    def jobs(self, job_bytes: int | None = None) -> list[PartJob]:
+        """The part jobs: runs of pages holding about ``job_bytes`` of changed blocks each."""
+        job_bytes = job_bytes or JOB_BYTES
         pc = self.previous.page_chunks if self.previous else PAGE_CHUNKS
         by_page: dict[int, list[int]] = {}
         for b in sorted(self.sources.blocks):

@@ -272,3 +272,38 @@ def test_consolidation_parts_run_on_a_dask_cluster(tmp_path: Path, store_url: st
     out = tmp_path / "after.raw"
     cli("export", "m1", "--disk", "root", "--format", "raw", "--out", str(out), env=env)
     qemu_same(out, "raw", image)
+
+
+def test_a_store_of_vhd_points_is_converted_by_the_first_consolidation(tmp_path: Path, store) -> None:
+    """A disk consolidated in the layout before chunks (its points VHD objects): the first
+    consolidation reads the current VHD once, makes it plus the newer logs the first chunked
+    point, and the old VHD goes."""
+    from hotspare.catalog import RecoveryPoint, catalog_logs, commit_catalog
+    from hotspare.vhd import write_dynamic
+
+    image, env = protect(tmp_path, store.url)
+    cli("agent", "m1", "--once", env=env)
+    cli("ingest", "m1", env=env)
+    cat = load_catalog(store, "m1", "root", SIZE)
+    newest = catalog_logs(store, cat)[-1]
+    legacy = layout.vhd_key("m1", "root", f"point-{layout.num(0)}-{layout.num(newest.last_seq)}")
+    vhd = tmp_path / "legacy.vhd"
+    with open(image, "rb") as src, open(vhd, "wb") as out:
+        write_dynamic(src, SIZE, out)
+    store.put_file(legacy, str(vhd), create_only=True)
+    old = RecoveryPoint(id=f"0-{newest.last_seq}", epoch=0, seq=newest.last_seq, time=newest.accepted_at,
+                        vhd=legacy, bytes_applied=0, consistent=False)
+    commit_catalog(store, cat.next(points=[old], vhd={"current": legacy, "base": legacy}))
+    before = tmp_path / "before.raw"
+    shutil.copyfile(image, before)
+    random_writes(image, seed=3)
+    cli("agent", "m1", "--once", env=env)
+    r = cli("consolidate", "m1", env=env)
+    assert "converted from its VHD" in r.stdout, r.stdout
+    cat = load_catalog(store, "m1", "root", SIZE)
+    assert [p.root != "" for p in cat.points] == [True] and not cat.vhd
+    assert not store.exists(legacy), "the old VHD point is gone with the conversion"
+    assert_whole(store, cat)
+    out = tmp_path / "after.raw"
+    cli("export", "m1", "--disk", "root", "--format", "raw", "--out", str(out), env=env)
+    qemu_same(out, "raw", image)

@@ -73,6 +73,7 @@ class FailbackResult(BaseModel):
     bytes_moved: dict[str, int] = {}
     downtime_s: float | None = None
     verified_blocks: int | None = None
+    verify_read_bytes: int | None = None  # what the downtime's verification read of the machine's disk
 
 
 def _run_name() -> str:
@@ -378,7 +379,8 @@ class _Failback:
             self.wait(order)
             self.commit(step="repaired")
         order = publish(self.st, self.machine, self.vm_epoch, f"verify-{rnd}", "scan", self.cfg.disks, self.targets)
-        self.wait(order)
+        # The agent re-hashes only the blocks written since its last scan (its kept map).
+        reread = sum(self.wait(order).last_scan_bytes.values())
         scans = {d.name: _scan_key(order, d.name) for d in self.cfg.disks}
         rows, bad, blocks = [], [], 0
         for d in self.cfg.disks:
@@ -400,7 +402,8 @@ class _Failback:
                                 f"replica (epoch {self.vm_epoch}) is still the truth and can boot the VM again; "
                                 "re-run the failback to repair and verify again")
         self.event("verified", blocks=blocks)
-        self.commit(phase="finish", step="verified", fb={"verified_blocks": blocks, "scans": scans})
+        self.commit(phase="finish", step="verified", fb={"verified_blocks": blocks, "scans": scans,
+                                                         "verify_read_bytes": reread})
 
     def finish(self) -> FailbackResult | None:
         fb = self.state.failback or {}
@@ -431,12 +434,15 @@ class _Failback:
                              self.machine, err)
         rows = [{"phase": k, "bytes moved": v} for k, v in moved.items()]
         rows += [{"phase": "cut-over downtime (VM stop to protected again)", "bytes moved": f"{downtime:.1f} s" if downtime else ""},
-                 {"phase": "verification", "bytes moved": f"{fb.get('verified_blocks')} blocks equal the replica"}]
+                 {"phase": "verification", "bytes moved": f"{fb.get('verified_blocks')} blocks equal the replica "
+                                                          f"({fb.get('verify_read_bytes')} bytes re-read from the disk)"}]
         create_table_artifact(rows, key=f"failback-{artifact_slug(self.machine)}", description=f"Failback of {self.machine}")
         self.event("finished", epoch=new_epoch, moved=moved, downtime_s=downtime)
-        msg = f"{self.machine} failed back: protected in epoch {new_epoch}, {sum(moved.values())} bytes moved"
+        msg = (f"{self.machine} failed back: protected in epoch {new_epoch}, {sum(moved.values())} bytes moved, "
+               f"verification re-read {fb.get('verify_read_bytes')} bytes of the disk")
         return FailbackResult(machine=self.machine, outcome="failed-back", message=msg, epoch=new_epoch,
-                              bytes_moved=moved, downtime_s=downtime, verified_blocks=fb.get("verified_blocks"))
+                              bytes_moved=moved, downtime_s=downtime, verified_blocks=fb.get("verified_blocks"),
+                              verify_read_bytes=fb.get("verify_read_bytes"))
 
 
 def _scan_key(order: Order, disk: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -110,6 +111,9 @@ def test_killed_flow_and_agent_in_phase_one_converge_to_a_verified_disk(tmp_path
         agent = RestoreAgent(env, tmp_path)
         r = cli("failback", "demo", "--approve", env=env)
         assert "failed back" in r.stdout, r.stdout
+        # The downtime's verification re-hashed only what was written since phase one's scan.
+        reread = int(re.search(r"verification re-read (\d+) bytes", r.stdout).group(1))
+        assert reread < demo_disk.stat().st_size // 4, r.stdout
     finally:
         agent.stop()
         stop_vm(env)

@@ -69,6 +69,9 @@ class RestoreProgress(BaseModel):
     scan_rate: float | None = Field(None, description="measured hashing throughput, bytes/s")
     divergence: dict[str, DiskDivergence] = Field(default_factory=dict)
     scans: dict[str, str] = Field(default_factory=dict, description="disk -> hash map key of the last scan order")
+    last_scan_bytes: dict[str, int] = Field(default_factory=dict,
+                                            description="disk -> bytes the last scan read (the dirty blocks only "
+                                                        "when the agent kept the previous scan's map)")
     error: str | None = Field(None, description="why the working order cannot be carried out")
 
 

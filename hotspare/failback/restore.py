@@ -29,6 +29,7 @@ from hotspare.errors import HotspareError, UsageError
 from hotspare.extentlog import validate_log
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.failback import ranges as rg
+from hotspare.failback.known import KnownHashes
 from hotspare.failback.orders import DiskDivergence, Order, RestoreProgress, load_orders
 from hotspare.failback.plan import hashes_bytes, read_hashes
 from hotspare.faults import crash_point
@@ -196,12 +197,14 @@ class Restorer:
             raw = self.store.get(key)
             validate_log(io.BytesIO(raw), key, machine=self.config.name, disk=disk, epoch=order.vm_epoch,
                          disk_size=spec.size)
-            fd = open_target(order.disks[disk].target or spec.path, spec.size)
+            target = order.disks[disk].target or spec.path
+            fd = open_target(target, spec.size)
             try:
                 n = write_extents(io.BytesIO(raw), key, fd, after_first=lambda: crash_point("restore-mid-apply"))
                 os.fsync(fd)  # durable before it is counted, never after
             finally:
                 os.close(fd)
+            self._known(order.vm_epoch, spec, target).mark_log(raw)
             p.position, p.applied_bytes = i + 1, p.applied_bytes + n
             moved += n
             self._save()
@@ -215,14 +218,29 @@ class Restorer:
         for disk in sorted(order.disks):
             spec = self._spec(disk)
             path = order.disks[disk].target or spec.path
-            os.close(open_target(path, spec.size))
-            shipped = self.state.load(disk)
-            t0 = time.monotonic()
-            hashes = hash_disk(path, spec, shipped.hashes if shipped else None, progress=self._beat)
-            p.scan_rate = spec.size / max(1e-6, time.monotonic() - t0)
+            known = self._known(order.vm_epoch, spec, path)
+            fd = open_target(path, spec.size)
+            try:
+                t0 = time.monotonic()
+                again = known.rescan(fd)
+            finally:
+                os.close(fd)
+            if again is not None:
+                hashes, read = again
+                self.say(f"{disk}: re-hashed {read} bytes written since the last scan (not the {spec.size}-byte disk)")
+            else:
+                shipped = self.state.load(disk)
+                t0 = time.monotonic()
+                hashes = hash_disk(path, spec, shipped.hashes if shipped else None, progress=self._beat)
+                p.scan_rate = spec.size / max(1e-6, time.monotonic() - t0)
+            known.keep(hashes)
+            p.last_scan_bytes[disk] = read if again is not None else spec.size
             key = layout.failback_hashes_key(self.config.name, order.vm_epoch, f"scan-{order.version}", disk)
             self.store.put(key, hashes_bytes(hashes))
             p.scans[disk] = key
+
+    def _known(self, vm_epoch: int, spec: DiskSpec, target: str) -> KnownHashes:
+        return KnownHashes(self.state.root, vm_epoch, spec, target)
 
     def _finish(self, order: Order) -> None:
         """Adopt the verified hash maps as shipped in the new epoch: the next normal pass

@@ -9,7 +9,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from hotspare.vm import LocalQemuHost, QmpClient, QmpError, VmCapture, VmHandle,
 from hotspare.vm.host import HandleDisk, VmDisk, nbd_export_of, nbd_socket_of
 from hotspare.vm.png import SIGNATURE, encode_png, png_size, ppm_to_png
 from hotspare.vm.qemu_cmd import prepare_disks
-from tests.helpers import random_image, require, same_file
+from tests.helpers import NbdServer, random_image, require, same_file
 
 MIB = 1 << 20
 
@@ -184,17 +183,8 @@ def nbd_server(tmp_path: Path, qemu_tools: None) -> Iterator[tuple[str, Path]]:
     """A real NBD server (qemu-nbd, read-only) on a unix socket over a random 8 MiB raw image."""
     image = tmp_path / "served.img"
     random_image(image, 8 * MIB, seed=11, fill=0.5)
-    sock = tmp_path / "served.sock"
-    proc = subprocess.Popen(["qemu-nbd", "--read-only", "-f", "raw", "-x", "point", "-k", str(sock), "-t", str(image)])
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
-            time.sleep(0.02)
-        yield f"nbd+unix:///point?socket={sock}", image
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with NbdServer(image, tmp_path / "served.sock") as server:
+        yield server.uri, image
 
 
 def test_nbd_reader_reads_what_the_server_serves(nbd_server: tuple[str, Path]) -> None:

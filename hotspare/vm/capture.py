@@ -145,6 +145,9 @@ class VmBlockLayer:
 
     @contextmanager
     def open_view(self, disk: str) -> Iterator[NbdReader]:
+        # Reading and uploading need no QMP: let other clients (a flow's status queries, the
+        # streams' progress) in meanwhile; the release reconnects.
+        self.close()
         with NbdReader(self.workdir / NBD_SOCKET, f"view-{disk}") as reader:
             yield reader
 

@@ -159,7 +159,6 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
                               key=f"failover-screen-{artifact_slug(machine)}",
                               description=f"{machine}'s VM screen after boot")
         engine.start_capture(st.url, workdir, epoch=old_epoch + 1, docker_url=getattr(host, "base_url", None))
-        stream_disks(policy.host, handle)
         state = _commit(st, state.next(state="failed-over", step="verified", epoch=old_epoch + 1))
     except BaseException as err:
         # A VM that failed its checks never became the machine's truth, and must not keep
@@ -194,6 +193,7 @@ def _pull_disks_local(st, state: MachineState, host_kind: str, handle, timeout: 
     fails or outlasts ``timeout`` leaves the VM serving on its backings: logged, not fatal."""
     logger = get_run_logger()
     try:
+        stream_disks(host_kind, handle)
         status = wait_disks_local(host_kind, handle, timeout)
     except HotspareError as err:
         logger.warning("%s: pulling the disks local failed: %s; the VM keeps reading its backings", state.machine, err)

@@ -335,9 +335,8 @@ class _Failback:
         if vm:
             handle = VmHandle.model_validate(vm)
             engine.stop_capture(self.workdir)
-            disk = self.cfg.disks[0]
-            keys = VmCapture(resolve_vm_host(self.state.host or "local"), handle, self.st, disk=disk.name,
-                             epoch=self.vm_epoch, disk_size=disk.size).final_capture()
+            keys = VmCapture(resolve_vm_host(self.state.host or "local"), handle, self.st, epoch=self.vm_epoch,
+                             disks=self.cfg.disks).final_capture()
             self.event("vm-stopped", vm_id=handle.vm_id, last_logs=len(keys))
         crash_point("failback-after-vm-stop")
         self.commit(phase="phase-two", step="vm stopped", vm=None, fb={"vm": vm or (self.state.failback or {}).get("vm")})

@@ -1,6 +1,8 @@
 """The failover flow: confirm the machine is silent, get an approval (or apply the
-auto-approve policy), fence its epoch, catch up the last logs, materialise the boot disk,
-launch the VM, verify it booted, start capturing its writes, record the state.
+auto-approve policy), fence its epoch, catch up the last logs, give every disk its backing,
+launch the VM on all of them, verify it booted, start capturing its writes, record the
+state, then pull the disks local in the background (block-stream) and record when no
+backing is needed any more.
 
 Each step is recorded in the machine's state chain, so a re-run after a crash continues
 from the last committed step; the VM's work directory holds its handle, so a second launch
@@ -29,10 +31,11 @@ from hotspare.faults import crash_point
 from hotspare.machine import load_machine
 from hotspare.state import MachineState, commit_state, load_state
 from hotspare.vm.host import VmSpec
+from hotspare.vm.host import load_handle as load_vm_handle
 from blocks.vmhost import resolve_vm_host
 from tasks.common import resolve_store
 from tasks.events import emit_machine_event
-from tasks.failover import fence, launch_vm, materialise_boot_disk
+from tasks.failover import disk_backings, fence, launch_vm, stream_disks, wait_disks_local
 
 
 class Approval(RunInput):
@@ -49,6 +52,7 @@ class FailoverResult(BaseModel):
     vm_id: str | None = None
     accel: str | None = None
     marker: int | None = None
+    disks_local: bool | None = None  # every disk streamed local: no backing (server) needed
 
 
 def _step(event: str, machine: str, state: MachineState, **payload) -> None:
@@ -80,7 +84,8 @@ def _run_name() -> str:
 
 @flow(name="failover", flow_run_name=_run_name)
 def failover(machine: str, store: str | None = None, store_block: str | None = None, approve: bool = False,
-             vm_dir: str | None = None, expect_marker: bool = True, boot_timeout: float = 120.0):
+             vm_dir: str | None = None, expect_marker: bool = True, boot_timeout: float = 120.0,
+             stream_timeout: float = 600.0):
     """Fail ``machine`` over to a VM booted from its replica (see the module docstring)."""
     machine = engine.machine_name(machine)
     logger = get_run_logger()
@@ -135,10 +140,11 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
     fence(st, machine, cfg.disks, old_epoch, f"failover run {flow_run.id}")
     _step("fenced", machine, state, epoch=old_epoch)
     consolidate(machine=machine, store=st.url if store_block is None else None, store_block=store_block)
-    point_id, image = materialise_boot_disk(st, machine, cfg.disks[0], workdir)
-    _step("materialised", machine, state, point=point_id)
+    backings = disk_backings(st, machine, cfg.disks, workdir)
+    points = {vd.name: point for point, vd in backings}
+    _step("materialised", machine, state, points=points)
     host = resolve_vm_host(policy.host)
-    handle = launch_vm(policy.host, VmSpec(machine=machine, boot_disk=image, format="raw", cpus=policy.vm_cpus,
+    handle = launch_vm(policy.host, VmSpec(machine=machine, disks=[vd for _, vd in backings], cpus=policy.vm_cpus,
                                            memory_mib=policy.vm_memory_mib, workdir=workdir))
     crash_point("failover-after-launch")  # a re-run must adopt this VM, not start another
     try:
@@ -152,7 +158,7 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
         create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(Path(shot).read_bytes()).decode(),
                               key=f"failover-screen-{artifact_slug(machine)}",
                               description=f"{machine}'s VM screen after boot")
-        engine.start_capture(st.url, machine, workdir)
+        engine.start_capture(st.url, workdir, epoch=old_epoch + 1, docker_url=getattr(host, "base_url", None))
         state = _commit(st, state.next(state="failed-over", step="verified", epoch=old_epoch + 1))
     except BaseException as err:
         # A VM that failed its checks never became the machine's truth, and must not keep
@@ -169,13 +175,39 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
                                 f"the failover again") from err
         raise
     _step("failed-over", machine, state, vm_id=handle.vm_id, accel=handle.accel, marker=marker)
-    create_table_artifact([{"machine": machine, "point": point_id, "new epoch": old_epoch + 1, "host": policy.host,
+    disks_local = _pull_disks_local(st, state, policy.host, handle, stream_timeout)
+    create_table_artifact([{"machine": machine, "points": ", ".join(f"{d}: {p}" for d, p in points.items()),
+                            "disks local": disks_local, "new epoch": old_epoch + 1, "host": policy.host,
                             "VM": handle.vm_id, "accel": handle.accel, "QMP status": status,
                             "guest marker": marker if marker is not None else "", "VM dir": str(workdir)}],
                           key=f"failover-{artifact_slug(machine)}", description=f"Failover of {machine}")
     logger.info("%s failed over: VM %s (%s), epoch %d", machine, handle.vm_id, handle.accel, old_epoch + 1)
     return FailoverResult(machine=machine, outcome="failed-over", message=f"{machine} runs as VM {handle.vm_id}",
-                          epoch=old_epoch + 1, vm_id=handle.vm_id, accel=handle.accel, marker=marker)
+                          epoch=old_epoch + 1, vm_id=handle.vm_id, accel=handle.accel, marker=marker,
+                          disks_local=disks_local)
+
+
+def _pull_disks_local(st, state: MachineState, host_kind: str, handle, timeout: float) -> bool:
+    """Wait for the VM's disks to stream local (the VM serves meanwhile); when all are, the
+    state's handle says no backing is needed, so their servers may stop. A stream that
+    fails or outlasts ``timeout`` leaves the VM serving on its backings: logged, not fatal."""
+    logger = get_run_logger()
+    try:
+        stream_disks(host_kind, handle)
+        status = wait_disks_local(host_kind, handle, timeout)
+    except HotspareError as err:
+        logger.warning("%s: pulling the disks local failed: %s; the VM keeps reading its backings", state.machine, err)
+        return False
+    done = all(s.done for s in status)
+    if not done:
+        logger.warning("%s: disks not local after %.0f s (%s); the streams go on in QEMU", state.machine, timeout,
+                       ", ".join(f"{s.disk} {100 * s.fraction:.0f}%" for s in status))
+        return False
+    current = load_vm_handle(handle.workdir) or handle
+    with contextlib.suppress(AlreadyExists):
+        commit_state(st, state.next(step="disks-local", vm=current.model_dump(mode="json")))
+    _step("disks-local", state.machine, state, disks=[s.disk for s in status])
+    return True
 
 
 def _commit(st, state: MachineState) -> MachineState:

@@ -620,7 +620,7 @@ def vm_capture(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = N
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     cap = VmCapture(_vm_host(state.host or "local"), VmHandle.model_validate(handle.model_dump()), st,
-                    disk=cfg.disks[0].name, epoch=epoch, disk_size=cfg.disks[0].size)
+                    epoch=epoch, disks=cfg.disks)
     cap.run(interval=interval, stop=stop, on_ship=lambda keys: console.print(f"shipped {len(keys)} log(s)"))
 
 
@@ -638,8 +638,7 @@ def vm_stop(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = None
     engine.stop_capture(workdir)
     # A failing-over machine's VM writes the epoch after the fenced one (as vm capture does).
     epoch = state.epoch + (1 if state.state == "failing-over" else 0)
-    keys = VmCapture(host, handle, st, disk=cfg.disks[0].name, epoch=epoch,
-                     disk_size=cfg.disks[0].size).final_capture()
+    keys = VmCapture(host, handle, st, epoch=epoch, disks=cfg.disks).final_capture()
     commit_state(st, state.next(step="vm-stopped", vm=None))
     if state.state == "failing-over":
         console.print(f"stopped VM {handle.vm_id} of {machine}, launched by an unfinished failover; its writes went "

@@ -14,12 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+from hotspare.catalog import load_catalog
+from hotspare.consolidate.export import export_point, find_point
 from hotspare.errors import HotspareError, UsageError
 from hotspare.heartbeat import load_heartbeat
-from hotspare.machine import MachineConfig
+from hotspare.machine import DiskSpec, MachineConfig
 from hotspare.state import MachineState
 from hotspare.store.base import Store
-from hotspare.vm.host import VmHandle, VmHost
+from hotspare.vm.host import VmDisk, VmHandle, VmHost
 
 RESOURCE_PREFIX = "hotspare.machine."
 
@@ -77,6 +79,26 @@ def discard_vm_files(workdir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+# -- the VM's disks -------------------------------------------------------------------------
+
+def disk_backing(store: Store, machine: str, disk: DiskSpec, workdir: Path) -> tuple[str, VmDisk]:
+    """The recovery point the VM's ``disk`` starts from, and the backing its overlay reads.
+
+    The seam for ``hotspare serve``: today the newest (crash-consistent, when there is one)
+    point is exported as a raw image in the work directory (its cost grows with the disk);
+    once ``serve`` lands this starts serving the point read-only and returns
+    ``VmDisk(backing=f"nbd+unix:///{disk.name}?socket={socket}")``: the VM then boots at once
+    and :mod:`hotspare.vm.stream` pulls the disk local in the background."""
+    cat = load_catalog(store, machine, disk.name, disk.size)
+    point = find_point(cat, prefer_consistent=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    image = workdir / f"{disk.name}-{point.id}.raw"
+    if not image.exists():  # export_point publishes by rename: an existing file is whole
+        export_point(store, cat, point, "raw", image)
+    return point.id, VmDisk(name=disk.name, backing=str(image), backing_format="raw", size=disk.size,
+                            block_size=disk.block_size)
+
+
 BUILTIN_HOSTS = ("local", "docker", "ec2")
 
 
@@ -107,16 +129,22 @@ def capture_pidfile(workdir: Path) -> Path:
     return workdir / "capture.pid"
 
 
-def start_capture(store_url: str, machine: str, workdir: Path, interval: float = 2.0) -> int:
-    """Start ``hotspare vm capture`` detached from this process (it must outlive the flow),
-    unless one already runs for ``workdir``; returns its pid."""
+def start_capture(store_url: str, workdir: Path, *, epoch: int, interval: float = 2.0,
+                  docker_url: str | None = None) -> int:
+    """Start the VM's capture (``python -m hotspare.vm.capture``, the engine's entry point,
+    not the CLI) detached from this process (it must outlive the flow), unless one already
+    runs for ``workdir``; returns its pid. ``docker_url``: the docker daemon of a
+    docker-qemu VM."""
     pid = capture_pid(workdir)
     if pid is not None:
         return pid
+    cmd = [sys.executable, "-m", "hotspare.vm.capture", "--store", store_url, "--workdir", str(workdir),
+           "--epoch", str(epoch), "--interval", str(interval)]
+    if docker_url:
+        cmd += ["--docker-url", docker_url]
     log = open(workdir / "capture.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "hotspare.cli", "vm", "capture", machine, "--store", store_url,
-                             "--vm-dir", str(workdir.parent), "--interval", str(interval)],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
     capture_pidfile(workdir).write_text(str(proc.pid))
     return proc.pid
 

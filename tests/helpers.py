@@ -105,3 +105,50 @@ def power_loss(env: dict[str, str], machine: str) -> None:
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+class NbdServer:
+    """A real NBD server: ``qemu-nbd --read-only`` exporting ``image`` (raw) as ``export`` on
+    the unix socket ``sock``, as ``hotspare serve`` serves a recovery point. ``stop()`` ends
+    it (a VM still reading from it would see I/O errors)."""
+
+    def __init__(self, image: Path, sock: Path, export: str = "point") -> None:
+        require("qemu-nbd", "qemu-utils")
+        self.image, self.sock, self.export = Path(image), Path(sock), export
+        self.sock.parent.mkdir(parents=True, exist_ok=True)
+        self.sock.unlink(missing_ok=True)
+        # --shared: a VM and a test's reader may connect at once.
+        self.proc = subprocess.Popen(["qemu-nbd", "--read-only", "--shared=8", "-f", "raw", "-x", export,
+                                      "-k", str(self.sock), "-t", str(self.image)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import time
+
+        deadline = time.monotonic() + 10
+        while not self.sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"qemu-nbd did not start serving {image} on {sock}")
+            time.sleep(0.02)
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.export}?socket={self.sock}"
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.sock.unlink(missing_ok=True)
+
+    def __enter__(self) -> "NbdServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

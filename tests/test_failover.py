@@ -248,3 +248,54 @@ def test_heartbeat_loss_starts_failover_and_the_vm_writes_reach_the_replica(
     finally:
         worker.kill()
         stop_vm(env)
+
+
+def test_failover_boots_every_disk_and_captures_the_vms_writes_to_each(tmp_path: Path, demo_disk: Path) -> None:
+    """A machine with a root disk (the demo disk) and a data disk of known bytes: the VM gets
+    both, in the machine's order, with their sizes; they are pulled local after the boot
+    (the state then says no backing is needed); a write by the VM to the data disk reaches
+    the store as an epoch-1 log of that disk, shipped by the capture the flow started."""
+    from hotspare.extentlog import iter_extents
+    from hotspare.vm.host import VmHandle
+    from hotspare.vm.local import LocalQemuHost
+
+    data = tmp_path / "data.img"
+    with open(data, "wb") as f:
+        f.truncate(16 << 20)
+        f.seek(1 << 20)
+        f.write(b"\x5a" * (256 << 10))
+    env = protect_demo(tmp_path, demo_disk, "--disk", f"data={data}")
+    time.sleep(11)
+    st = open_store(env["HOTSPARE_STORE"])
+    try:
+        cli("failover", "demo", "--approve", env=env)
+        ms = load_state(st, "demo")
+        assert ms.state == "failed-over" and ms.step == "disks-local"
+        handle = VmHandle.model_validate(ms.vm)
+        assert [(d.name, d.size, d.backing_needed) for d in handle.disks] == [
+            ("root", demo_disk.stat().st_size, False), ("data", 16 << 20, False)]
+        host = LocalQemuHost()
+        with host.qmp(handle) as q:
+            blocks = [(b["qdev"], b["inserted"]["node-name"], b["inserted"]["image"]["virtual-size"])
+                      for b in q.execute("query-block")]
+        assert blocks == [("/machine/peripheral/disk0/virtio-backend", "d-root", demo_disk.stat().st_size),
+                          ("/machine/peripheral/disk1/virtio-backend", "d-data", 16 << 20)]
+        with host.qmp(handle) as q:  # the VM writes its data disk
+            q.execute("human-monitor-command", {"command-line": 'qemu-io -d /machine/peripheral/disk1/virtio-backend '
+                                                                '"write -P 0xc3 4194304 131072"'})
+        prefix = layout.logs_prefix("demo", "data", ms.epoch)
+        deadline = time.monotonic() + 60
+        found = None
+        while found is None and time.monotonic() < deadline:
+            for info in st.list(prefix):
+                with st.open(info.key) as f:
+                    for offsets, lengths, blobs in iter_extents(f, info.key):
+                        for off, n, blob in zip(offsets.tolist(), lengths.tolist(), blobs, strict=True):
+                            buf = blob.as_buffer()
+                            if buf is not None and off <= (4 << 20) < off + n:
+                                found = bytes(buf)[(4 << 20) - off:(4 << 20) - off + (128 << 10)]
+            time.sleep(1)
+        assert found == b"\xc3" * (128 << 10), "the VM's write to its data disk was not shipped"
+        assert ms.epoch == 1
+    finally:
+        stop_vm(env)

@@ -19,10 +19,11 @@ from hotspare.demodisk import qemu_accel, read_marker
 from hotspare.errors import HotspareError
 from hotspare.extentlog import validate_log
 from hotspare.store import open_store
-from hotspare.vm import VmCapture, VmHandle, VmSpec, load_handle
+from hotspare.vm import VmCapture, VmDisk, VmHandle, VmSpec, load_handle
+from hotspare.vm.stream import start_streams, wait_streams
 from hotspare.vm.docker import LABEL_MACHINE, LABEL_VM, DockerQemuHost
 from hotspare.vm.png import SIGNATURE, png_size
-from tests.helpers import replay_over, require, same_file, sha256_file
+from tests.helpers import NbdServer, random_image, replay_over, require, same_file, sha256_file
 
 MACHINE, DISK, EPOCH = "web1", "disk0", 1
 
@@ -112,7 +113,7 @@ def test_killed_container_is_gone_and_relaunch_continues(docker_host: DockerQemu
     # A new launch removes the dead container and boots on the dead VM's chain.
     resumed = host.launch(spec)
     assert resumed.vm_id != handle.vm_id and resumed.container_id != handle.container_id
-    assert resumed.overlays[:len(handle.overlays)] == handle.overlays
+    assert [d.overlay for d in resumed.disks] == [d.overlay for d in handle.disks]
     with pytest.raises(docker.errors.NotFound):
         host.client.containers.get(handle.container_id)
     later = host.wait_for_marker(resumed, timeout=90)
@@ -125,16 +126,36 @@ def test_killed_container_is_gone_and_relaunch_continues(docker_host: DockerQemu
 
 def test_capture_ships_epoch_logs_from_a_docker_vm(docker_host: DockerQemuHost, demo_disk: Path,
                                                     tmp_path: Path) -> None:
+    """Two disks in a container: the demo root disk (a local image) and a data disk served
+    over NBD from this side (the socket's directory mounted into the container); the data
+    disk streams local, its server stops, and the VM's writes to both are captured through
+    the capture's NBD socket in the bind-mounted work directory."""
     host = docker_host
     pristine = tmp_path / "pristine.img"
     shutil.copyfile(demo_disk, pristine)
-    spec = _spec(demo_disk, tmp_path / "vm")
-    handle = host.launch(spec)
-    host.wait_for_marker(handle, timeout=90)
+    data = tmp_path / "data.img"
+    random_image(data, 16 << 20, seed=5, fill=0.25)
+    server = NbdServer(data, tmp_path / "srv" / "data.sock")
+    try:
+        spec = VmSpec(machine=MACHINE, cpus=1, memory_mib=256, workdir=tmp_path / "vm",
+                      disks=[VmDisk(name=DISK, backing=str(demo_disk)), VmDisk(name="data", backing=server.uri)])
+        handle = host.launch(spec)
+        host.wait_for_marker(handle, timeout=90)
+        assert start_streams(host, handle) == [DISK, "data"]
+        assert all(s.done for s in wait_streams(host, handle, timeout=60, poll=0.2))
+        assert handle.servers_needed == [] and load_handle(spec.workdir).servers_needed == []
+    finally:
+        server.stop()
+    with host.qmp(handle) as q:  # a write by the VM to its data disk, after its server is gone
+        q.execute("human-monitor-command",
+                  {"command-line": f"qemu-io -d /machine/peripheral/{handle.disk('data').device}/virtio-backend "
+                                   f"\"write -P 0x5c 3145728 131072\""})
 
     store = open_store(str(tmp_path / "store"))
-    capture = VmCapture(host, handle, store, disk=DISK, epoch=EPOCH)
-    assert capture.ship_once(), "the guest wrote its marker sector, but nothing was shipped"
+    capture = VmCapture(host, handle, store, epoch=EPOCH)
+    shipped = capture.ship_once()
+    assert any(f"/{DISK}/" in k for k in shipped), "the guest wrote its marker sector, but nothing was shipped"
+    assert [k for k in shipped if "/data/" in k]
     last_console = host.wait_for_marker(handle, timeout=30)
     final = capture.final_capture(timeout=30)
     assert host.status(handle) == "gone"
@@ -152,10 +173,17 @@ def test_capture_ships_epoch_logs_from_a_docker_vm(docker_host: DockerQemuHost, 
     marker = read_marker(replay)
     assert marker is not None and marker.boot_id == last_console.boot_id
     assert marker.counter >= last_console.counter
-    # Exactly the VM's disk: the replay equals what QEMU reads through the final chain.
-    top = sorted((spec.workdir / "overlays").glob("ov-*.qcow2"))[-1]
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(tmp_path / "vm.img")], check=True)
+    # Exactly the VM's disks: the replays equal what QEMU reads through their layers.
+    subprocess.run(["qemu-img", "convert", "-O", "raw", handle.disks[0].overlay, str(tmp_path / "vm.img")], check=True)
     assert same_file(replay, tmp_path / "vm.img")
+    data_keys = [o.key for o in store.list(layout.logs_prefix(MACHINE, "data", EPOCH))]
+    replay_over(store, data_keys, data, tmp_path / "data-replay.img")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", handle.disk("data").overlay, str(tmp_path / "data-vm.img")],
+                   check=True)
+    assert same_file(tmp_path / "data-replay.img", tmp_path / "data-vm.img")
+    with open(tmp_path / "data-vm.img", "rb") as f:
+        f.seek(3 << 20)
+        assert f.read(128 << 10) == b"\x5c" * (128 << 10)
     store.close()
 
 

@@ -23,6 +23,7 @@ from hotspare.errors import HotspareError
 from hotspare.extentlog import iter_extents, validate_log
 from hotspare.store import Store, open_store
 from hotspare.vm import LocalQemuHost, QmpError, VmCapture, VmHandle, VmSpec
+from hotspare.vm.host import VmDisk
 from hotspare.vm.png import SIGNATURE, png_size, ppm_to_png
 from tests.helpers import replay_over, require, same_file, sha256_file
 
@@ -137,7 +138,7 @@ def test_vm_boots_is_captured_and_stops(vms: Vms, demo_disk: Path, tmp_path: Pat
         q.execute("no-such-command")
 
     store = open_store(str(tmp_path / "store"))
-    capture = VmCapture(host, handle, store, disk=DISK, epoch=EPOCH)
+    capture = VmCapture(host, handle, store, epoch=EPOCH)
     shipped: list[tuple[float, str]] = []
     seen: dict[int, float] = {}  # counter -> when its console line appeared
     stop = threading.Event()
@@ -192,11 +193,9 @@ def test_vm_boots_is_captured_and_stops(vms: Vms, demo_disk: Path, tmp_path: Pat
     marker = read_marker(tmp_path / "replay.img")
     assert marker is not None and marker.boot_id == last_console.boot_id
     assert marker.counter >= last_console.counter
-    # Exactly the VM's disk: the replay equals what QEMU reads through the final chain.
-    top = sorted((spec.workdir / "overlays").glob("ov-*.qcow2"))[-1]
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(tmp_path / "vm.img")], check=True)
+    # Exactly the VM's disk: the replay equals what QEMU reads through the disk's layers.
+    subprocess.run(["qemu-img", "convert", "-O", "raw", handle.disks[0].overlay, str(tmp_path / "vm.img")], check=True)
     assert same_file(tmp_path / "replay.img", tmp_path / "vm.img")
-    assert len(list((spec.workdir / "overlays").glob("*.qcow2"))) == 2  # base + active: commits kept it short
     assert sha256_file(demo_disk) == digest, "the boot disk (the replica image) was modified"
     print(f"\nQEMU start to first marker: {boot_seconds:.1f} s (accel {handle.accel}, marker {first.counter}); "
           f"first log {first_log_seconds:.2f} s after capture start; write-to-upload latency over "
@@ -214,7 +213,7 @@ def test_second_launch_adopts_a_killed_vm_is_gone_and_resumes(vms: Vms, demo_dis
     again = vms.launch(spec)
     assert (again.vm_id, again.pid) == (handle.vm_id, handle.pid)
     assert _qemu_pids(handle.vm_id) == [handle.pid]
-    other = spec.model_copy(update={"boot_disk": pristine})
+    other = VmSpec(machine=MACHINE, disks=[VmDisk(name="other", backing=str(pristine))], workdir=spec.workdir)
     with pytest.raises(HotspareError, match="already runs there"):
         vms.launch(other)
 
@@ -229,9 +228,10 @@ def test_second_launch_adopts_a_killed_vm_is_gone_and_resumes(vms: Vms, demo_dis
     host.kill(handle)
     assert host.find_running(spec.workdir) is None
 
-    # The dead VM's writes up to the kill are still in its overlays: ship them offline.
+    # The dead VM's writes up to the kill are in its overlay: ship them offline (its bitmap
+    # died with QEMU, so the whole disk is compared with what the capture shipped).
     store = open_store(str(tmp_path / "store"))
-    assert VmCapture(host, handle, store, disk=DISK, epoch=EPOCH).ship_once()
+    assert VmCapture(host, handle, store, epoch=EPOCH).ship_once()
     _replay(store, pristine, tmp_path / "replay.img")
     marker = read_marker(tmp_path / "replay.img")
     assert marker is not None and marker.counter >= before_kill.counter
@@ -239,10 +239,10 @@ def test_second_launch_adopts_a_killed_vm_is_gone_and_resumes(vms: Vms, demo_dis
     # Launching again continues on the dead VM's disk: the guest counts on from its marker.
     resumed = vms.launch(spec)
     assert resumed.vm_id != handle.vm_id
-    assert resumed.overlays[:-1] and all(Path(p).exists() for p in resumed.overlays)
+    assert [d.overlay for d in resumed.disks] == [d.overlay for d in handle.disks]
     first = host.wait_for_marker(resumed, timeout=90)
     assert first.boot_id != before_kill.boot_id and first.counter > before_kill.counter
-    capture = VmCapture(host, resumed, store, disk=DISK, epoch=EPOCH)
+    capture = VmCapture(host, resumed, store, epoch=EPOCH)
     capture.ship_once()
     last_console = host.wait_for_marker(resumed, timeout=30, after=first.counter)
     capture.final_capture()
@@ -282,8 +282,8 @@ def test_vhd_boot_disk(vms: Vms, demo_disk: Path, tmp_path: Path) -> None:
     handle = vms.launch(spec)
     first = vms.host.wait_for_marker(handle, timeout=90)
     store = open_store(str(tmp_path / "store"))
-    capture = VmCapture(vms.host, handle, store, disk=DISK, epoch=EPOCH)
-    assert capture.state.disk_size == demo_disk.stat().st_size
+    capture = VmCapture(vms.host, handle, store, epoch=EPOCH)
+    assert capture.work[0].state.disk_size == demo_disk.stat().st_size
     last = vms.host.wait_for_marker(handle, timeout=30, after=first.counter)
     assert capture.final_capture()
     _replay(store, demo_disk, tmp_path / "replay.img")

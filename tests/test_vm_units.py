@@ -1,6 +1,6 @@
 """hotspare.vm without booting a VM: specs and handles, the PNG encoder, the QMP client's
-errors, and the capture's reading of qcow2 overlays (real qemu-img and qemu-io, and the
-offline capture path that ships a dead VM's overlays)."""
+errors, the NBD reader against a real NBD server (qemu-nbd), and the offline capture of a
+gone VM's disks through a real qemu-storage-daemon (real qemu-img and qemu-io)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,12 @@ from hotspare.errors import HotspareError
 from hotspare.extentlog import validate_log
 from hotspare.replay import apply_log
 from hotspare.store import open_store
+from hotspare.capture.nbd import NbdError, NbdReader
 from hotspare.vm import LocalQemuHost, QmpClient, QmpError, VmCapture, VmHandle, VmSpec, load_handle, save_handle
-from hotspare.vm import chain
+from hotspare.vm.host import HandleDisk, VmDisk, nbd_export_of, nbd_socket_of
 from hotspare.vm.png import SIGNATURE, encode_png, png_size, ppm_to_png
-from tests.helpers import random_image, require, same_file
+from hotspare.vm.qemu_cmd import prepare_disks
+from tests.helpers import NbdServer, random_image, require, same_file
 
 MIB = 1 << 20
 
@@ -42,15 +45,39 @@ def test_spec_validates_and_makes_paths_absolute(tmp_path: Path, monkeypatch: py
         VmSpec(machine="web1", boot_disk=Path("b"), workdir=Path("w"), cpus=0)
     with pytest.raises(HotspareError, match="machine name"):
         VmSpec(machine="web 1", boot_disk=Path("b"), workdir=Path("w"))
+    # boot_disk is a one-disk spec; a machine's disks are given in its order.
+    assert [(d.name, d.backing) for d in spec.disks] == [("disk0", str(tmp_path / "boot.img"))]
+    two = VmSpec(machine="web1", workdir=Path("vm"), disks=[
+        VmDisk(name="root", backing="root.raw"),
+        VmDisk(name="data", backing="nbd+unix:///data?socket=/run/hs/data.sock", size=8 << 30)])
+    assert two.boot_disk == tmp_path / "root.raw" and two.disks[1].is_nbd
+    assert nbd_socket_of(two.disks[1].backing) == "/run/hs/data.sock" and nbd_export_of(two.disks[1].backing) == "data"
+    with pytest.raises(ValidationError, match="absolute"):
+        VmDisk(name="data", backing="nbd+unix:///data?socket=rel.sock")
+    with pytest.raises(ValidationError, match="names no socket"):
+        VmDisk(name="data", backing="nbd+unix:///data")
+    with pytest.raises(ValidationError, match="local image path"):
+        VmDisk(name="data", backing="http://host/disk")
+    with pytest.raises(ValidationError, match="repeat"):
+        VmSpec(machine="web1", workdir=Path("vm"), disks=[VmDisk(name="a", backing="x"), VmDisk(name="a", backing="y")])
+    with pytest.raises(ValidationError):
+        VmSpec(machine="web1", workdir=Path("vm"), disks=[])
 
 
 def test_handle_is_json_and_saved_atomically(tmp_path: Path) -> None:
     handle = VmHandle(host="local-qemu", vm_id="web1-0123abcd", machine="web1", workdir=str(tmp_path),
                       boot_disk="/d/boot.img", format="vpc", accel="tcg", pid=4242,
                       qmp_socket=str(tmp_path / "qmp.sock"), serial_log=str(tmp_path / "serial.log"),
-                      overlays=["/w/base.qcow2", "/w/ov-000001.qcow2"])
+                      disks=[HandleDisk(name="root", backing="/d/boot.img", size=1 << 20, overlay="/w/root.qcow2",
+                                        local="/w/root.local.qcow2", node="d-root", device="disk0"),
+                             HandleDisk(name="data", backing="nbd+unix:///?socket=/s", size=1 << 20,
+                                        overlay="/w/data.qcow2", local="/w/data.local.qcow2", node="d-data",
+                                        device="disk1")])
     again = VmHandle.model_validate_json(handle.model_dump_json())
     assert again == handle
+    assert handle.servers_needed == ["nbd+unix:///?socket=/s"] and handle.disk("data").device == "disk1"
+    with pytest.raises(HotspareError, match="no disk 'nope'"):
+        handle.disk("nope")
     assert load_handle(tmp_path) is None
     save_handle(handle)
     assert load_handle(tmp_path) == handle
@@ -132,13 +159,16 @@ def test_engine_vm_package_does_not_import_prefect() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# ---------------------------------------------------------------------------- overlays
+# ---------------------------------------------------------------------------- disks, NBD, offline capture
 
 
 @pytest.fixture
 def qemu_tools() -> None:
     require("qemu-img", "qemu-utils")
     require("qemu-io", "qemu-utils")
+    require("qemu-nbd", "qemu-utils")
+    require("qemu-storage-daemon", "qemu-system-common")
+    require("nbdinfo", "libnbd-bin")
 
 
 def _qemu_io(image: Path, *commands: str) -> None:
@@ -148,94 +178,100 @@ def _qemu_io(image: Path, *commands: str) -> None:
     subprocess.run([*args, str(image)], check=True, capture_output=True)
 
 
-def _vm_workdir(tmp_path: Path, size: int) -> tuple[Path, Path, list[Path]]:
-    """A work directory laid out as LocalQemuHost leaves it, with two overlays over base."""
+@pytest.fixture
+def nbd_server(tmp_path: Path, qemu_tools: None) -> Iterator[tuple[str, Path]]:
+    """A real NBD server (qemu-nbd, read-only) on a unix socket over a random 8 MiB raw image."""
+    image = tmp_path / "served.img"
+    random_image(image, 8 * MIB, seed=11, fill=0.5)
+    with NbdServer(image, tmp_path / "served.sock") as server:
+        yield server.uri, image
+
+
+def test_nbd_reader_reads_what_the_server_serves(nbd_server: tuple[str, Path]) -> None:
+    uri, image = nbd_server
+    sock = nbd_socket_of(uri)
+    assert sock is not None and nbd_export_of(uri) == "point"
+    with NbdReader(sock, "point") as r:
+        assert r.size == image.stat().st_size
+        buf = bytearray(3 * MIB + 512)
+        assert r.readinto(memoryview(buf), 1 * MIB - 512) == len(buf)
+    with open(image, "rb") as f:
+        f.seek(1 * MIB - 512)
+        assert bytes(buf) == f.read(len(buf))
+    with pytest.raises(NbdError, match="refused the export"):
+        NbdReader(sock, "nope").connect()
+    with pytest.raises(NbdError, match="cannot connect"):
+        NbdReader(str(sock) + ".missing").connect()
+
+
+def _dead_vm(tmp_path: Path, disks: list[VmDisk]) -> VmHandle:
+    """A work directory as a VM leaves it when it died: disks prepared, no process."""
+    spec = VmSpec(machine="web1", disks=disks, workdir=tmp_path / "vm")
+    return VmHandle(host="local-qemu", vm_id="web1-00000000", machine="web1", workdir=str(spec.workdir),
+                    boot_disk=str(spec.boot_disk), format="raw", accel="tcg", pid=None,
+                    qmp_socket=str(spec.workdir / "qmp.sock"), serial_log=str(spec.workdir / "serial.log"),
+                    disks=prepare_disks(spec))
+
+
+def _replay(store, disk: str, base: Path, out: Path) -> None:
+    out.write_bytes(base.read_bytes())
+    fd = os.open(out, os.O_WRONLY)
+    try:
+        for info in store.list(layout.logs_prefix("web1", disk, 1)):
+            apply_log(store, info.key, fd)
+    finally:
+        os.close(fd)
+
+
+def test_dead_vm_disks_ship_offline_through_a_storage_daemon(tmp_path: Path, nbd_server: tuple[str, Path]) -> None:
+    """A gone VM: a qemu-storage-daemon opens its disks (one over a local image, one over an
+    NBD server) and the bitmap tracker ships them; its bitmaps then live in the overlays."""
+    uri, served = nbd_server
     boot = tmp_path / "boot.img"
-    random_image(boot, size, seed=7, fill=0.5)
-    ovdir = chain.overlay_dir(tmp_path / "vm")
-    ovdir.mkdir(parents=True)
-    base = chain.create_overlay(ovdir / chain.BASE, boot, "raw", size)
-    ov1 = chain.create_overlay(ovdir / chain.overlay_name(1), base, "qcow2", size)
-    ov2 = chain.create_overlay(ovdir / chain.overlay_name(2), ov1, "qcow2", size)
-    return boot, base, [ov1, ov2]
-
-
-def test_allocations_are_what_the_overlay_itself_holds(tmp_path: Path, qemu_tools: None) -> None:
-    size = 8 * MIB
-    boot, base, (ov1, ov2) = _vm_workdir(tmp_path, size)
-    _qemu_io(base, "write -P 0x77 0 64k")  # in base: not ov1's
-    _qemu_io(ov1, "write -P 0xab 1M 512", "write -P 0xcd 2M 192k", "write -z 4M 128k", "write -z 5M 4k",
-             "write -P 0x11 70000 1000")
-    allocs = chain.allocations(ov1)
-    assert [(a.offset, a.length, a.host_offset is None) for a in allocs] == [
-        (69632, 2048, False),  # 1000 bytes at 70000: the 2 KiB subcluster around it
-        (1 * MIB, 2048, False),
-        (2 * MIB, 192 << 10, False),
-        (4 * MIB, 128 << 10, True),  # zero clusters: null extents
-        (5 * MIB, 4096, True),
-    ]
-    assert chain.allocations(ov2) == []
-    # Replaying the allocations over the layers below gives exactly what qemu reads.
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(base), str(tmp_path / "below.img")], check=True)
-    fd = os.open(tmp_path / "below.img", os.O_RDWR)
-    with open(ov1, "rb") as src:
-        for a in allocs:
-            if a.host_offset is None:
-                os.pwrite(fd, bytes(a.length), a.offset)
-            else:
-                src.seek(a.host_offset)
-                os.pwrite(fd, src.read(a.length), a.offset)
-    os.close(fd)
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(ov1), str(tmp_path / "ov1.img")], check=True)
-    assert same_file(tmp_path / "below.img", tmp_path / "ov1.img")
-
-
-def test_chain_from_files_skips_a_half_made_rotation(tmp_path: Path, qemu_tools: None) -> None:
-    size = 4 * MIB
-    boot, base, (ov1, ov2) = _vm_workdir(tmp_path, size)
-    assert chain.chain_from_files(tmp_path / "vm", str(boot)) == [str(base), str(ov1), str(ov2)]
-    stray = tmp_path / "stray.qcow2"
-    chain.create_overlay(stray, boot, "raw", size)
-    chain.create_overlay(ov2.with_name(chain.overlay_name(3)), stray, "qcow2", size)
-    (ov2.with_name(chain.overlay_name(4))).write_bytes(b"not a qcow2")
-    assert chain.chain_from_files(tmp_path / "vm", str(boot)) == [str(base), str(ov1), str(ov2)]
-    assert chain.chain_from_files(tmp_path / "vm", str(tmp_path / "other.img")) == []
-
-
-def test_dead_vm_overlays_ship_offline_with_continuing_seqs(tmp_path: Path, qemu_tools: None) -> None:
-    size = 8 * MIB
-    boot, base, (ov1, ov2) = _vm_workdir(tmp_path, size)
-    _qemu_io(ov1, "write -P 0xab 1M 64k", "write -P 0x01 6M 2k")
-    _qemu_io(ov2, "write -P 0xcd 1M 4k", "write -z 6M 64k", "write -P 0x5a 7M 1M")
-    workdir = tmp_path / "vm"
-    # A VM that ran here and died: its pid no longer exists.
-    handle = VmHandle(host="local-qemu", vm_id="web1-00000000", machine="web1", workdir=str(workdir),
-                      boot_disk=str(boot), format="raw", accel="tcg", pid=None,
-                      qmp_socket=str(workdir / "qmp.sock"), serial_log=str(workdir / "serial.log"))
+    random_image(boot, 4 * MIB, seed=7, fill=0.3)
+    handle = _dead_vm(tmp_path, [VmDisk(name="root", backing=str(boot)), VmDisk(name="data", backing=uri)])
+    assert [(d.name, d.size, d.backing_needed) for d in handle.disks] == [("root", 4 * MIB, True),
+                                                                          ("data", 8 * MIB, True)]
+    root, data = handle.disks
+    _qemu_io(Path(root.overlay), "write -P 0xab 1M 64k")
+    _qemu_io(Path(data.overlay), "write -P 0xcd 2M 4k", "write -z 6M 64k")
     store = open_store(str(tmp_path / "store"))
-    capture = VmCapture(LocalQemuHost(), handle, store, disk="disk0", epoch=1)
+    capture = VmCapture(LocalQemuHost(), handle, store, epoch=1)
+    # No bitmap recorded these writes (no VM added one): a rescan of each disk against the
+    # capture's hash map, which knows nothing yet, ships every non-zero block once.
     keys = capture.ship_once()
-    assert [layout.parse_log_name(k) for k in keys] == [(0, 1), (2, 4)]
-    assert capture.ship_once() == []  # nothing new: the overlays are recorded as shipped
+    assert {k.split("/")[3] for k in keys} == {"root", "data"}
     for key in keys:
+        disk = key.split("/")[3]
         with store.open(key) as f:
-            info = validate_log(f, key, machine="web1", disk="disk0", epoch=1, disk_size=size)
-        assert info.meta.epoch == 1
+            info = validate_log(f, key, machine="web1", disk=disk, epoch=1, disk_size=handle.disk(disk).size)
+        assert info.meta.cut and info.meta.consistent
+    for d in handle.disks:
+        _replay(store, d.name, _zeros(tmp_path, d.size), tmp_path / f"{d.name}.img")
+        subprocess.run(["qemu-img", "convert", "-O", "raw", d.overlay, str(tmp_path / f"{d.name}.vm.img")], check=True)
+        assert same_file(tmp_path / f"{d.name}.img", tmp_path / f"{d.name}.vm.img")
+    assert capture.ship_once() == []  # the daemon quit cleanly: its new bitmaps are stored
 
-    # A capture that crashed after its upload, before saving its state, re-ships under new seqs.
-    state = json.loads(capture.state_path.read_text())
-    capture.state_path.write_text(json.dumps({**state, "last_seq": -1, "shipped": []}))
-    again = VmCapture(LocalQemuHost(), handle, store, disk="disk0", epoch=1).ship_once()
-    assert [layout.parse_log_name(k) for k in again] == [(5, 6), (7, 9)]
+    # More writes while the VM is still gone (qemu-io keeps the stored bitmaps recording):
+    # only those ship, with seqs after the last.
+    _qemu_io(Path(data.overlay), "write -P 0x5a 7M 128k")
+    last = layout.parse_log_name(sorted(k for k in keys if "/data/" in k)[-1])[1]
+    again = VmCapture(LocalQemuHost(), handle, store, epoch=1).ship_once()
+    assert [k.split("/")[3] for k in again] == ["data"]
+    with store.open(again[0]) as f:
+        info = validate_log(f, again[0], machine="web1", disk="data", epoch=1, disk_size=data.size)
+    assert info.meta.first_seq == last + 1 and info.data_bytes == 128 << 10
+    _replay(store, "data", _zeros(tmp_path, data.size), tmp_path / "data2.img")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", data.overlay, str(tmp_path / "data2.vm.img")], check=True)
+    assert same_file(tmp_path / "data2.img", tmp_path / "data2.vm.img")
 
-    replay = tmp_path / "replay.img"
-    replay.write_bytes(boot.read_bytes())
-    fd = os.open(replay, os.O_WRONLY)
-    for info in store.list(layout.logs_prefix("web1", "disk0", 1)):
-        apply_log(store, info.key, fd)
-    os.close(fd)
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(ov2), str(tmp_path / "vm.img")], check=True)
-    assert same_file(replay, tmp_path / "vm.img")
+    with pytest.raises(HotspareError, match="capture state of disk root is for epoch 1"):
+        VmCapture(LocalQemuHost(), handle, store, epoch=2)
 
-    with pytest.raises(HotspareError, match="capture state is for .* epoch 1"):
-        VmCapture(LocalQemuHost(), handle, store, disk="disk0", epoch=2)
+
+def _zeros(tmp_path: Path, size: int) -> Path:
+    path = tmp_path / f"zeros-{size}.img"
+    if not path.exists():
+        with open(path, "wb") as f:
+            f.truncate(size)
+    return path

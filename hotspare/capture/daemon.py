@@ -31,6 +31,8 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,9 @@ class Bitmap:
 class StorageDaemon:
     """The daemon of one machine, its files under ``state_root`` and ``serve_dir``."""
 
+    fuse_views = True  # the tracker reads a view's bytes from its FUSE file
+    view_cwd: str | None = None  # view_uri's socket path is absolute
+
     def __init__(self, state_root: str | os.PathLike, config: MachineConfig, *,
                  serve_dir: str | os.PathLike | None = None, fuse: bool = False) -> None:
         self.root = Path(state_root).absolute()
@@ -110,6 +115,14 @@ class StorageDaemon:
 
     def view_uri(self, disk: str) -> str:
         return f"nbd+unix:///view-{disk}?socket={self.nbd_socket}"
+
+    @contextmanager
+    def open_view(self, disk: str) -> Iterator[str]:
+        """Where the tracker reads the view's bytes: its FUSE file."""
+        yield str(self.view_file(disk))
+
+    def node_names(self) -> set[str]:
+        return {n["node-name"] for n in self.execute("query-named-block-nodes", flat=True)}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def pid(self) -> int | None:

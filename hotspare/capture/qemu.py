@@ -8,7 +8,8 @@ A cycle, for all disks of the machine at once:
    go to the next bitmap, and the view keeps the old bytes (copy-before-write). The cut is
    the same instant for every disk of the machine.
 2. *read*: the frozen bitmap's dirty extents (``nbdinfo --map`` of the view's NBD export),
-   and only their bytes, from the view's FUSE file. Blocks of zeros travel as null data.
+   and only their bytes, from the view's FUSE file (or, where the block layer has no FUSE
+   file for this process, as a VM's QEMU in a container, from the NBD export itself). Blocks of zeros travel as null data.
 3. *ship*: extent logs whose last one is the cycle's cut, marked consistent, uploaded
    create-only; then the hash map entries of the shipped blocks and the state.
 4. *release*: only now are the view and the frozen bitmap dropped.
@@ -21,6 +22,10 @@ trusted (the daemon was killed or the machine lost power: bitmaps missing or
 ``inconsistent``; the agent's state is new or does not match the store), the cycle is a
 *rescan*: a fresh bitmap and a view in one transaction, and the view is compared against
 the hash map, so only blocks that really differ ship, and the cut is still consistent.
+
+The tracker drives any block layer that has the storage daemon's interface
+(:class:`~hotspare.capture.daemon.StorageDaemon`): the failed-over VM's QEMU is one
+(:class:`hotspare.vm.capture.VmBlockLayer`), with the disk nodes named as the daemon's.
 
 Cost: a cycle costs its dirty extents (read, hash, upload) plus a few QMP round trips and
 one ``nbdinfo`` run, never the disk's size; a cycle without writes costs one query.
@@ -40,7 +45,7 @@ import numpy as np
 import xxhash
 
 from hotspare.capture.daemon import DaemonError, StorageDaemon, node
-from hotspare.capture.scan import scan
+from hotspare.capture.scan import ViewSource, scan
 from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
 from hotspare.capture.upload import ship_cycle
 from hotspare.errors import HotspareError
@@ -174,15 +179,17 @@ class QemuTracker:
         self.daemon.execute("transaction", actions=actions)
         for w in busy:
             d = w.spec.name
-            view = self.daemon.view_file(d)
-            view.touch()
             export: dict = {"type": "nbd", "id": f"view-nbd-{d}", "node-name": f"fl-{d}", "name": f"view-{d}",
                             "writable": False}
             if w.frozen is not None:
                 export["bitmaps"] = [w.frozen]
             self.daemon.execute("block-export-add", export)
-            self.daemon.execute("block-export-add", {"type": "fuse", "id": f"view-fuse-{d}", "node-name": f"fl-{d}",
-                                                     "mountpoint": str(view), "writable": False})
+            if self.daemon.fuse_views:
+                view = self.daemon.view_file(d)
+                view.touch()
+                self.daemon.execute("block-export-add", {"type": "fuse", "id": f"view-fuse-{d}",
+                                                         "node-name": f"fl-{d}", "mountpoint": str(view),
+                                                         "writable": False})
 
     def _fleece_template(self, spec: DiskSpec) -> str:
         """An empty qcow2 of the disk's size, made once: each view starts as a copy of it."""
@@ -195,13 +202,16 @@ class QemuTracker:
         return str(path)
 
     def _ship(self, w: DiskWork) -> None:
+        with self.daemon.open_view(w.spec.name) as view:
+            self._ship_view(w, view)
+
+    def _ship_view(self, w: DiskWork, view: ViewSource) -> None:
         spec, state = w.spec, w.state
-        view = str(self.daemon.view_file(spec.name))
         if w.rescan is not None:
             self._ship_rescan(w, view)
             return
         assert w.frozen is not None
-        runs = dirty_runs(self.daemon.view_uri(spec.name), w.frozen)
+        runs = dirty_runs(self.daemon.view_uri(spec.name), w.frozen, cwd=self.daemon.view_cwd)
         blocks = _blocks_of(runs, spec.block_size)
         if not len(blocks):
             state.bitmap = w.next
@@ -222,7 +232,7 @@ class QemuTracker:
         state.bitmap = w.next
         self.state_dir.save_meta(spec.name, state)
 
-    def _ship_rescan(self, w: DiskWork, view: str) -> None:
+    def _ship_rescan(self, w: DiskWork, view: ViewSource) -> None:
         """Compare the whole view with the hash map: only blocks that differ ship."""
         spec, state = w.spec, w.state
         self.say(f"{spec.name}: scanning a frozen view against the hash map: {w.rescan}")
@@ -293,7 +303,7 @@ class QemuTracker:
             if time.monotonic() > deadline:
                 raise DaemonError(f"{self.machine}: the view's backup job did not end in 30s")
             time.sleep(0.005)
-        nodes = {n["node-name"] for n in self.daemon.execute("query-named-block-nodes", flat=True)}
+        nodes = self.daemon.node_names()
         for w in work:
             d = w.spec.name
             if f"fl-{d}" in nodes:
@@ -309,11 +319,12 @@ def _wait_exports_gone(daemon: StorageDaemon, ids: set[str]) -> None:
         time.sleep(0.005)
 
 
-def dirty_runs(uri: str, bitmap: str) -> list[tuple[int, int]]:
-    """The dirty (offset, length) runs of ``bitmap`` exported at ``uri``, in offset order."""
+def dirty_runs(uri: str, bitmap: str, *, cwd: str | os.PathLike | None = None) -> list[tuple[int, int]]:
+    """The dirty (offset, length) runs of ``bitmap`` exported at ``uri``, in offset order
+    (``cwd``: where a relative socket path in ``uri`` is found)."""
     try:
         proc = subprocess.run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}", uri],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, cwd=cwd)
     except FileNotFoundError:
         raise HotspareError("nbdinfo is missing: apt-get install libnbd-bin (scripts/setup.sh does)") from None
     if proc.returncode != 0:
@@ -331,23 +342,25 @@ def _blocks_of(runs: list[tuple[int, int]], block_size: int) -> np.ndarray:
     return np.concatenate([np.arange(off // block_size, -(-(off + n) // block_size)) for off, n in runs])
 
 
-def read_view(path: str, runs: list[tuple[int, int]], block_size: int, disk_size: int
+def read_view(path: ViewSource, runs: list[tuple[int, int]], block_size: int, disk_size: int
               ) -> Iterator[tuple[int, int, bytes | None, np.ndarray]]:
-    """The extents of ``runs`` read from the view at ``path``: (offset, length, data or None
-    for zeros, the xxh3 of each block). Consecutive blocks of one kind are one extent of at
-    most MAX_EXTENT bytes; zero detection and hashing are per block, never per sector."""
+    """The extents of ``runs`` read from the view at ``path`` (a file, or a reader such as
+    :class:`~hotspare.capture.nbd.NbdReader`): (offset, length, data or None for zeros, the
+    xxh3 of each block). Consecutive blocks of one kind are one extent of at most MAX_EXTENT
+    bytes; zero detection and hashing are per block, never per sector."""
     step = max(block_size, READ - READ % block_size)
     buf = bytearray(step)
     mv = memoryview(buf)
     h = xxhash.xxh3_64_intdigest
-    fd = os.open(path, os.O_RDONLY)
+    reader = None if isinstance(path, (str, os.PathLike)) else path
+    fd = os.open(path, os.O_RDONLY) if reader is None else -1
     try:
         for off, length in runs:
             end = min(off + length, disk_size)
             pos = off
             while pos < end:
                 n = min(step, end - pos)
-                got = os.preadv(fd, [mv[:n]], pos)
+                got = os.preadv(fd, [mv[:n]], pos) if reader is None else reader.readinto(mv[:n], pos)
                 if got != n:
                     raise DaemonError(f"{path}: short read at {pos} ({got} of {n} bytes)")
                 nb = -(-n // block_size)
@@ -364,4 +377,5 @@ def read_view(path: str, runs: list[tuple[int, int]], block_size: int, disk_size
                     yield (pos + lo, hi - lo, None if zero[a] else bytes(mv[lo:hi]), sums[a:b])
                 pos += n
     finally:
-        os.close(fd)
+        if reader is None:
+            os.close(fd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, Union
 
 import numpy as np
 import xxhash
@@ -41,8 +42,16 @@ class ChunkResult:
     runs: list[ChangedRun]
 
 
+class Readable(Protocol):
+    def readinto(self, buf: memoryview, offset: int) -> int: ...
+
+
+# A view of a disk: a file's path, or a reader of an NBD export.
+ViewSource = Union[str, "os.PathLike[str]", Readable]
+
+
 def scan(
-    path: str,
+    path: ViewSource,
     hashes: np.ndarray,
     block_size: int,
     disk_size: int,
@@ -57,12 +66,14 @@ def scan(
     buf = bytearray(read)
     mv = memoryview(buf)
     h = xxhash.xxh3_64_intdigest
+    reader = None if isinstance(path, (str, os.PathLike)) else path
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY) if reader is None else -1
     except OSError as err:
         raise HotspareError(f"{path}: cannot open the disk: {err.strerror}") from err
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        if reader is None:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         pos = 0
         while pos < disk_size:
             end = min(pos + chunk, disk_size)
@@ -72,7 +83,8 @@ def scan(
             changed: dict[int, bytes | None] = {}  # block index in the chunk -> data, None for zeros
             p = pos
             while p < end:
-                n = _read_full(fd, mv if end - p >= read else mv[:end - p], p, path)
+                part_view = mv if end - p >= read else mv[:end - p]
+                n = _read_full(fd, part_view, p, path) if reader is None else reader.readinto(part_view, p)
                 v = mv if n == read else mv[:n]
                 k = len(new)
                 part = [h(v[i:i + block_size]) for i in range(0, n, block_size)]
@@ -89,7 +101,8 @@ def scan(
                 progress(end - pos)
             pos = end
     finally:
-        os.close(fd)
+        if reader is None:
+            os.close(fd)
 
 
 def _read_full(fd: int, view: memoryview, pos: int, path: str) -> int:

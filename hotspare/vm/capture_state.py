@@ -1,9 +1,6 @@
-"""The capture's persisted state, one JSON file per VM disk in the VM's work directory.
-
-It names the epoch, the last seq uploaded and the frozen overlays already uploaded but not
-yet committed; it is replaced atomically (write, fsync, rename), so a crash leaves the old
-or the new state whole. The chain of overlays is not in it: QEMU (or, for a dead VM, the
-qcow2 headers) is the authority on that.
+"""Where a snapshot-based capture (EC2's, :mod:`hotspare.vm.ec2_capture`) stands per disk:
+its epoch and the last seq it uploaded, kept as JSON replaced atomically. (QEMU VMs are
+captured by the bitmap tracker, whose state is the agent's: :mod:`hotspare.capture.state`.)
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, ship_cycle
-from hotspare.localfile import load_model, write_atomic
 from hotspare.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -50,16 +46,3 @@ class CaptureCursor(BaseModel):
         return ship_cycle(store, extents, machine=self.machine, disk=self.disk, epoch=self.epoch,
                           disk_size=self.disk_size, last_seq=self.last_seq, workdir=workdir, consistent=consistent,
                           log_target=log_target, on_upload=uploaded)
-
-
-class CaptureState(CaptureCursor):
-    shipped: list[str] = Field(default_factory=list,
-                               description="frozen overlays whose extents are uploaded, not yet committed")
-
-
-def load_state(path: Path) -> CaptureState | None:
-    return load_model(path, CaptureState, "capture state")
-
-
-def save_state(path: Path, state: CaptureState) -> None:
-    write_atomic(path, state.model_dump_json(indent=1))

@@ -4,11 +4,12 @@ The container runs hotspare's QEMU runner image (``deployments/docker/``: a Dock
 users with a registry, ``build-offline.sh`` for hosts without one), so the host needs
 Docker but not QEMU's system emulator; it still needs ``qemu-img`` for the overlays.
 
-Same paths inside and out: the VM's work directory and the boot disk's directory are
-bind-mounted at their host paths (the boot disk's read-only), so the QMP socket, serial log
-and overlays the container's QEMU uses are the files this process sees. QMP calls, the
-overlay chain (:mod:`hotspare.vm.chain`) and the capture (:mod:`hotspare.vm.capture`) work
-as for :class:`~hotspare.vm.local.LocalQemuHost`; the command line and the chain a launch
+Same paths inside and out: the VM's work directory, each local backing's directory
+(read-only) and each NBD backing's socket directory are bind-mounted at their host paths, so
+the QMP socket, serial log, overlays and the capture's NBD socket the container's QEMU uses
+are the files this process sees. QMP calls, the overlays, the streams
+(:mod:`hotspare.vm.stream`) and the capture (:mod:`hotspare.vm.capture`) work as for
+:class:`~hotspare.vm.local.LocalQemuHost`; the command line and the chain a launch
 starts on come from :mod:`hotspare.vm.qemu_cmd`, shared with it.
 
 The container: no network (QEMU has ``-nic none`` too); restart policy "no", since what
@@ -21,7 +22,7 @@ booting the machine a second time.
 
 Files in the work directory: ``handle.json``, ``qmp.sock``, ``serial-<vm_id>.log``,
 ``qemu-<vm_id>.log`` (QEMU's own messages, kept after the container is removed),
-``overlays/``.
+``disks/``.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ from docker.models.containers import Container
 
 from hotspare.demodisk import qemu_accel
 from hotspare.errors import HotspareError
-from hotspare.vm.host import VmHandle, VmSpec, load_handle, save_handle
+from hotspare.vm.host import VmHandle, VmSpec, load_handle, nbd_socket_of, save_handle
 from hotspare.vm.local import file_lock
-from hotspare.vm.qemu_cmd import QemuHost, DISK_DEVICE, QMP_SOCKET, prepare_chain, qemu_args, screendump, serial_name
+from hotspare.vm.qemu_cmd import (DISK_DEVICE, QMP_SOCKET, QemuHost, check_same_disks, prepare_disks, qemu_args,
+                                  screendump, serial_name)
 
 DEFAULT_IMAGE = "hotspare/qemu-runner:bookworm"
 QEMU = "qemu-system-x86_64"
@@ -110,28 +112,26 @@ class DockerQemuHost(QemuHost):
         with file_lock(workdir / "launch.lock"):
             running = self._running_in(workdir)
             if running is not None:
-                if running.boot_disk != str(spec.boot_disk):
-                    raise HotspareError(f"{workdir}: VM {running.vm_id} already runs there from "
-                                        f"{running.boot_disk}, not {spec.boot_disk}")
+                check_same_disks(running, spec)
+                self._start_guest(running)  # a launch that died between start and cont
                 save_handle(running)  # a no-op rewrite, or the handle a crashed launch did not write
                 return running  # adopt it: a re-run must not boot a second copy of the machine
-            if not spec.boot_disk.is_file():
-                raise HotspareError(f"cannot launch VM of {spec.machine}: boot disk {spec.boot_disk} not found")
+            disks = prepare_disks(spec)
             self._check_image()
             self._remove_dead(workdir)
-            layers = prepare_chain(spec)
             accel = qemu_accel()  # KVM only where a probe guest really runs with it
             vm_id = f"{spec.machine}-{uuid.uuid4().hex[:8]}"
             (workdir / QMP_SOCKET).unlink(missing_ok=True)  # left by a VM that was killed
             handle = VmHandle(host=self.kind, vm_id=vm_id, machine=spec.machine, workdir=str(workdir),
                               boot_disk=str(spec.boot_disk), format=spec.format, accel=accel,
                               qmp_socket=str(workdir / QMP_SOCKET), serial_log=str(workdir / serial_name(vm_id)),
-                              overlays=layers, disk_device=DISK_DEVICE)
+                              disks=disks, disk_device=DISK_DEVICE)
             container = self._run(spec, handle)
             handle = handle.model_copy(update={"container_id": container.id})
             self._wait_ready(handle, lambda: self._start_failure(handle),
                              f"container {handle.container_id} removed")
             save_handle(handle)
+            self._start_guest(handle)
             return handle
 
     def _check_image(self) -> None:
@@ -148,16 +148,20 @@ class DockerQemuHost(QemuHost):
     def _run(self, spec: VmSpec, handle: VmHandle) -> Container:
         workdir = str(spec.workdir)
         volumes: dict[str, dict[str, str]] = {workdir: {"bind": workdir, "mode": "rw"}}
-        # The boot disk's directory read-only, unless the work directory holds it; also the
-        # directory a symlinked boot disk points into, which QEMU resolves in the container.
-        for disk in {str(spec.boot_disk), os.path.realpath(spec.boot_disk)}:
-            parent = os.path.dirname(disk)
-            if parent != workdir and not parent.startswith(workdir + os.sep):
-                volumes.setdefault(parent, {"bind": parent, "mode": "ro"})
+        # Each local backing's directory read-only, unless the work directory holds it; also
+        # the directory a symlinked image points into, which QEMU resolves in the container.
+        # An NBD backing's socket directory read-write: QEMU connects to the socket there.
+        for d in handle.disks:
+            sock = nbd_socket_of(d.backing)
+            paths = [sock] if sock else [d.backing, os.path.realpath(d.backing)]
+            for path in paths:
+                parent = os.path.dirname(path)
+                if parent != workdir and not parent.startswith(workdir + os.sep):
+                    volumes.setdefault(parent, {"bind": parent, "mode": "rw" if sock else "ro"})
         log = f"qemu-{handle.vm_id}.log"
         # Through sh only for the redirection: QEMU's messages go to a file in the work
         # directory, which outlives the container; exec keeps QEMU the container's process.
-        command = f"exec {QEMU} {shlex.join(qemu_args(spec, handle.vm_id, handle.accel, handle.overlays))} >>{log} 2>&1"
+        command = f"exec {QEMU} {shlex.join(qemu_args(spec, handle.vm_id, handle.accel, handle.disks))} >>{log} 2>&1"
         extra: dict[str, Any] = {}
         if handle.accel == "kvm":
             extra["devices"] = ["/dev/kvm:/dev/kvm:rwm"]

@@ -16,14 +16,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hotspare import layout
 from hotspare.demodisk import Marker, parse_markers
 from hotspare.errors import HotspareError
 from hotspare.localfile import load_model, write_atomic
+from hotspare.machine import DEFAULT_BLOCK_SIZE
 
 HostKind = Literal["local-qemu", "docker-qemu", "ec2"]
 DiskFormat = Literal["raw", "vpc"]
@@ -31,28 +32,130 @@ Accel = Literal["kvm", "tcg"]
 HANDLE_FILE = "handle.json"
 
 
+NBD_PREFIX = "nbd+unix://"
+
+
+def nbd_socket_of(backing: str) -> str | None:
+    """The unix socket of an ``nbd+unix:///[EXPORT]?socket=PATH`` backing, else None."""
+    if not backing.startswith(NBD_PREFIX):
+        return None
+    _, _, query = backing.partition("?")
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == "socket" and value:
+            return value
+    raise ValueError(f"NBD backing {backing!r} names no socket (want nbd+unix:///EXPORT?socket=PATH)")
+
+
+def nbd_export_of(backing: str) -> str:
+    """The export name of an ``nbd+unix:///EXPORT?socket=PATH`` backing ("" for the default)."""
+    return backing[len(NBD_PREFIX):].partition("?")[0].lstrip("/")
+
+
+class VmDisk(BaseModel):
+    """One disk of the VM: a local qcow2 overlay in the work directory over ``backing``,
+    which the VM never writes. ``backing`` is a local image file (raw, or vpc for a VHD)
+    or a read-only NBD export on a unix socket, ``nbd+unix:///EXPORT?socket=PATH`` (what
+    ``hotspare serve`` gives): the VM boots at once and reads what it has not pulled local
+    from there, until :func:`hotspare.vm.stream.start_streams` has copied it all."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="the machine's disk name (the capture ships it under this name)")
+    backing: str = Field(description="local image path, or nbd+unix:///EXPORT?socket=PATH")
+    backing_format: DiskFormat = Field("raw", description="format of the backing's bytes: raw, or vpc")
+    size: int | None = Field(None, gt=0, description="bytes the guest sees; None: the backing's virtual size")
+    block_size: int = Field(DEFAULT_BLOCK_SIZE, description="granularity of the capture's dirty bitmap (the "
+                                                            "machine's block size)")
+
+    @field_validator("name")
+    @classmethod
+    def _disk_name(cls, v: str) -> str:
+        return layout.check_name("disk", v)
+
+    @field_validator("backing")
+    @classmethod
+    def _backing(cls, v: str) -> str:
+        if v.startswith(NBD_PREFIX):
+            sock = nbd_socket_of(v)
+            assert sock is not None
+            if not os.path.isabs(sock):
+                raise ValueError(f"NBD backing {v!r}: the socket path must be absolute")
+            return v
+        if "://" in v:
+            raise ValueError(f"backing {v!r}: want a local image path or nbd+unix:///EXPORT?socket=PATH")
+        return os.path.abspath(v)  # QEMU resolves it from the work directory
+
+    @property
+    def is_nbd(self) -> bool:
+        return self.backing.startswith(NBD_PREFIX)
+
+
 class VmSpec(BaseModel):
-    """What to boot: a machine's boot disk, materialised locally from the replica."""
+    """What to boot: every disk of a machine, in the machine's order (the first boots)."""
 
     model_config = ConfigDict(frozen=True)
 
     machine: str = Field(description="the protected machine this VM stands in for")
-    boot_disk: Path = Field(description="local raw or VHD image; the VM never writes to it")
-    format: DiskFormat = Field("raw", description="raw, or vpc for a VHD (fixed or dynamic)")
+    disks: list[VmDisk] = Field(min_length=1, description="the machine's disks in its order; the first boots")
     cpus: int = Field(1, ge=1, le=256)
     memory_mib: int = Field(512, ge=32)
     workdir: Path = Field(description="the VM's own directory: overlays, sockets, logs, handle.json")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_boot_disk(cls, data: Any) -> Any:
+        # ``boot_disk=PATH, format=FMT``: a VM of one local disk named disk0 (EC2's hosts and
+        # older callers speak so).
+        if isinstance(data, dict) and "boot_disk" in data and "disks" not in data:
+            data = dict(data)
+            boot = data.pop("boot_disk")
+            data["disks"] = [VmDisk(name="disk0", backing=os.fspath(boot), backing_format=data.pop("format", "raw"))]
+        return data
 
     @field_validator("machine")
     @classmethod
     def _plain_name(cls, v: str) -> str:
         return layout.check_name("machine", v)
 
-    @field_validator("boot_disk", "workdir")
+    @field_validator("disks")
+    @classmethod
+    def _unique(cls, v: list[VmDisk]) -> list[VmDisk]:
+        names = [d.name for d in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"disk names repeat: {names}")
+        return v
+
+    @field_validator("workdir")
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         # QEMU and later processes resolve these paths, from other working directories.
         return Path(os.path.abspath(v))
+
+    @property
+    def boot_disk(self) -> Path:
+        """The first disk's backing (a path for local backings)."""
+        return Path(self.disks[0].backing)
+
+    @property
+    def format(self) -> DiskFormat:
+        return self.disks[0].backing_format
+
+
+class HandleDisk(BaseModel):
+    """One disk of a launched VM, as QEMU runs it."""
+
+    name: str
+    backing: str
+    backing_format: DiskFormat = "raw"
+    size: int
+    block_size: int = DEFAULT_BLOCK_SIZE
+    overlay: str = Field(description="the local qcow2 that takes the VM's writes")
+    local: str = Field(description="the local qcow2 under it that block-stream fills from the backing")
+    node: str = Field(description="QEMU node name of the overlay: the bitmaps and the capture's views live on it")
+    device: str = Field(description="the guest disk's qdev id")
+    backing_needed: bool = Field(True, description="False once block-stream copied the backing into the overlay: "
+                                                   "the server of an NBD backing may stop")
 
 
 class VmHandle(BaseModel):
@@ -62,18 +165,27 @@ class VmHandle(BaseModel):
     vm_id: str = Field(description="unique per launch, also QEMU's -name guest=")
     machine: str
     workdir: str
-    boot_disk: str
+    boot_disk: str = Field(description="the first disk's backing")
     format: DiskFormat
     accel: Accel = Field(description="what QEMU really uses: kvm, or tcg where KVM does not work")
     pid: int | None = Field(None, description="the QEMU process, for hosts that run it on this machine")
     container_id: str | None = Field(None, description="for hosts that run QEMU in a container")
     qmp_socket: str | None = None
     serial_log: str
-    overlays: list[str] = Field(default_factory=list,
-                                description="qcow2 layers over the boot disk at launch, bottom to top; "
-                                            "the top one takes the VM's writes")
-    disk_device: str = Field("disk0", description="the guest disk's qdev id (for QMP)")
+    disks: list[HandleDisk] = Field(default_factory=list, description="QEMU hosts: every disk, in the machine's order")
+    disk_device: str = Field("disk0", description="the boot disk's qdev id (for QMP)")
     started_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def disk(self, name: str) -> HandleDisk:
+        for d in self.disks:
+            if d.name == name:
+                return d
+        raise HotspareError(f"VM {self.vm_id} has no disk {name!r} (it has {[d.name for d in self.disks]})")
+
+    @property
+    def servers_needed(self) -> list[str]:
+        """The NBD backings the VM still reads from; one that is not listed may stop."""
+        return [d.backing for d in self.disks if d.backing_needed and d.backing.startswith(NBD_PREFIX)]
 
 
 def handle_path(workdir: str | os.PathLike[str]) -> Path:

@@ -5,11 +5,12 @@ that launched it and ignores that process's terminal signals; it writes its pid 
 the handle records the pid. A pid alone can be reused after the VM dies, so liveness also
 checks ``/proc/<pid>/cmdline`` for the VM's unique ``-name guest=<vm_id>``.
 
-The VM boots from the disk's own boot loader (SeaBIOS, never ``-kernel``) through a qcow2
-overlay chain (:mod:`hotspare.vm.chain`): the boot disk is opened read-only, the guest's
-writes go to the top overlay, and :mod:`hotspare.vm.capture` ships them from there.
+The VM boots from its first disk's own boot loader (SeaBIOS, never ``-kernel``); every disk
+is a qcow2 overlay over its backing (a local image or an NBD export), which the VM never
+writes (:func:`hotspare.vm.qemu_cmd.prepare_disks`); :mod:`hotspare.vm.capture` ships the
+guest's writes, :mod:`hotspare.vm.stream` pulls the backings local.
 Files in the work directory: ``handle.json``, ``qmp.sock``, ``qemu.pid``,
-``serial-<vm_id>.log``, ``qemu-<vm_id>.log`` (QEMU's own messages), ``overlays/``.
+``serial-<vm_id>.log``, ``qemu-<vm_id>.log`` (QEMU's own messages), ``disks/``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pathlib import Path
 from hotspare.demodisk import qemu_accel
 from hotspare.errors import HotspareError
 from hotspare.vm.host import VmHandle, VmSpec, load_handle, save_handle
-from hotspare.vm.qemu_cmd import QemuHost, DISK_DEVICE, QMP_SOCKET, prepare_chain, qemu_args, serial_name, screendump
+from hotspare.vm.qemu_cmd import (DISK_DEVICE, QMP_SOCKET, QemuHost, check_same_disks, prepare_disks, qemu_args,
+                                  screendump, serial_name)
 
 QEMU = "qemu-system-x86_64"
 PID_FILE = "qemu.pid"
@@ -63,24 +65,21 @@ class LocalQemuHost(QemuHost):
         with file_lock(workdir / "launch.lock"):
             previous = load_handle(workdir)
             if previous is not None and self.is_alive(previous):
-                if previous.boot_disk != str(spec.boot_disk):
-                    raise HotspareError(f"{workdir}: VM {previous.vm_id} already runs there from "
-                                        f"{previous.boot_disk}, not {spec.boot_disk}")
+                check_same_disks(previous, spec)
+                self._start_guest(previous)  # a launch that died between start and cont
                 return previous  # adopt it: a re-run must not boot a second copy of the machine
             exe = shutil.which(self.qemu)
             if exe is None:
                 raise HotspareError(f"cannot launch VM of {spec.machine}: {self.qemu} is missing "
                                     "(Debian package qemu-system-x86)")
-            if not spec.boot_disk.is_file():
-                raise HotspareError(f"cannot launch VM of {spec.machine}: boot disk {spec.boot_disk} not found")
-            layers = self._prepare_chain(spec)
+            disks = prepare_disks(spec)
             accel = qemu_accel(self.qemu)  # KVM only where a probe guest really runs with it
             vm_id = f"{spec.machine}-{uuid.uuid4().hex[:8]}"
             serial = workdir / serial_name(vm_id)
             (workdir / QMP_SOCKET).unlink(missing_ok=True)  # left by a VM that was killed
             # QEMU runs in the work directory: the pid file name is relative, as are the
             # serial log's and QMP socket's in qemu_args.
-            cmd = [exe, *qemu_args(spec, vm_id, accel, layers), "-pidfile", PID_FILE]
+            cmd = [exe, *qemu_args(spec, vm_id, accel, disks), "-pidfile", PID_FILE]
             qemu_log = workdir / f"qemu-{vm_id}.log"
             with open(qemu_log, "ab") as out:
                 proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out,
@@ -89,13 +88,11 @@ class LocalQemuHost(QemuHost):
             handle = VmHandle(host=self.kind, vm_id=vm_id, machine=spec.machine, workdir=str(workdir),
                               boot_disk=str(spec.boot_disk), format=spec.format, accel=accel, pid=proc.pid,
                               qmp_socket=str(workdir / QMP_SOCKET), serial_log=str(serial),
-                              overlays=layers, disk_device=DISK_DEVICE)
+                              disks=disks, disk_device=DISK_DEVICE)
             self._wait_ready(handle, lambda: self._start_failure(proc, qemu_log, cmd), "QEMU killed")
             save_handle(handle)
+            self._start_guest(handle)
             return handle
-
-    def _prepare_chain(self, spec: VmSpec) -> list[str]:
-        return prepare_chain(spec)
 
     @staticmethod
     def _start_failure(proc: subprocess.Popen[bytes], qemu_log: Path, cmd: list[str]) -> str | None:

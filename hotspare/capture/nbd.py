@@ -1,0 +1,156 @@
+"""A read-only NBD client on a unix socket, just enough to read a view's bytes.
+
+Where a view cannot be a FUSE file (a QEMU in a container mounts FUSE in its own mount
+namespace, and a VM's QEMU may lack FUSE exports), the capture reads the view's NBD export,
+the same one ``nbdinfo --map`` reads the dirty extents from. libnbd's Python binding is a
+Debian package for the system Python only, so this speaks the protocol itself: fixed
+newstyle handshake, ``NBD_OPT_GO``, simple replies, ``NBD_CMD_READ`` of at most
+:data:`MAX_READ` bytes (QEMU refuses reads above 32 MiB).
+
+Reference: https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+from hotspare.errors import HotspareError
+
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+REPLY_MAGIC = 0x3E889045565A9
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+OPT_GO = 7
+REP_ACK = 1
+REP_INFO = 3
+INFO_EXPORT = 0
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+CMD_READ = 0
+CMD_DISC = 2
+MAX_READ = 32 << 20
+_SUN_PATH_MAX = 107
+
+
+class NbdError(HotspareError):
+    """The NBD server refused or broke the conversation."""
+
+
+class NbdReader:
+    """Reads an export at ``socket_path`` named ``export``; use as a context manager."""
+
+    def __init__(self, socket_path: str | os.PathLike[str], export: str = "", *, timeout: float = 60.0) -> None:
+        self.path = os.fspath(socket_path)
+        self.export = export
+        self.timeout = timeout
+        self.size = 0
+        self._sock: socket.socket | None = None
+        self._handle = 0
+
+    def __enter__(self) -> NbdReader:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _what(self) -> str:
+        return f"NBD export {self.export!r} at {self.path}"
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        dir_fd = None
+        try:
+            target = self.path
+            if len(os.fsencode(target)) > _SUN_PATH_MAX:
+                dir_fd = os.open(os.path.dirname(target) or ".", os.O_PATH | os.O_CLOEXEC)
+                target = f"/proc/self/fd/{dir_fd}/{os.path.basename(target)}"
+            sock.connect(target)
+        except OSError as err:
+            sock.close()
+            raise NbdError(f"{self._what()}: cannot connect: {err.strerror or err}") from err
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+        self._sock = sock
+        try:
+            self._handshake()
+        except BaseException:
+            self.close()
+            raise
+
+    def _handshake(self) -> None:
+        magic, opt, flags = struct.unpack(">QQH", self._recv(18))
+        if magic != NBDMAGIC or opt != IHAVEOPT or not flags & FLAG_FIXED_NEWSTYLE:
+            raise NbdError(f"{self._what()}: not a fixed-newstyle NBD server")
+        self._send(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)))
+        name = self.export.encode()
+        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        self._send(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
+        while True:
+            magic, _opt, rtype, length = struct.unpack(">QIII", self._recv(20))
+            payload = self._recv(length) if length else b""
+            if magic != REPLY_MAGIC:
+                raise NbdError(f"{self._what()}: bad option reply")
+            if rtype & 0x80000000:
+                raise NbdError(f"{self._what()}: server refused the export "
+                               f"({payload[4:].decode(errors='replace') if len(payload) > 4 else rtype})")
+            if rtype == REP_INFO and len(payload) >= 12 and struct.unpack(">H", payload[:2])[0] == INFO_EXPORT:
+                self.size = struct.unpack(">Q", payload[2:10])[0]
+            elif rtype == REP_ACK:
+                return
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        """Fill ``buf`` with the export's bytes at ``offset``; returns len(buf)."""
+        n, pos = len(buf), 0
+        while pos < n:
+            step = min(MAX_READ, n - pos)
+            self._handle += 1
+            self._send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, self._handle, offset + pos, step))
+            magic, error, handle = struct.unpack(">IIQ", self._recv(16))
+            if magic != SIMPLE_REPLY_MAGIC or handle != self._handle:
+                raise NbdError(f"{self._what()}: unexpected reply to a read at {offset + pos}")
+            if error:
+                raise NbdError(f"{self._what()}: read of {step} bytes at {offset + pos} failed "
+                               f"({os.strerror(error)})")
+            self._recv_into(buf[pos:pos + step])
+            pos += step
+        return n
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+            except NbdError:
+                pass
+            self._sock.close()
+            self._sock = None
+
+    # -- transport -----------------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendall(data)
+        except OSError as err:
+            raise NbdError(f"{self._what()}: send failed: {err.strerror or err}") from err
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def _recv_into(self, view: memoryview) -> None:
+        assert self._sock is not None
+        got = 0
+        while got < len(view):
+            try:
+                k = self._sock.recv_into(view[got:])
+            except OSError as err:
+                raise NbdError(f"{self._what()}: receive failed: {err.strerror or err}") from err
+            if k == 0:
+                raise NbdError(f"{self._what()}: connection closed by the server")
+            got += k

@@ -303,10 +303,13 @@ class _Failback:
         self.commit(step="phase one applied")
         for d in self.cfg.disks:  # hash the replica's base point now, not during the downtime
             self.replica_hashes(d, self.last_upto(d.name))
+        # The agent hashes the whole disk now, while the VM serves, and keeps that map: the
+        # verification inside the downtime then re-hashes only the blocks written since.
+        if find_order(self.st, self.machine, self.vm_epoch, "pre-scan") is None:
+            self.wait(publish(self.st, self.machine, self.vm_epoch, "pre-scan", "scan", self.cfg.disks, self.targets))
         progress = self.progress()
-        size = sum(d.size for d in self.cfg.disks)
-        estimate = (remaining / (progress.apply_rate or DEFAULT_RATE) + size / (progress.scan_rate or DEFAULT_RATE)
-                    + VM_STOP_SECONDS)
+        # Inside the downtime: apply the remaining bytes, re-hash as many, stop the VM.
+        estimate = (2 * remaining / (progress.apply_rate or DEFAULT_RATE) + VM_STOP_SECONDS)
         policy = self.cfg.policy
         if approve or policy.auto_approve:
             answer = CutoverApproval(approve=True, by="policy" if policy.auto_approve else "operator (--approve)",

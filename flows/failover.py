@@ -206,7 +206,8 @@ def _pull_disks_local(st, state: MachineState, host_kind: str, handle, timeout: 
     current = load_vm_handle(handle.workdir) or handle
     with contextlib.suppress(AlreadyExists):
         commit_state(st, state.next(step="disks-local", vm=current.model_dump(mode="json")))
-    _step("disks-local", state.machine, state, disks=[s.disk for s in status])
+    stopped = engine.stop_servers(Path(handle.workdir), current)
+    _step("disks-local", state.machine, state, disks=[s.disk for s in status], servers_stopped=stopped)
     return True
 
 

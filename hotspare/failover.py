@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 from hotspare.catalog import load_catalog
-from hotspare.consolidate.export import export_point, find_point
+from hotspare.consolidate.export import find_point
 from hotspare.errors import HotspareError, UsageError
 from hotspare.heartbeat import load_heartbeat
 from hotspare.machine import DiskSpec, MachineConfig
+from hotspare.replica.serve import server_alive, start_server, stop_server
 from hotspare.state import MachineState
 from hotspare.store.base import Store
 from hotspare.vm.host import VmDisk, VmHandle, VmHost
@@ -56,7 +57,9 @@ def stop_failed_vm(host: VmHost, handle: VmHandle, workdir: Path) -> str:
         host.stop(handle, timeout=30.0)
     except Exception:  # noqa: BLE001 - QMP gone, a host fault: it must end all the same
         host.kill(handle)
+        stop_servers(workdir)
         return "the VM was killed (it did not stop within 30 s)"
+    stop_servers(workdir)
     return "the VM was stopped"
 
 
@@ -70,6 +73,7 @@ def discard_vm_files(workdir: Path) -> None:
     the post-mortem."""
     if not workdir.is_dir():
         return
+    stop_servers(workdir)
     for p in workdir.iterdir():
         if p.suffix in (".log", ".png"):
             continue
@@ -81,22 +85,55 @@ def discard_vm_files(workdir: Path) -> None:
 
 # -- the VM's disks -------------------------------------------------------------------------
 
-def disk_backing(store: Store, machine: str, disk: DiskSpec, workdir: Path) -> tuple[str, VmDisk]:
-    """The recovery point the VM's ``disk`` starts from, and the backing its overlay reads.
+def serve_dir(workdir: Path) -> Path:
+    return workdir / "serve"
 
-    The seam for ``hotspare serve``: today the newest (crash-consistent, when there is one)
-    point is exported as a raw image in the work directory (its cost grows with the disk);
-    once ``serve`` lands this starts serving the point read-only and returns
-    ``VmDisk(backing=f"nbd+unix:///{disk.name}?socket={socket}")``: the VM then boots at once
-    and :mod:`hotspare.vm.stream` pulls the disk local in the background."""
+
+def disk_backing(store: Store, machine: str, disk: DiskSpec, workdir: Path) -> tuple[str, VmDisk]:
+    """The recovery point the VM's ``disk`` starts from, served read-only over NBD (nbdkit
+    over the point's chunks, :mod:`hotspare.replica.serve`), as the backing of the VM's
+    overlay: the VM boots at once, whatever the disk's size, and :mod:`hotspare.vm.stream`
+    pulls the disk local in the background. A re-run adopts a server that still runs."""
     cat = load_catalog(store, machine, disk.name, disk.size)
     point = find_point(cat, prefer_consistent=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    image = workdir / f"{disk.name}-{point.id}.raw"
-    if not image.exists():  # export_point publishes by rename: an existing file is whole
-        export_point(store, cat, point, "raw", image)
-    return point.id, VmDisk(name=disk.name, backing=str(image), backing_format="raw", size=disk.size,
+    if not point.root:
+        raise UsageError(f"{machine}/{disk.name} point {point.id} is in the layout before chunks: run "
+                         f"`hotspare consolidate {machine}` once to convert the disk")
+    d = serve_dir(workdir)
+    d.mkdir(parents=True, exist_ok=True)
+    sock, pidfile = d / f"{disk.name}.sock", d / f"{disk.name}.pid"
+    pid = _read_pid(pidfile)
+    if pid is None or not server_alive(pid) or not sock.exists():
+        proc = start_server(store.url, point.root, sock, log=workdir / f"serve-{disk.name}.log", env=store.process_env())
+        pidfile.write_text(str(proc.pid))
+    return point.id, VmDisk(name=disk.name, backing=f"nbd+unix:///{disk.name}?socket={sock}", size=disk.size,
                             block_size=disk.block_size)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stop_servers(workdir: Path, handle: VmHandle | None = None) -> list[str]:
+    """Stop the point servers of a VM's work directory; with ``handle``, only those whose
+    disk the VM no longer reads (streamed local). Returns the disks stopped."""
+    stopped = []
+    d = serve_dir(workdir)
+    needed = handle.servers_needed if handle is not None else []
+    for pidfile in sorted(d.glob("*.pid")) if d.is_dir() else []:
+        disk = pidfile.stem
+        if any(str(d / f"{disk}.sock") in b for b in needed):
+            continue
+        pid = _read_pid(pidfile)
+        if pid is not None:
+            stop_server(pid)
+        pidfile.unlink(missing_ok=True)
+        (d / f"{disk}.sock").unlink(missing_ok=True)
+        stopped.append(disk)
+    return stopped
 
 
 BUILTIN_HOSTS = ("local", "docker", "ec2")

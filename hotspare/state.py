@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from hotspare import layout
 from hotspare.catalog.model import utcnow
 from hotspare.store.base import Store
-from hotspare.versioned import commit, load_latest
+from hotspare.versioned import commit, latest_version, load, load_latest
 
 State = Literal["protected", "failing-over", "failed-over", "failing-back"]
 
@@ -53,3 +53,13 @@ def commit_state(store: Store, state: MachineState) -> MachineState:
     """Commit ``state`` create-only (AlreadyExists when another flow moved the machine)."""
     commit(store, layout.state_prefix(state.machine), state)
     return state
+
+
+def state_history(store: Store, machine: str) -> list[MachineState]:
+    """Every committed state of ``machine``, oldest first (for timings and post-mortems)."""
+    prefix = layout.state_prefix(machine)
+    newest = latest_version(store, prefix)
+    if newest is None:
+        return []
+    first = 0 if store.exists(layout.state_key(machine, 0)) else 1
+    return [load(store, prefix, v, MachineState) for v in range(first, newest + 1)]

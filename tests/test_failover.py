@@ -274,6 +274,11 @@ def test_failover_boots_every_disk_and_captures_the_vms_writes_to_each(tmp_path:
         handle = VmHandle.model_validate(ms.vm)
         assert [(d.name, d.size, d.backing_needed) for d in handle.disks] == [
             ("root", demo_disk.stat().st_size, False), ("data", 16 << 20, False)]
+        # Each disk booted from its served point (nbdkit over the chunks), and once streamed
+        # local its server was stopped.
+        assert all(d.backing.startswith("nbd+unix:///") for d in handle.disks), handle.disks
+        assert not list((tmp_path / "vms" / "demo" / "serve").glob("*.pid")), "the point servers are stopped"
+        assert not subprocess.run(["pgrep", "-f", str(tmp_path / "vms" / "demo" / "serve")], capture_output=True).stdout
         host = LocalQemuHost()
         with host.qmp(handle) as q:
             blocks = [(b["qdev"], b["inserted"]["node-name"], b["inserted"]["image"]["virtual-size"])
@@ -297,5 +302,51 @@ def test_failover_boots_every_disk_and_captures_the_vms_writes_to_each(tmp_path:
             time.sleep(1)
         assert found == b"\xc3" * (128 << 10), "the VM's write to its data disk was not shipped"
         assert ms.epoch == 1
+    finally:
+        stop_vm(env)
+
+
+def test_an_8_gib_machine_boots_before_a_full_copy_of_its_disk_would_finish(tmp_path: Path, demo_disk: Path) -> None:
+    """The demo disk grown to 8 GiB with 2 GiB of data beyond its partitions: the failover
+    launches the VM on the served point, so from the approval to the launch takes less than
+    a full copy of the disk (qemu-img convert of the same served point, measured here)."""
+    from hotspare.replica.serve import nbd_uri
+    from hotspare.state import state_history
+
+    with open(demo_disk, "r+b") as f:
+        f.truncate(8 << 30)
+    rng = os.urandom(16 << 20)
+    with open(demo_disk, "r+b") as f:  # 2 GiB of data, 16 MiB runs, past the demo's partitions
+        for i in range(128):
+            f.seek((4 << 30) + i * (16 << 20))
+            f.write(rng)
+    env = protect_demo(tmp_path, demo_disk)
+    st = open_store(env["HOTSPARE_STORE"])
+    time.sleep(11)
+    try:
+        r = cli("failover", "demo", "--approve", env=env, timeout=1200)
+        assert "guest marker" in r.stdout or load_state(st, "demo").state == "failed-over", r.stdout
+        states = state_history(st, "demo")
+        approved = next(s.at for s in states if s.step == "approved")
+        launched = next(s.at for s in states if s.step == "launched")
+        verified = next(s.at for s in states if s.step == "verified")  # the guest's first marker was seen
+        to_launch = (launched - approved).total_seconds()
+        sock = tmp_path / "copy.sock"
+        proc = subprocess.Popen([HOTSPARE, "serve", "demo", "--disk", "root", "--socket", str(sock)],
+                                env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+        try:
+            while not sock.exists():
+                assert proc.poll() is None
+                time.sleep(0.1)
+            t0 = time.monotonic()
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", nbd_uri(sock), str(tmp_path / "copy.raw")],
+                           check=True)
+            copy = time.monotonic() - t0
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        print(f"approval to launch {to_launch:.1f} s, to the first marker {(verified - approved).total_seconds():.1f} s; "
+              f"a full copy of the 8 GiB disk (2 GiB of data) {copy:.1f} s")
+        assert to_launch < copy, f"the VM launched {to_launch:.1f} s after the approval; a full copy takes {copy:.1f} s"
     finally:
         stop_vm(env)

@@ -214,6 +214,10 @@ class Store(ABC):
         reading a Parquet footer never downloads the whole object."""
         return io.BufferedReader(_RangeReader(self, key), buffer_size=buffer_size)  # type: ignore[arg-type]
 
+    def process_env(self) -> dict[str, str]:
+        """Environment variables another process needs to open this store by its URL."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 

@@ -189,6 +189,13 @@ class S3Store(Store):
         self._client_lock = threading.Lock()
         self._client_obj: Any = None
 
+    def process_env(self) -> dict[str, str]:
+        """The AWS environment that lets another process open this store (e.g. nbdkit
+        serving a point): passed in its environment, never on a command line."""
+        env = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": self.region,
+               "AWS_ACCESS_KEY_ID": self._access_key_id, "AWS_SECRET_ACCESS_KEY": self._secret_access_key}
+        return {k: v for k, v in env.items() if v}
+
     def __repr__(self) -> str:  # never shows credentials
         return f"S3Store({self.url!r}, endpoint_url={self.endpoint_url!r})"
 

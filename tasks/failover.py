@@ -29,10 +29,12 @@ def fence(store: Store, machine: str, disks: list[DiskSpec], epoch: int, reason:
 
 
 @task(name="disk-backings", **STORE_RETRY)
-def disk_backings(store: Store, machine: str, disks: list[DiskSpec], workdir: Path) -> list[tuple[str, VmDisk]]:
+def disk_backings(store: Store, machine: str, disks: list[DiskSpec], workdir: Path,
+                  serve: bool = True) -> list[tuple[str, VmDisk]]:
     """Per disk of the machine, in its order: the point it starts from and the backing the
-    VM's overlay reads (engine.disk_backing: the seam where ``hotspare serve`` plugs in)."""
-    return [engine.disk_backing(store, machine, d, workdir) for d in disks]
+    VM's overlay reads: the point served over NBD, or (``serve=False``, a host that cannot
+    read NBD) exported as a local raw image."""
+    return [engine.disk_backing(store, machine, d, workdir, serve=serve) for d in disks]
 
 
 @task(name="launch-vm", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

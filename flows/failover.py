@@ -15,13 +15,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed
 from pydantic import BaseModel
 
+from flows.approval import Approval, ApprovalRequest, ask_approval, machine_facts
 from flows.consolidate import consolidate
 from hotspare import failover as engine
 from hotspare.errors import AlreadyExists, HotspareError
@@ -33,12 +31,6 @@ from blocks.vmhost import resolve_vm_host
 from tasks.common import resolve_store
 from tasks.events import emit_machine_event
 from tasks.failover import fence, launch_vm, materialise_boot_disk
-
-
-class Approval(RunInput):
-    approve: bool = False
-    by: str = ""
-    why: str = ""
 
 
 class FailoverResult(BaseModel):
@@ -54,24 +46,6 @@ class FailoverResult(BaseModel):
 def _step(event: str, machine: str, state: MachineState, **payload) -> None:
     get_run_logger().info("%s: %s", event, payload or "")
     emit_machine_event(f"hotspare.failover.{event}", machine, epoch=state.epoch, payload=payload)
-
-
-def ask_approval(description: str, timeout: int, model: type[Approval] = Approval, **shown) -> Approval:
-    """Pause for an Approval (or a subclass showing more, e.g. failback's cut-over); no
-    answer within ``timeout`` seconds is a rejection."""
-    try:
-        return pause_flow_run(wait_for_input=model.with_initial_data(description=description, approve=False, by="",
-                                                                     **shown),
-                              timeout=timeout, poll_interval=2)
-    except FlowPauseTimeout:
-        # The server refuses any end state but Failed for a run whose pause expired; put
-        # the run back to Running so that it can end as a clear rejection instead.
-        from prefect.client.orchestration import get_client
-        from prefect.states import Running
-
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run.id, Running(message="approval timed out"), force=True)
-        return model(approve=False, by="timeout", why=f"no answer in {timeout}s", **shown)
 
 
 def _run_name() -> str:
@@ -103,13 +77,14 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
             return Cancelled(message=str(err), data=FailoverResult(machine=machine, outcome="refused", message=str(err)))
         _step("silent", machine, state, detail=silence)
         if approve or policy.auto_approve:
-            answer = Approval(approve=True, by="policy" if policy.auto_approve else "operator (--approve)",
+            answer = Approval(decision="approve", by="policy" if policy.auto_approve else "operator (--approve)",
                               why="auto-approve" if policy.auto_approve else "approved when started")
         else:
-            _step("approval-requested", machine, state)
-            answer = ask_approval(f"**Fail over {machine}?** Its {silence}. Approving fences the machine's epoch "
-                                  "and boots its replica as a VM. Reject if the machine is only unreachable, "
-                                  "not down.", policy.approval_timeout)
+            answer = ask_approval(ApprovalRequest(
+                "failover", machine, f"**Fail over {machine}?** Its {silence}.",
+                "Approving fences the machine's epoch, folds in the logs it shipped, and boots the newest point (the "
+                "one above or newer) as a VM on the host above. Reject if the machine is only unreachable, not down.",
+                policy.approval_timeout, epoch=state.epoch, facts=machine_facts(st, cfg, policy.host)))
         create_markdown_artifact(f"**Failover of {machine}**: {'approved' if answer.approve else 'rejected'} "
                                  f"by {answer.by or 'unknown'}: {answer.why or '(no reason given)'}",
                                  key=f"failover-approval-{artifact_slug(machine)}", description="failover approval")

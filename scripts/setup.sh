@@ -17,6 +17,7 @@ declare -A need=(
   [fio]=fio
   [xxhsum]=xxhash
   [vhdiinfo]=libvhdi-utils
+  [chromium]=chromium  # the browser tests/test_ui.py drives with Playwright
 )
 missing=()
 for cmd in "${!need[@]}"; do

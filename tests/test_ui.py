@@ -1,0 +1,119 @@
+"""The Prefect UI as an on-call engineer meets it, in a real browser: Debian's Chromium
+driven by Playwright (no browser download), against the session's ``prefect server start``.
+
+A failover pauses for its approval; the test opens the paused run's page, presses Resume,
+reads the form (the facts as absolute times, a required decision and a required name),
+approves, and sees the run end Completed with the VM booted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hotspare.state import load_state
+from hotspare.store import open_store
+from tests.helpers import cli, require
+from tests.test_failover import _wait_paused, protect_demo, run_flow_in_thread, stop_vm
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    chromium = require("chromium", "chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        msg = "playwright is missing: pip install -c constraints.txt -e .[test] (scripts/setup.sh does)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def _ui(prefect_api: str) -> str:
+    return prefect_api.removesuffix("/api")
+
+
+def test_approving_a_paused_failover_in_the_ui_boots_the_vm(tmp_path: Path, demo_disk: Path, prefect_api: str,
+                                                           browser) -> None:
+    from playwright.sync_api import expect
+
+    from flows.failover import failover
+
+    env = protect_demo(tmp_path, demo_disk)
+    cli("consolidate", "demo", env=env)  # its first recovery point, which the form names
+    st = open_store(env["HOTSPARE_STORE"])
+    time.sleep(11)  # the machine goes silent
+    t, out = run_flow_in_thread(failover, machine="demo", store=env["HOTSPARE_STORE"], vm_dir=env["HOTSPARE_VM_DIR"],
+                                boot_timeout=90.0)
+    run = None
+    try:
+        run = _wait_paused("failover demo")
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{_ui(prefect_api)}/runs/flow-run/{run.id}")
+            badge = page.locator(".state-badge").first  # the run's state, beside its name
+            expect(badge).to_have_text("Paused", timeout=20_000)
+            page.get_by_role("button", name="Resume").first.click()
+            form = page.get_by_role("dialog")
+            expect(form.get_by_text("Fail over demo?")).to_be_visible()
+            # The facts, as absolute times that stay true however late the form is read.
+            stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+            row = lambda name: form.locator("tr", has_text=name)  # noqa: E731
+            expect(row("Last heartbeat")).to_contain_text(re.compile(stamp + r" \(\d+ s before this request"))
+            expect(row("Recovery point")).to_contain_text(re.compile(r"0-\d+ of disk root, taken " + stamp))
+            expect(row("VM host")).to_contain_text("local")
+            expect(row("Deadline")).to_contain_text(re.compile(stamp + ": no answer by then rejects"))
+            # An untouched form cannot be sent: the decision and the name are required.
+            form.get_by_role("button", name="Submit").click()
+            expect(form.get_by_text("'decision' is a required property")).to_be_visible()
+            expect(form.get_by_text("'by' is a required property")).to_be_visible()
+            assert load_state(st, "demo").state == "protected", "nothing happened on an invalid submit"
+            # Approve, with a name.
+            decision = form.locator(".schema-form-property", has_text="Decision").locator(".p-select-button__control")
+            approve = page.get_by_role("option", name="approve")
+            for _ in range(5):  # the select opens on Space (a click at the wrong moment toggles it shut)
+                decision.focus()
+                page.keyboard.press("Space")
+                try:
+                    approve.wait_for(timeout=2000)
+                    break
+                except Exception:  # noqa: BLE001 - not open yet: try again
+                    continue
+            approve.click()
+            form.locator(".schema-form-property", has_text="By").locator("textarea").fill("alice")
+            form.locator(".schema-form-property", has_text="Why").locator("textarea").fill("web1 is down")
+            form.get_by_role("button", name="Submit").click()
+            expect(form).to_be_hidden()
+            # The operator watches the run's page until it ends.
+            deadline = time.monotonic() + 150
+            while (shown := badge.inner_text().strip()) != "Completed":
+                assert shown not in ("Failed", "Crashed", "Cancelled"), f"the approved failover ended {shown}"
+                assert time.monotonic() < deadline, f"the approved failover still shows {shown} in the UI"
+                time.sleep(3)
+                page.reload()
+                badge.wait_for()
+        finally:
+            page.close()
+        t.join(60)
+        assert out["state"].is_completed(), out["state"]
+        ms = load_state(st, "demo")
+        assert (ms.state, ms.approval["decision"], ms.approval["by"]) == ("failed-over", "approve", "alice")
+    finally:
+        if run is not None and t.is_alive() and load_state(st, "demo").state == "protected":  # still paused: answer it
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                client.resume_flow_run(run.id, run_input={"decision": "reject", "by": "test", "why": "test failed"})
+        t.join(150)
+        stop_vm(env)

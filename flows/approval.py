@@ -109,6 +109,16 @@ def machine_facts(st: Store, cfg: MachineConfig, host: str, now: datetime | None
     return [("Machine", cfg.name), ("Last heartbeat", beat), ("Recovery point", point), ("VM host", host)]
 
 
+def _run_url() -> str:
+    """The paused run's page in the UI (``prefect.runtime.flow_run.ui_url`` names a route
+    this UI does not have; ``url_for`` is what the run's "View at" log line uses)."""
+    from prefect.context import FlowRunContext
+    from prefect.utilities.urls import url_for
+
+    ctx = FlowRunContext.get()
+    return (url_for(ctx.flow_run) or "") if ctx and ctx.flow_run else ""
+
+
 def ask_approval(request: ApprovalRequest, model: type[A] = Approval, **shown) -> A:  # type: ignore[assignment]
     """Emit the request's event, pause for ``model`` (a subclass may show more fields,
     given in ``shown``), and return the answer; no answer within the timeout rejects."""
@@ -121,7 +131,7 @@ def ask_approval(request: ApprovalRequest, model: type[A] = Approval, **shown) -
                        epoch=request.epoch,
                        payload={"question": request.question, "facts": dict(request.facts),
                                 "deadline": deadline.isoformat(), "deadline_text": when(deadline),
-                                "flow_run_id": str(flow_run.id), "ui_url": flow_run.ui_url or ""})
+                                "flow_run_id": str(flow_run.id), "ui_url": _run_url()})
     try:
         return pause_flow_run(wait_for_input=model.with_initial_data(description=description, **shown),
                               timeout=request.timeout, poll_interval=2)

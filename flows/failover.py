@@ -81,7 +81,8 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
                               why="auto-approve" if policy.auto_approve else "approved when started")
         else:
             answer = ask_approval(ApprovalRequest(
-                "failover", machine, f"**Fail over {machine}?** Its {silence}.",
+                "failover", machine,
+                f"**Fail over {machine}?** No heartbeat within its {policy.heartbeat_window} s window.",
                 "Approving fences the machine's epoch, folds in the logs it shipped, and boots the newest point (the "
                 "one above or newer) as a VM on the host above. Reject if the machine is only unreachable, not down.",
                 policy.approval_timeout, epoch=state.epoch, facts=machine_facts(st, cfg, policy.host)))

@@ -87,6 +87,8 @@ def protect(
     heartbeat_window: Annotated[Optional[int], typer.Option(help="seconds without heartbeat before failover")] = None,
     auto_approve: Annotated[Optional[bool], typer.Option("--auto-approve/--require-approval", help="approval policy")] = None,
     host: Annotated[Optional[str], typer.Option(help="VM host after a failover: local, docker, ec2 or a VM host block name")] = None,
+    notify_block: Annotated[Optional[str], typer.Option(help="notification block (TYPE-SLUG/NAME, or NAME of a custom-webhook "
+                                                             "block) that approval requests notify; hotspare deploy applies it")] = None,
 ) -> None:
     """Register MACHINE and its disks in the store (or update its policy)."""
     from pydantic import ValidationError
@@ -104,7 +106,7 @@ def protect(
     if len({d.name for d in disks}) != len(disks):
         raise UsageError("--disk names must be unique")
     policy_changes = {k: v for k, v in dict(heartbeat_window=heartbeat_window, auto_approve=auto_approve,
-                                            host=host).items() if v is not None}
+                                            host=host, notify_block=notify_block).items() if v is not None}
     try:
         cfg = MachineConfig(name=machine, disks=disks, policy=Policy(**policy_changes))
     except ValidationError as err:
@@ -587,7 +589,8 @@ def deploy(machines: Annotated[Optional[list[str]], typer.Argument(help="machine
            store: StoreOpt = None,
            store_block: Annotated[Optional[str], typer.Option(help="store block the automations pass to flows")] = None) -> None:
     """Register hotspare's block types, then apply the detection automations (heartbeat
-    loss, alerts, restore) to the Prefect server."""
+    loss, alerts, restore) and, for machines whose policy names a notification block, the
+    notification of a waiting approval, to the Prefect server."""
     from hotspare.machine import list_machines, load_machine
 
     st = _store(store)
@@ -597,7 +600,10 @@ def deploy(machines: Annotated[Optional[list[str]], typer.Argument(help="machine
 
     params = {"store_block": store_block} if store_block else {"store": st.url}
     failover_id = auto.deployment_id("failover/failover")
-    items = [auto.heartbeat_loss(load_machine(st, m), failover_id, params) for m in (machines or list_machines(st))]
+    cfgs = [load_machine(st, m) for m in (machines or list_machines(st))]
+    items = [auto.heartbeat_loss(cfg, failover_id, params) for cfg in cfgs]
+    items += [auto.approval_notification(cfg, auto.notification_block_id(cfg.policy.notify_block))
+              for cfg in cfgs if cfg.policy.notify_block]  # approvals waiting notify the policy's block
     items.append(auto.alert_down(failover_id, params))
     items.append(auto.restore_heartbeat(auto.deployment_id("failback/failback"), params))
     for name in auto.apply(items):

@@ -43,6 +43,9 @@ class FailoverResult(BaseModel):
     marker: int | None = None
 
 
+SERIAL_TAIL = 20  # lines of the VM's serial console in the failover's console artifact
+
+
 def _step(event: str, machine: str, state: MachineState, **payload) -> None:
     get_run_logger().info("%s: %s", event, payload or "")
     emit_machine_event(f"hotspare.failover.{event}", machine, epoch=state.epoch, payload=payload)
@@ -128,6 +131,11 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
         create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(Path(shot).read_bytes()).decode(),
                               key=f"failover-screen-{artifact_slug(machine)}",
                               description=f"{machine}'s VM screen after boot")
+        console = host.serial_log(handle).splitlines()[-SERIAL_TAIL:]
+        create_markdown_artifact(f"**{machine}'s serial console after boot** (last {len(console)} lines of VM "
+                                 f"{handle.vm_id})\n\n```\n" + "\n".join(console) + "\n```",
+                                 key=f"failover-console-{artifact_slug(machine)}",
+                                 description=f"{machine}'s VM serial console after boot")
         engine.start_capture(st.url, machine, workdir)
         state = _commit(st, state.next(state="failed-over", step="verified", epoch=old_epoch + 1))
     except BaseException as err:
@@ -147,7 +155,8 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
     _step("failed-over", machine, state, vm_id=handle.vm_id, accel=handle.accel, marker=marker)
     create_table_artifact([{"machine": machine, "point": point_id, "new epoch": old_epoch + 1, "host": policy.host,
                             "VM": handle.vm_id, "accel": handle.accel, "QMP status": status,
-                            "guest marker": marker if marker is not None else "", "VM dir": str(workdir)}],
+                            "guest marker": marker if marker is not None else "", "VM dir": str(workdir),
+                            "serial console (last line)": console[-1] if console else ""}],
                           key=f"failover-{artifact_slug(machine)}", description=f"Failover of {machine}")
     logger.info("%s failed over: VM %s (%s), epoch %d", machine, handle.vm_id, handle.accel, old_epoch + 1)
     return FailoverResult(machine=machine, outcome="failed-over", message=f"{machine} runs as VM {handle.vm_id}",

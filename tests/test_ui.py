@@ -40,6 +40,18 @@ def browser() -> Iterator[object]:
         b.close()
 
 
+def _screen_text(vm: dict, dump: Path) -> str:
+    """The characters on the VM's VGA text screen (its 32 KiB of text memory at 0xb8000,
+    every other byte), saved by QEMU through QMP."""
+    from hotspare.vm.host import VmHandle
+    from hotspare.vm.local import LocalQemuHost
+
+    handle = VmHandle.model_validate(vm)
+    with LocalQemuHost().qmp(handle) as q:
+        q.execute("pmemsave", {"val": 0xB8000, "size": 32768, "filename": str(dump)})
+    return dump.read_bytes()[0::2].decode("latin-1")
+
+
 def _ui(prefect_api: str) -> str:
     return prefect_api.removesuffix("/api")
 
@@ -103,12 +115,36 @@ def test_approving_a_paused_failover_in_the_ui_boots_the_vm(tmp_path: Path, demo
                 time.sleep(3)
                 page.reload()
                 badge.wait_for()
+            t.join(60)
+            assert out["state"].is_completed(), out["state"]
+            ms = load_state(st, "demo")
+            assert (ms.state, ms.approval["decision"], ms.approval["by"]) == ("failed-over", "approve", "alice")
+            # The screen proves the boot: the guest's marker is in the VGA console's text (read
+            # from the VM's memory through QMP), not only the boot loader's banner.
+            assert "hotspare-marker counter=" in _screen_text(ms.vm, tmp_path / "vga.bin")
+            # The failover's console artifact holds the serial console's tail.
+            from prefect.client.orchestration import get_client
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            with get_client(sync_client=True) as client:  # (Artifact.get is async under Playwright's loop)
+                console = client.read_artifacts(artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=["failover-console-demo"])))
+            assert console and "hotspare-marker counter=" in str(console[0].data), console
+            # The fleet view: status checks the VM live, and the UI's Artifacts page shows it.
+            import json
+
+            health = json.loads(cli("status", "demo", "--json", env=env).stdout)["vm_health"]
+            assert (health["status"], health["capture"]) == ("running", "alive"), health
+            cli("status", "--publish", env=env)
+            page.goto(f"{_ui(prefect_api)}/artifacts/key/hotspare-fleet")  # Artifacts > hotspare-fleet
+            page.locator("a[href*='/artifacts/artifact/']").first.click()  # its newest version
+            row = page.get_by_role("row").filter(has_text="demo")
+            expect(row).to_contain_text("failed-over", timeout=20_000)
+            expect(row).to_contain_text(f"local:{ms.vm['vm_id']}")
+            expect(row).to_contain_text("running")
+            expect(row).to_contain_text("alive")
         finally:
             page.close()
-        t.join(60)
-        assert out["state"].is_completed(), out["state"]
-        ms = load_state(st, "demo")
-        assert (ms.state, ms.approval["decision"], ms.approval["by"]) == ("failed-over", "approve", "alice")
     finally:
         if run is not None and t.is_alive() and load_state(st, "demo").state == "protected":  # still paused: answer it
             from prefect.client.orchestration import get_client

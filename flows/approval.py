@@ -7,7 +7,7 @@ A flow that needs a decision calls :func:`ask_approval`. It
   notification on it when the machine's policy names a webhook block);
 - pauses the run for an :class:`Approval` (Prefect's ``pause_flow_run`` with a ``RunInput``).
   In the UI the form is on the paused run's page: the **Resume** button at its top right
-  (also under the run's ⋮ menu, and in the run list's row). Its description states the facts
+  (also under the run's ⋮ menu). Its description states the facts
   as absolute times, written once when the run pauses, so they stay true however late
   someone reads them: the machine's last heartbeat, the recovery point that would boot and
   its age, the VM host, and the deadline;

@@ -704,6 +704,9 @@ def main() -> None:
     # route out, and no temporary-server chatter beyond warnings.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL", "WARNING")
+    # A temporary server on a loaded machine can take more than Prefect's 20 s to answer
+    # (seen here: "Timed out while attempting to connect to ephemeral Prefect API server").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     try:
         rv = app(standalone_mode=False)  # returns the exit code of a typer.Exit
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -19,7 +19,7 @@ A flow that needs a decision calls :func:`ask_approval`. It
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Literal, TypeVar
 
 from prefect import get_run_logger
@@ -57,7 +57,7 @@ A = TypeVar("A", bound=Approval)
 
 def when(t: datetime | None) -> str:
     """An absolute UTC time as the form shows it."""
-    return "never" if t is None else t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "never" if t is None else t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def age(t: datetime, now: datetime) -> str:

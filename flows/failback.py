@@ -33,10 +33,10 @@ from prefect.states import Cancelled, Completed
 from pydantic import BaseModel
 
 from blocks.vmhost import resolve_vm_host
-from flows.consolidate import consolidate
-from flows.ingest import ingest
 from flows.approval import Approval, ApprovalRequest, ask_approval, machine_facts
+from flows.consolidate import consolidate
 from flows.failover import artifact_slug
+from flows.ingest import ingest
 from hotspare import failover as engine
 from hotspare import layout
 from hotspare.catalog import load_catalog

@@ -8,21 +8,21 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from hotspare.machine import load_machine
 from hotspare.store import open_store
-from tests.helpers import cli
 from tests.test_failover import _drop_automations, _wait_paused, protect_demo, run_flow_in_thread
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 class _Hook(BaseHTTPRequestHandler):
-    received: list[dict] = []
+    received: ClassVar[list[dict]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:  # http.server's name
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         _Hook.received.append(json.loads(body))
         self.send_response(200)

@@ -24,7 +24,7 @@ print("PREFECT-IMPORTED" if any(m == "prefect" or m.startswith("prefect.") for m
 
 def _probe(*args: str, env: dict[str, str]) -> str:
     r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env={**os.environ, **env},
-                       timeout=60)
+                       timeout=60, check=False)
     return r.stdout.strip().splitlines()[-1]
 
 

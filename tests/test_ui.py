@@ -8,6 +8,7 @@ approves, and sees the run end Completed with the VM booted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -58,6 +59,7 @@ def _ui(prefect_api: str) -> str:
 
 def test_approving_a_paused_failover_in_the_ui_boots_the_vm(tmp_path: Path, demo_disk: Path, prefect_api: str,
                                                            browser) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect
 
     from flows.failover import failover
@@ -81,7 +83,9 @@ def test_approving_a_paused_failover_in_the_ui_boots_the_vm(tmp_path: Path, demo
             expect(form.get_by_text("Fail over demo?")).to_be_visible()
             # The facts, as absolute times that stay true however late the form is read.
             stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
-            row = lambda name: form.locator("tr", has_text=name)  # noqa: E731
+            def row(name: str):
+                return form.locator("tr", has_text=name)
+
             expect(row("Last heartbeat")).to_contain_text(re.compile(stamp + r" \(\d+ s before this request"))
             expect(row("Recovery point")).to_contain_text(re.compile(r"0-\d+ of disk root, taken " + stamp))
             expect(row("VM host")).to_contain_text("local")
@@ -97,11 +101,9 @@ def test_approving_a_paused_failover_in_the_ui_boots_the_vm(tmp_path: Path, demo
             for _ in range(5):  # the select opens on Space (a click at the wrong moment toggles it shut)
                 decision.focus()
                 page.keyboard.press("Space")
-                try:
+                with contextlib.suppress(PlaywrightTimeout):  # not open yet: try again
                     approve.wait_for(timeout=2000)
                     break
-                except Exception:  # noqa: BLE001 - not open yet: try again
-                    continue
             approve.click()
             form.locator(".schema-form-property", has_text="By").locator("textarea").fill("alice")
             form.locator(".schema-form-property", has_text="Why").locator("textarea").fill("web1 is down")

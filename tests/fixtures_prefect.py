@@ -1,7 +1,8 @@
 """A real Prefect server for the test session: ``prefect server start`` on loopback.
 
 Flows run in-process against it, and CLI subprocesses reach it through PREFECT_API_URL, so
-every flow run, artifact and automation in the tests goes through a real API.
+every flow run, artifact and automation in the tests goes through a real API. The server
+serves its UI too, at the API URL without ``/api``, for the browser test (tests/test_ui.py).
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ class MachinePolicy(Block):
     retention_points: int = Field(24, ge=1, title="Recovery points kept")
     retention_hours: float = Field(24.0, gt=0, title="Retention (hours)",
                                    description="Age of the oldest recovery point kept.")
+    notify_block: str = Field("", title="Notification block",
+                              description="A notification block (TYPE-SLUG/NAME, or NAME of a custom-webhook block) "
+                                          "that approval requests notify, applied by `hotspare deploy`.")
 
     def policy(self) -> Policy:
         return Policy(**{name: getattr(self, name) for name in Policy.model_fields})

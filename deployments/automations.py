@@ -7,6 +7,11 @@
 - ``hotspare-alert-down``: reactive. An outside alerting system posts
   ``hotspare.machine.down`` for ``hotspare.machine.<machine>`` through Prefect's events API;
   the same deployment runs for that machine.
+- ``hotspare-approval-<machine>``: reactive, for a machine whose policy names a notification
+  block (``notify_block``). A ``hotspare.failover.approval-requested`` or
+  ``hotspare.failback.approval-requested`` event of the machine sends a notification through
+  that block (Prefect's SendNotification action) with the question, the facts, the deadline
+  and the run's address in the UI, where the form waits.
 - ``hotspare-restore-heartbeat``: reactive. A restore-mode heartbeat of a fenced machine
   runs the ``failback`` deployment.
 
@@ -21,7 +26,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from prefect.automations import Automation
-from prefect.events.actions import RunDeployment
+from prefect.events.actions import RunDeployment, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 
 from hotspare.errors import HotspareError
@@ -29,6 +34,12 @@ from hotspare.failover import RESOURCE_PREFIX
 from hotspare.machine import MachineConfig
 
 HEARTBEAT = "hotspare.machine.heartbeat"
+APPROVAL_REQUESTED = ("hotspare.failover.approval-requested", "hotspare.failback.approval-requested")
+NOTIFY_SUBJECT = "hotspare: approval needed, {{ event.payload.question | replace('**', '') }}"
+NOTIFY_BODY = """{{ event.payload.question | replace('**', '') }}
+{% for k, v in event.payload.facts.items() %}{{ k }}: {{ v }}
+{% endfor %}Deadline: {{ event.payload.deadline_text }} (no answer by then rejects)
+Answer in the Prefect UI: {{ event.payload.ui_url or ('flow run ' ~ event.payload.flow_run_id) }}, button Resume."""
 DOWN = "hotspare.machine.down"
 # Jinja's replace filter: the resource id without its prefix, the machine's name.
 MACHINE_PARAM = "{{ event.resource.id | replace('" + RESOURCE_PREFIX + "', '', 1) }}"
@@ -73,6 +84,32 @@ def restore_heartbeat(failback_id, store_params: dict) -> Automation:
                              within=timedelta(minutes=10)),
         actions=[_run(failback_id, **store_params)],
     )
+
+
+def approval_notification(cfg: MachineConfig, block_document_id) -> Automation:
+    return Automation(
+        name=f"hotspare-approval-{cfg.name}",
+        description=f"An approval for {cfg.name} is waiting: notify through {cfg.policy.notify_block}",
+        trigger=EventTrigger(expect=set(APPROVAL_REQUESTED), match={"prefect.resource.id": f"hotspare.machine.{cfg.name}"},
+                             posture=Posture.Reactive, threshold=1),
+        actions=[SendNotification(block_document_id=block_document_id, subject=NOTIFY_SUBJECT, body=NOTIFY_BODY)],
+    )
+
+
+def notification_block_id(name: str):
+    """The id of the notification block ``TYPE-SLUG/NAME`` (a bare NAME is a custom-webhook
+    block), with an error naming it when it is missing."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    slug, _, block = name.rpartition("/")
+    slug = slug or "custom-webhook"
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_block_document_by_name(block, slug).id
+        except ObjectNotFound:
+            raise HotspareError(f"notification block {slug}/{block} (a machine policy's notify_block) not found on "
+                                "the Prefect server: create it under Blocks, or fix the policy") from None
 
 
 def apply(automations: list[Automation]) -> list[str]:

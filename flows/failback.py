@@ -33,9 +33,10 @@ from prefect.states import Cancelled, Completed
 from pydantic import BaseModel
 
 from blocks.vmhost import resolve_vm_host
+from flows.approval import Approval, ApprovalRequest, ask_approval, machine_facts
 from flows.consolidate import consolidate
+from flows.failover import artifact_slug
 from flows.ingest import ingest
-from flows.failover import Approval, artifact_slug, ask_approval
 from hotspare import failover as engine
 from hotspare import layout
 from hotspare.catalog import load_catalog
@@ -312,17 +313,20 @@ class _Failback:
         estimate = (2 * remaining / (progress.apply_rate or DEFAULT_RATE) + VM_STOP_SECONDS)
         policy = self.cfg.policy
         if approve or policy.auto_approve:
-            answer = CutoverApproval(approve=True, by="policy" if policy.auto_approve else "operator (--approve)",
+            answer = CutoverApproval(decision="approve", by="policy" if policy.auto_approve else "operator (--approve)",
                                      why="auto-approve" if policy.auto_approve else "approved when started",
                                      remaining_bytes=remaining, estimated_downtime_s=round(estimate, 1))
         else:
-            self.event("approval-requested", remaining_bytes=remaining, estimated_downtime_s=round(estimate, 1))
-            answer = ask_approval(
-                f"**Cut over {self.machine} to its own disk?** Phase one is applied; {remaining} bytes changed on the "
-                f"VM since. Approving stops the VM (estimated downtime {estimate:.0f} s: the VM's last writes, phase "
-                "two and a block-for-block verification). Rejecting leaves the VM serving.",
-                policy.approval_timeout, CutoverApproval, remaining_bytes=remaining,
-                estimated_downtime_s=round(estimate, 1))
+            vm = (self.state.vm or {}).get("vm_id", "?")
+            answer = ask_approval(ApprovalRequest(
+                "failback", self.machine, f"**Cut over {self.machine} to its own disk?** Phase one is applied; "
+                f"{remaining} bytes changed on the VM since.",
+                f"Approving stops the VM (estimated downtime {estimate:.0f} s: the VM's last writes, phase two and a "
+                "block-for-block verification). Rejecting leaves the VM serving.", policy.approval_timeout,
+                mode="restore", epoch=self.vm_epoch - 1,
+                facts=[*machine_facts(self.st, self.cfg, f"{self.state.host or 'local'} (VM {vm})"),
+                       ("Bytes to move at cut-over", str(remaining)), ("Estimated downtime", f"{estimate:.0f} s")]),
+                CutoverApproval, remaining_bytes=remaining, estimated_downtime_s=round(estimate, 1))
         create_markdown_artifact(f"**Cut-over of {self.machine}**: {'approved' if answer.approve else 'rejected'} by "
                                  f"{answer.by or 'unknown'}: {answer.why or '(no reason given)'}; {remaining} bytes "
                                  f"remaining, estimated downtime {estimate:.0f} s",

@@ -17,13 +17,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed
 from pydantic import BaseModel
 
+from flows.approval import Approval, ApprovalRequest, ask_approval, machine_facts
 from flows.consolidate import consolidate
 from hotspare import failover as engine
 from hotspare.errors import AlreadyExists, HotspareError
@@ -38,12 +36,6 @@ from tasks.events import emit_machine_event
 from tasks.failover import disk_backings, fence, launch_vm, stream_disks, wait_disks_local
 
 
-class Approval(RunInput):
-    approve: bool = False
-    by: str = ""
-    why: str = ""
-
-
 class FailoverResult(BaseModel):
     machine: str
     outcome: str  # failed-over, refused, rejected, timed-out, already
@@ -55,27 +47,12 @@ class FailoverResult(BaseModel):
     disks_local: bool | None = None  # every disk streamed local: no backing (server) needed
 
 
+SERIAL_TAIL = 20  # lines of the VM's serial console in the failover's console artifact
+
+
 def _step(event: str, machine: str, state: MachineState, **payload) -> None:
     get_run_logger().info("%s: %s", event, payload or "")
     emit_machine_event(f"hotspare.failover.{event}", machine, epoch=state.epoch, payload=payload)
-
-
-def ask_approval(description: str, timeout: int, model: type[Approval] = Approval, **shown) -> Approval:
-    """Pause for an Approval (or a subclass showing more, e.g. failback's cut-over); no
-    answer within ``timeout`` seconds is a rejection."""
-    try:
-        return pause_flow_run(wait_for_input=model.with_initial_data(description=description, approve=False, by="",
-                                                                     **shown),
-                              timeout=timeout, poll_interval=2)
-    except FlowPauseTimeout:
-        # The server refuses any end state but Failed for a run whose pause expired; put
-        # the run back to Running so that it can end as a clear rejection instead.
-        from prefect.client.orchestration import get_client
-        from prefect.states import Running
-
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run.id, Running(message="approval timed out"), force=True)
-        return model(approve=False, by="timeout", why=f"no answer in {timeout}s", **shown)
 
 
 def _run_name() -> str:
@@ -108,13 +85,15 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
             return Cancelled(message=str(err), data=FailoverResult(machine=machine, outcome="refused", message=str(err)))
         _step("silent", machine, state, detail=silence)
         if approve or policy.auto_approve:
-            answer = Approval(approve=True, by="policy" if policy.auto_approve else "operator (--approve)",
+            answer = Approval(decision="approve", by="policy" if policy.auto_approve else "operator (--approve)",
                               why="auto-approve" if policy.auto_approve else "approved when started")
         else:
-            _step("approval-requested", machine, state)
-            answer = ask_approval(f"**Fail over {machine}?** Its {silence}. Approving fences the machine's epoch "
-                                  "and boots its replica as a VM. Reject if the machine is only unreachable, "
-                                  "not down.", policy.approval_timeout)
+            answer = ask_approval(ApprovalRequest(
+                "failover", machine,
+                f"**Fail over {machine}?** No heartbeat within its {policy.heartbeat_window} s window.",
+                "Approving fences the machine's epoch, folds in the logs it shipped, and boots the newest point (the "
+                "one above or newer) as a VM on the host above. Reject if the machine is only unreachable, not down.",
+                policy.approval_timeout, epoch=state.epoch, facts=machine_facts(st, cfg, policy.host)))
         create_markdown_artifact(f"**Failover of {machine}**: {'approved' if answer.approve else 'rejected'} "
                                  f"by {answer.by or 'unknown'}: {answer.why or '(no reason given)'}",
                                  key=f"failover-approval-{artifact_slug(machine)}", description="failover approval")
@@ -159,6 +138,11 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
         create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(Path(shot).read_bytes()).decode(),
                               key=f"failover-screen-{artifact_slug(machine)}",
                               description=f"{machine}'s VM screen after boot")
+        console = host.serial_log(handle).splitlines()[-SERIAL_TAIL:]
+        create_markdown_artifact(f"**{machine}'s serial console after boot** (last {len(console)} lines of VM "
+                                 f"{handle.vm_id})\n\n```\n" + "\n".join(console) + "\n```",
+                                 key=f"failover-console-{artifact_slug(machine)}",
+                                 description=f"{machine}'s VM serial console after boot")
         engine.start_capture(st.url, workdir, epoch=old_epoch + 1, docker_url=getattr(host, "base_url", None))
         state = _commit(st, state.next(state="failed-over", step="verified", epoch=old_epoch + 1))
     except BaseException as err:
@@ -180,7 +164,8 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
     create_table_artifact([{"machine": machine, "points": ", ".join(f"{d}: {p}" for d, p in points.items()),
                             "disks local": disks_local, "new epoch": old_epoch + 1, "host": policy.host,
                             "VM": handle.vm_id, "accel": handle.accel, "QMP status": status,
-                            "guest marker": marker if marker is not None else "", "VM dir": str(workdir)}],
+                            "guest marker": marker if marker is not None else "", "VM dir": str(workdir),
+                            "serial console (last line)": console[-1] if console else ""}],
                           key=f"failover-{artifact_slug(machine)}", description=f"Failover of {machine}")
     logger.info("%s failed over: VM %s (%s), epoch %d", machine, handle.vm_id, handle.accel, old_epoch + 1)
     return FailoverResult(machine=machine, outcome="failed-over", message=f"{machine} runs as VM {handle.vm_id}",

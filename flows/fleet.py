@@ -9,7 +9,8 @@ two scheduled runs never work on one machine; a machine still busy after ``busy_
 seconds is skipped until the next run, so it holds up no other machine. A machine
 protected after the deployment is in the next survey: no redeploy. A machine that fails,
 or whose registration cannot be read, is reported in the table artifact and fails the
-fleet run after every other machine has had its turn.
+fleet run after every other machine has had its turn. Each run then refreshes the fleet view
+(:mod:`hotspare.fleetview`, the ``hotspare-fleet`` table artifact).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from flows.consolidate import consolidate
 from flows.ingest import ingest
 from hotspare import fleet as engine
 from hotspare.errors import HotspareError
-from tasks.fleet import MachineBusy, machine_lease, survey_fleet
+from tasks.fleet import MachineBusy, machine_lease, publish_fleet, survey_fleet
 
 # Machines worked on at once by one fleet run; each machine's own flow maps its tasks too.
 FLEET_PARALLEL = 8
@@ -71,6 +72,7 @@ def run_fleet(job: engine.Job, store: str | None, store_block: str | None, polic
     create_table_artifact([r.model_dump() for r in runs] or [{"machine": "", "outcome": "no machine protected",
                                                               "detail": ""}],
                           key=f"fleet-{job}", description=f"Machines covered by this fleet {job} run")
+    publish_fleet(store, store_block)  # the fleet view (artifact hotspare-fleet), fresh after each run
     bad = [r for r in runs if r.outcome in ("failed", "unreadable")]
     if bad:
         raise HotspareError(f"fleet {job}: {len(bad)} of {len(runs)} machine(s) failed: "

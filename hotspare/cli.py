@@ -45,11 +45,21 @@ class _ExpectedFaultFilter:
         return True
 
 
+NO_SERVER_HINT = ("no Prefect server configured: this command starts a temporary one (seconds of start-up, and its "
+                  "runs vanish with it). To skip that and see the runs in the UI, point it at a running server: "
+                  "`prefect server start`, then export PREFECT_API_URL=http://127.0.0.1:4200/api")
+
+
 def _flows():
-    """Import the flows package (and so Prefect), with its console logging quieted."""
+    """Import the flows package (and so Prefect), with its console logging quieted; says how
+    to avoid the temporary server when no server is configured."""
     import logging
 
     import flows  # noqa: F401
+    from tasks.events import prefect_api_configured
+
+    if not prefect_api_configured():
+        err_console.print(f"note: {NO_SERVER_HINT}", markup=False, highlight=False)
     from prefect.logging.configuration import setup_logging
     from prefect.logging.handlers import PrefectConsoleHandler
 
@@ -87,6 +97,8 @@ def protect(
     heartbeat_window: Annotated[Optional[int], typer.Option(help="seconds without heartbeat before failover")] = None,
     auto_approve: Annotated[Optional[bool], typer.Option("--auto-approve/--require-approval", help="approval policy")] = None,
     host: Annotated[Optional[str], typer.Option(help="VM host after a failover: local, docker, ec2 or a VM host block name")] = None,
+    notify_block: Annotated[Optional[str], typer.Option(help="notification block (TYPE-SLUG/NAME, or NAME of a custom-webhook "
+                                                             "block) that approval requests notify; hotspare deploy applies it")] = None,
 ) -> None:
     """Register MACHINE and its disks in the store (or update its policy)."""
     from pydantic import ValidationError
@@ -104,7 +116,7 @@ def protect(
     if len({d.name for d in disks}) != len(disks):
         raise UsageError("--disk names must be unique")
     policy_changes = {k: v for k, v in dict(heartbeat_window=heartbeat_window, auto_approve=auto_approve,
-                                            host=host).items() if v is not None}
+                                            host=host, notify_block=notify_block).items() if v is not None}
     try:
         cfg = MachineConfig(name=machine, disks=disks, policy=Policy(**policy_changes))
     except ValidationError as err:
@@ -443,6 +455,7 @@ def machine_status(st, machine: str) -> dict:
     """What ``hotspare status`` reports for one machine, as plain data."""
     from hotspare.catalog import catalog_logs, load_catalog
     from hotspare.catalog.model import utcnow
+    from hotspare.fleetview import vm_health
     from hotspare.heartbeat import SKEW_REPORTED, load_heartbeat
     from hotspare.machine import load_machine
     from hotspare.state import load_state
@@ -467,6 +480,7 @@ def machine_status(st, machine: str) -> dict:
         "machine": machine, "state": state.state, "epoch": state.epoch,
         "since": (state.at if state.version else cfg.created_at).isoformat(),
         "phase": state.phase or None, "host": state.host, "vm": state.vm,
+        "vm_health": vm_health(state),  # the VM's QMP status and its capture, checked now
         "heartbeat": None if hb is None else {"time": hb.time.isoformat(), "age_seconds": round(hb.age, 1),
                                               "received": hb.received_at.isoformat() if hb.received_at else None,
                                               "clock_skew_seconds": None if hb.skew is None else round(hb.skew, 1),
@@ -481,11 +495,16 @@ def machine_status(st, machine: str) -> dict:
 @app.command()
 def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (default: all)")] = None,
            store: StoreOpt = None,
-           as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
-    """Each machine's state, last heartbeat, newest recovery point and replication lag."""
+           as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+           publish: Annotated[bool, typer.Option("--publish", help="also update the fleet view in the Prefect UI "
+                                                 "(artifact hotspare-fleet) and emit an event per dead VM or capture")] = False) -> None:
+    """Each machine's state, last heartbeat, newest recovery point, replication lag, and its
+    VM's live status and capture."""
     from hotspare.machine import list_machines
 
     st = _store(store)
+    if publish:
+        _publish_fleet(st)
     names = [machine] if machine else list_machines(st)
     report = [machine_status(st, m) for m in names]
     if as_json:
@@ -500,11 +519,28 @@ def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (
         if hb is not None and hb["clock_skewed"]:
             hb_text += f"; agent clock {hb['clock_skew_seconds']:+.0f}s off the store's"
         vm = f"{r['host']}:{r['vm'].get('vm_id', '?')}" if r["vm"] else ""
+        if r["vm_health"]:
+            vm += f" ({r['vm_health']['status']}, capture {r['vm_health']['capture']})"
         for i, (d, info) in enumerate(r["disks"].items()):
             lag = "" if info["lag_seconds"] is None else f"{info['lag_seconds']:.0f}s"
             table.add_row(*(r["machine"], r["state"] + (f" ({r['phase']})" if r["phase"] else ""), str(r["epoch"]), vm, hb_text)
                           if i == 0 else ("", "", "", "", ""), d, info["newest_point"] or "none", lag)
     console.print(table)
+
+
+def _publish_fleet(st) -> None:
+    """``status --publish``: the fleet view as a Prefect artifact (needs a running server: a
+    temporary one would take the artifact with it)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        from tasks.events import prefect_api_configured
+
+        if not prefect_api_configured():
+            raise HotspareError("--publish needs a running Prefect server: `prefect server start`, then "
+                                "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from tasks.fleet import publish_fleet_view
+
+    rows = publish_fleet_view(st)
+    err_console.print(f"fleet view of {len(rows)} machine(s) published: Prefect UI > Artifacts > hotspare-fleet")
 
 
 vm_app = typer.Typer(help="The VM a machine failed over to.", no_args_is_help=True)
@@ -654,7 +690,8 @@ def deploy(machines: Annotated[Optional[list[str]], typer.Argument(help="machine
            store: StoreOpt = None,
            store_block: Annotated[Optional[str], typer.Option(help="store block the automations pass to flows")] = None) -> None:
     """Register hotspare's block types, then apply the detection automations (heartbeat
-    loss, alerts, restore) to the Prefect server."""
+    loss, alerts, restore) and, for machines whose policy names a notification block, the
+    notification of a waiting approval, to the Prefect server."""
     from hotspare.machine import list_machines, load_machine
 
     st = _store(store)
@@ -664,7 +701,10 @@ def deploy(machines: Annotated[Optional[list[str]], typer.Argument(help="machine
 
     params = {"store_block": store_block} if store_block else {"store": st.url}
     failover_id = auto.deployment_id("failover/failover")
-    items = [auto.heartbeat_loss(load_machine(st, m), failover_id, params) for m in (machines or list_machines(st))]
+    cfgs = [load_machine(st, m) for m in (machines or list_machines(st))]
+    items = [auto.heartbeat_loss(cfg, failover_id, params) for cfg in cfgs]
+    items += [auto.approval_notification(cfg, auto.notification_block_id(cfg.policy.notify_block))
+              for cfg in cfgs if cfg.policy.notify_block]  # approvals waiting notify the policy's block
     items.append(auto.alert_down(failover_id, params))
     items.append(auto.restore_heartbeat(auto.deployment_id("failback/failback"), params))
     for name in auto.apply(items):
@@ -731,6 +771,9 @@ def main() -> None:
     # route out, and no temporary-server chatter beyond warnings.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL", "WARNING")
+    # A temporary server on a loaded machine can take more than Prefect's 20 s to answer
+    # (seen here: "Timed out while attempting to connect to ephemeral Prefect API server").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     try:
         rv = app(standalone_mode=False)  # returns the exit code of a typer.Exit
         sys.exit(rv if isinstance(rv, int) else 0)

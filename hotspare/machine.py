@@ -38,6 +38,9 @@ class Policy(BaseModel):
     vm_memory_mib: int = Field(512, ge=64)
     retention_points: int = Field(24, ge=1, description="recovery points kept")
     retention_hours: float = Field(24.0, gt=0, description="age of the oldest recovery point kept")
+    notify_block: str = Field("", description="a Prefect notification block, TYPE-SLUG/NAME or NAME of a "
+                                              "custom-webhook block, that approval requests notify (applied "
+                                              "by hotspare deploy); empty: none")
 
 
 class DiskSpec(BaseModel):

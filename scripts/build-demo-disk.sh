@@ -14,7 +14,8 @@
 # The guest (a busybox-static initramfs under Debian's cloud kernel) finds partition 2 and,
 # once a second, bumps a counter it keeps in the partition's first sector
 # ("HOTSPARE-MARKER counter=<n> boot=<boot id> ...", NUL padded), writes a rotating record at
-# sector 1 + n % 64, syncs, and prints "hotspare-marker counter=<n> boot=<id>" on ttyS0.
+# sector 1 + n % 64, syncs, and prints "hotspare-marker counter=<n> boot=<id>" on ttyS0 and
+# on the screen (tty0, the VGA console).
 # It writes nowhere else. A copy of the disk booted elsewhere continues the count.
 #
 # Build tools come from Debian (installed with apt-get when missing); the kernel is the
@@ -181,6 +182,7 @@ exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo "hotspare-guest: booted kernel $(uname -r)"
+echo "hotspare-guest: booted kernel $(uname -r)" >/dev/tty0 2>/dev/null
 
 for m in $(cat /etc/hotspare/modules); do
   insmod "/lib/modules/$m" 2>/tmp/insmod.err || {
@@ -247,7 +249,11 @@ while :; do
   record 0 "HOTSPARE-MARKER counter=$n boot=$boot uptime=$up slot=$slot kernel=$kver" || ok=0
   record "$slot" "HOTSPARE-BLOCK counter=$n boot=$boot slot=$slot" || ok=0
   sync
-  [ "$ok" = 1 ] && echo "hotspare-marker counter=$n boot=$boot"
+  if [ "$ok" = 1 ]; then
+    echo "hotspare-marker counter=$n boot=$boot"
+    # The screen too (the VGA console), so the failover's screenshot proves the boot.
+    echo "hotspare-marker counter=$n boot=$boot" >/dev/tty0 2>/dev/null
+  fi
   sleep 1
 done
 EOF_INIT

@@ -18,6 +18,7 @@ declare -A need=(
   [xxhsum]=xxhash
   [vhdiinfo]=libvhdi-utils
   [nbdkit]=nbdkit
+  [chromium]=chromium  # the browser tests/test_ui.py drives with Playwright
 )
 missing=()
 for cmd in "${!need[@]}"; do

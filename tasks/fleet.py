@@ -60,3 +60,29 @@ def machine_lease(machine: str, wait: float) -> Iterator[None]:
             raise MachineBusy(f"machine {machine}: another run holds its lease {name} "
                               f"(waited {wait:g} s); skipped this time") from None
         yield
+
+
+def publish_fleet_view(st) -> list[dict]:
+    """Update the fleet's table artifact (key ``hotspare-fleet``: the UI's Artifacts page
+    shows the newest) and emit an event for each dead VM or capture; returns the rows."""
+    import warnings
+
+    from prefect.artifacts import create_table_artifact
+
+    from hotspare import fleetview
+    from tasks.events import emit_machine_event
+
+    rows = fleetview.fleet_rows(st)
+    with warnings.catch_warnings():  # `status --publish` publishes outside a run, on purpose
+        warnings.filterwarnings("ignore", "Artifact creation outside of a flow", FutureWarning)
+        create_table_artifact(rows or [{"machine": "", "state": "no machine protected"}], key=fleetview.ARTIFACT_KEY,
+                              description=f"hotspare fleet in {st.url}: state, heartbeat age, replica lag, newest "
+                                          "consistent point, VM and capture health")
+    for event, machine, detail in fleetview.dead(rows):
+        emit_machine_event(event, machine, payload={"detail": detail})
+    return rows
+
+
+@task(name="publish-fleet-view", retries=2, retry_delay_seconds=5)
+def publish_fleet(store: str | None, store_block: str | None) -> int:
+    return len(publish_fleet_view(resolve_store(store, store_block)))

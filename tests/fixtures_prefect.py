@@ -1,7 +1,8 @@
 """A real Prefect server for the test session: ``prefect server start`` on loopback.
 
 Flows run in-process against it, and CLI subprocesses reach it through PREFECT_API_URL, so
-every flow run, artifact and automation in the tests goes through a real API.
+every flow run, artifact and automation in the tests goes through a real API. The server
+serves its UI too, at the API URL without ``/api``, for the browser test (tests/test_ui.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # The scheduler looks for deployments to schedule every 2 s instead of every 60 s, so a
     # test of a schedule waits seconds (setting from prefect.settings.models.server.services).
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_UI_ENABLED="false", PREFECT_API_URL=url,
+               PREFECT_SERVER_UI_ENABLED="true", PREFECT_API_URL=url,
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([_prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

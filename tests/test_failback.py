@@ -149,7 +149,7 @@ def test_cut_over_refusals_keep_the_vm_and_a_bad_block_fails_verification(tmp_pa
         run = _wait_paused("failback demo", timeout=120)
         assert run.state.state_details.run_input_keyset, "the pause waits for a RunInput"
         with get_client(sync_client=True) as client:
-            client.resume_flow_run(run.id, run_input={"approve": False, "by": "ops", "why": "peak hour"})
+            client.resume_flow_run(run.id, run_input={"decision": "reject", "by": "ops", "why": "peak hour"})
         t.join(120)
         assert out["state"].is_cancelled() and "rejected by ops: peak hour" in out["state"].message
         ms = load_state(st, "demo")
@@ -170,7 +170,7 @@ def test_cut_over_refusals_keep_the_vm_and_a_bad_block_fails_verification(tmp_pa
         run = _wait_paused("failback demo", timeout=120)
         qemu_io(demo_disk, "write -P 0xcd 50M 4k")
         with get_client(sync_client=True) as client:
-            client.resume_flow_run(run.id, run_input={"approve": True, "by": "ops", "why": "go"})
+            client.resume_flow_run(run.id, run_input={"decision": "approve", "by": "ops", "why": "go"})
         t.join(180)
         state = out["state"]
         assert state.is_failed(), state
@@ -250,7 +250,7 @@ def test_restore_heartbeat_starts_failback_and_protection_resumes_in_a_new_epoch
         run = _wait_paused("failback demo", timeout=180)  # phase one applied, cut-over awaits approval
         assert load_state(st, "demo").vm, "the VM serves until the cut-over"
         with get_client(sync_client=True) as client:
-            client.resume_flow_run(run.id, run_input={"approve": True, "by": "ops", "why": "maintenance window"})
+            client.resume_flow_run(run.id, run_input={"decision": "approve", "by": "ops", "why": "maintenance window"})
             deadline = time.monotonic() + 240
             while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() < deadline:
                 time.sleep(1)

@@ -133,7 +133,7 @@ def test_rejected_approval_and_timeout_launch_nothing(tmp_path: Path, demo_disk:
     t, out = run_flow_in_thread(failover, machine="demo", store=env["HOTSPARE_STORE"], vm_dir=env["HOTSPARE_VM_DIR"])
     run = _wait_paused("failover demo")
     with get_client(sync_client=True) as client:
-        client.resume_flow_run(run.id, run_input={"approve": False, "by": "ops", "why": "it is only a network blip"})
+        client.resume_flow_run(run.id, run_input={"decision": "reject", "by": "ops", "why": "it is only a network blip"})
     t.join(120)
     state = out["state"]
     assert state.is_cancelled() and "rejected by ops: it is only a network blip" in state.message
@@ -201,7 +201,7 @@ def test_heartbeat_loss_starts_failover_and_the_vm_writes_reach_the_replica(
         with get_client(sync_client=True) as client:
             assert run.deployment_id == dep.id, "the run came from the failover deployment"
             assert run.parameters["machine"] in ("demo", "hotspare.machine.demo")
-            client.resume_flow_run(run.id, run_input={"approve": True, "by": "ops", "why": "machine is down"})
+            client.resume_flow_run(run.id, run_input={"decision": "approve", "by": "ops", "why": "machine is down"})
             deadline = time.monotonic() + 240
             while not (state := client.read_flow_run(run.id).state).is_final() and time.monotonic() < deadline:
                 time.sleep(1)

@@ -1,0 +1,47 @@
+"""The CLI starts fast: commands that run no flow never import Prefect, and a command that
+runs a flow with no server configured says how to point it at a running one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import cli, random_image
+
+PROBE = """
+import sys
+sys.argv = ["hotspare", *sys.argv[1:]]
+from hotspare import cli
+try:
+    cli.main()
+except SystemExit:
+    pass
+print("PREFECT-IMPORTED" if any(m == "prefect" or m.startswith("prefect.") for m in sys.modules) else "NO-PREFECT")
+"""
+
+
+def _probe(*args: str, env: dict[str, str]) -> str:
+    r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env={**os.environ, **env},
+                       timeout=60, check=False)
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_commands_that_run_no_flow_do_not_import_prefect(tmp_path: Path) -> None:
+    random_image(tmp_path / "d.img", 4 << 20)
+    env = {"HOTSPARE_STORE": str(tmp_path / "store")}
+    cli("protect", "m1", "--disk", f"root={tmp_path / 'd.img'}", env=env)
+    for args in (["--help"], ["status"], ["status", "--json"], ["points", "m1"], ["failover", "--help"]):
+        assert _probe(*args, env=env) == "NO-PREFECT", f"hotspare {' '.join(args)} imported prefect"
+
+
+def test_a_flow_command_without_a_server_says_how_to_use_a_running_one(tmp_path: Path) -> None:
+    random_image(tmp_path / "d.img", 4 << 20)
+    env = {"HOTSPARE_STORE": str(tmp_path / "store"), "HOTSPARE_AGENT_STATE": str(tmp_path / "agent"),
+           "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": ""}
+    cli("protect", "m1", "--disk", f"root={tmp_path / 'd.img'}", env=env)
+    cli("agent", "m1", "--once", "--quiet", "--tracker", "scan", env=env)
+    r = cli("ingest", "m1", env=env)
+    assert "accepted 1 log(s)" in r.stdout
+    assert "no Prefect server configured" in r.stderr and "export PREFECT_API_URL=" in r.stderr, r.stderr

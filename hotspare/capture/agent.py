@@ -35,6 +35,7 @@ from hotspare.capture.qemu import DiskWork, QemuTracker
 from hotspare.capture.scan import scan
 from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
 from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, ship_cycle
+from hotspare.capture.watch import Alarm, StoreWatch
 from hotspare.catalog import load_catalog
 from hotspare.errors import HotspareError, StoreError
 from hotspare.extentlog.schema import MAX_EXTENT
@@ -51,6 +52,10 @@ HEARTBEAT_SPACING = 1.0  # seconds
 
 class Fenced(HotspareError):
     """The machine's epoch is fenced: it failed over and must not ship."""
+
+
+class StoreUnreachable(HotspareError):
+    """The store stayed away for longer than the agent was told to wait (``give_up_after``)."""
 
 
 @dataclass
@@ -94,6 +99,7 @@ class Agent:
         emit: Callable[[dict], None] | None = None,
         progress: ProgressFactory | None = None,
         say: Callable[[str], None] | None = None,
+        alarm: Alarm | None = None,
     ) -> None:
         if tracker not in TRACKERS:
             raise HotspareError(f"unknown tracker {tracker!r}: use one of {', '.join(TRACKERS)}")
@@ -113,6 +119,11 @@ class Agent:
         self._work: dict[str, DiskWork] = {}
         self._last_beat = -HEARTBEAT_SPACING
         self.lease = AgentLease(store, config.name, self.state.root)
+        # Stalls of the store's making: said in the log, sent as events (alarm), and in the
+        # first heartbeat that gets through.
+        self._epoch = 0  # of the last heartbeat: the events' epoch label
+        self.watch = StoreWatch(config.name, config.policy.heartbeat_window, say=self.say,
+                                alarm=None if alarm is None else lambda ev, p: alarm(ev, dict(p, epoch=self._epoch)))
 
     # -- locking: one agent per machine and state directory ------------------------------
     def __enter__(self) -> "Agent":
@@ -159,8 +170,12 @@ class Agent:
         """The disk's state, checked against the disk, the catalog and the store."""
         size = device_size(spec.path)
         if size != spec.size:
-            raise HotspareError(f"disk {spec.name} ({spec.path}) is {size} bytes, registered as {spec.size}: "
-                                "re-protect the machine to change a disk's size")
+            # A replica cannot change size in place: shipping would write past its end, or
+            # leave its tail stale. Protecting under a new name seeds a new replica.
+            raise HotspareError(f"disk {spec.name} of {self.config.name} ({spec.path}) was {spec.size} bytes when "
+                                f"protected and is now {size}: nothing shipped; re-protect it under a new name "
+                                f"(hotspare protect {self.config.name}-2 "
+                                + " ".join(f"--disk {d.name}={d.path}" for d in self.config.disks) + ")")
         state = self.state.load(spec.name, in_place=in_place)
         rescan = None
         if state is None:
@@ -291,12 +306,16 @@ class Agent:
 
     # -- heartbeat -----------------------------------------------------------------------
     def heartbeat(self, reports: list[DiskReport]) -> dict:
-        return send_heartbeat(self.store, self.config.name, mode="normal",
-                              epoch=max((r.epoch for r in reports), default=0), emit=self.emit,
-                              disks={r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
-                                              "tracker": r.tracker, "served_at": r.served_at,
-                                              "consistent": r.tracker == "qemu", "rescan": r.rescan}
-                                     for r in reports})
+        ended = self.watch.ending()
+        payload = send_heartbeat(self.store, self.config.name, mode="normal",
+                                 epoch=max((r.epoch for r in reports), default=0), emit=self.emit, last_stall=ended,
+                                 disks={r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
+                                                 "tracker": r.tracker, "served_at": r.served_at,
+                                                 "consistent": r.tracker == "qemu", "rescan": r.rescan}
+                                        for r in reports})
+        self._epoch = payload["epoch"]
+        self.watch.contact(ended)
+        return payload
 
     def _heartbeat_event_only(self, waiting: str) -> None:
         if self.emit is None:
@@ -304,11 +323,21 @@ class Agent:
         try:
             epoch = max((w.state.epoch for w in self._work.values()), default=0)
             self.emit({"machine": self.config.name, "mode": "normal", "epoch": epoch, "host": "",
-                       "time": datetime.now(timezone.utc).isoformat(), "disks": {}, "waiting_for_store": waiting})
+                       "time": datetime.now(timezone.utc).isoformat(), "disks": {}, "waiting_for_store": waiting,
+                       "stalled": self.watch.stalled})
         except Exception as err:  # noqa: BLE001 - the event is a courtesy; the loop must go on
             self.say(f"heartbeat event not sent either: {err}")
 
-    def run(self, *, interval: float, once: bool, on_cycle: Callable[[CycleReport], None] | None = None) -> None:
+    def run(self, *, interval: float, once: bool, on_cycle: Callable[[CycleReport], None] | None = None,
+            give_up_after: float | None = None) -> None:
+        """Cycle every ``interval`` seconds until stopped. Transient store faults are waited
+        out (for ever, or until the store has been away for ``give_up_after`` seconds:
+        then :class:`StoreUnreachable`)."""
+        with self.watch:
+            self._run(interval=interval, once=once, on_cycle=on_cycle, give_up_after=give_up_after)
+
+    def _run(self, *, interval: float, once: bool, on_cycle: Callable[[CycleReport], None] | None,
+             give_up_after: float | None) -> None:
         while True:
             started = time.monotonic()
             try:
@@ -325,6 +354,11 @@ class Agent:
             except StoreError as err:
                 if once or not err.transient:
                     raise
+                away = self.watch.unreachable_for()
+                if give_up_after and away > give_up_after:
+                    raise StoreUnreachable(f"{self.config.name}: the store has not answered for {away:.0f}s "
+                                           f"(--give-up-after {give_up_after:g}s): giving up, nothing captured is "
+                                           f"lost; the last fault: {err}") from err
                 # A long-running agent never exits on store trouble: nothing is lost (the
                 # frozen bitmap stays, the hash map marks what was in flight), and it says
                 # what it waits for, also in the heartbeat event when Prefect is reachable.

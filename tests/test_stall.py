@@ -228,6 +228,19 @@ def test_the_agent_waits_out_a_stopped_seaweedfs(tmp_path: Path, own_seaweedfs, 
         replica = tmp_path / "replica.raw"
         replay_catalog(st, load_catalog(st, "m1", "root", SIZE), replica)
         assert same_file(image, replica), "every write made while the store was away reached the replica"
+
+        # Told to give up after 12 s, the agent exits 1 with one line once the store is away
+        # that long, and not a minute later when the store's own retries run out.
+        agent = subprocess.Popen([HOTSPARE, "agent", "m1", "--interval", "2", "--quiet", "--give-up-after", "12"],
+                                 env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(4)
+        own_seaweedfs.stop()
+        stopped = time.monotonic()
+        _, err = agent.communicate(timeout=90)
+        assert agent.returncode == 1 and "Traceback" not in err, err
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert "m1: the store has not answered for" in line and "(--give-up-after 12s): giving up" in line, line
+        assert time.monotonic() - stopped < 40, "it gave up when told to"
     finally:
         if agent.poll() is None:
             agent.kill()

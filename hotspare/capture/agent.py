@@ -35,7 +35,7 @@ from hotspare.capture.qemu import DiskWork, QemuTracker
 from hotspare.capture.scan import scan
 from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
 from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, ship_cycle
-from hotspare.capture.watch import Alarm, StoreWatch
+from hotspare.capture.watch import Alarm, StoreUnreachable, StoreWatch
 from hotspare.catalog import load_catalog
 from hotspare.errors import HotspareError, StoreError
 from hotspare.extentlog.schema import MAX_EXTENT
@@ -52,10 +52,6 @@ HEARTBEAT_SPACING = 1.0  # seconds
 
 class Fenced(HotspareError):
     """The machine's epoch is fenced: it failed over and must not ship."""
-
-
-class StoreUnreachable(HotspareError):
-    """The store stayed away for longer than the agent was told to wait (``give_up_after``)."""
 
 
 @dataclass
@@ -137,10 +133,11 @@ class Agent:
         self._lock_fd = fd
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.daemon.close()  # the daemon itself goes on serving the machine
         try:
-            self.lease.release()
+            if not isinstance(exc, StoreUnreachable):  # else a release would wait for it again
+                self.lease.release()
         except StoreError:
             pass  # an unreleased lease only makes the next agent wait a few seconds
         if self._lock_fd is not None:
@@ -333,6 +330,7 @@ class Agent:
         """Cycle every ``interval`` seconds until stopped. Transient store faults are waited
         out (for ever, or until the store has been away for ``give_up_after`` seconds:
         then :class:`StoreUnreachable`)."""
+        self.watch.give_up_after = give_up_after
         with self.watch:
             self._run(interval=interval, once=once, on_cycle=on_cycle, give_up_after=give_up_after)
 

@@ -19,17 +19,23 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from hotspare.errors import TransientStoreError
+from hotspare.errors import HotspareError, TransientStoreError
 from hotspare.stall import RESUMED_EVENT, STALLED_EVENT, Stall
 from hotspare.store.base import add_fault_listener, remove_fault_listener
 
 Alarm = Callable[[str, dict[str, Any]], None]  # (event name, payload)
 
 
+class StoreUnreachable(HotspareError):
+    """The store stayed away for longer than the agent was told to wait (``give_up_after``)."""
+
+
 class StoreWatch:
     def __init__(self, machine: str, window: float, *, say: Callable[[str], None], alarm: Alarm | None = None,
-                 clock: Callable[[], float] = time.monotonic, tick: float = 0.5) -> None:
+                 clock: Callable[[], float] = time.monotonic, tick: float = 0.5,
+                 give_up_after: float | None = None) -> None:
         self.machine, self.window, self.say, self.alarm = machine, window, say, alarm
+        self.give_up_after = give_up_after
         self.clock, self.tick = clock, tick
         self._lock = threading.Lock()
         self._contact = clock()  # when a heartbeat last reached the store (or the watch started)
@@ -43,8 +49,16 @@ class StoreWatch:
 
     # -- the store's fault listener and the watch thread ----------------------------------
     def fault(self, err: TransientStoreError) -> None:
+        """The store's fault listener. Past ``give_up_after`` it raises StoreUnreachable, in
+        the thread whose call is being retried: that call, and the agent, give up now
+        rather than after the store's own retries (about a minute) run out."""
         with self._lock:
             self._fault = str(err).splitlines()[0]
+            away = self.clock() - self._contact
+        if self.give_up_after and away > self.give_up_after:
+            raise StoreUnreachable(f"{self.machine}: the store has not answered for {away:.0f}s "
+                                   f"(--give-up-after {self.give_up_after:g}s): giving up, nothing captured is "
+                                   f"lost; the last fault: {self._fault}")
 
     def __enter__(self) -> StoreWatch:
         add_fault_listener(self.fault)

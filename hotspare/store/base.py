@@ -83,7 +83,8 @@ T = TypeVar("T")
 
 # Who hears of transient faults while a call is still being retried: a long-running agent
 # says it waits for the store before the call gives up (which, with botocore's own retries
-# underneath, takes about a minute). Listeners are called from any thread and must not raise.
+# underneath, takes about a minute). Listeners are called in the thread of the failing call;
+# one that raises abandons the call with its error (an agent told to give up).
 _fault_listeners: list[Callable[[TransientStoreError], None]] = []
 
 

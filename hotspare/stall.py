@@ -48,6 +48,7 @@ class Stall:
     detail: str  # one line: what is stuck, since when, what happens next
     disk: str | None = None
     seconds: float | None = None  # how long it has lasted, when known
+    seq: int | None = None  # the seq the chain is stuck at (resync-pending, seq-gap)
 
     def payload(self) -> dict:
         return asdict(self)
@@ -101,13 +102,14 @@ def disk_stalls(catalog: Catalog, pending: list[ObjectInfo], cfg: MachineConfig,
                                              f"agent re-sends the disk (asked for a resync from seq "
                                              f"{catalog.resync_from}" + (f"; {why.key} was rejected: {why.reason}"
                                                                          if why else "") + ")",
-                         disk=d, seconds=_age(why.rejected_at, now) if why else None))
+                         disk=d, seconds=_age(why.rejected_at, now) if why else None, seq=catalog.resync_from))
         return out  # the gap and the waiting logs are this hole's consequences
     gap = find_gap(catalog, pending, now)
     if gap is not None and gap.waited > cfg.policy.heartbeat_window:
         out.append(Stall(m, "seq-gap", f"seq {gap.expects} never arrived: the log from seq {gap.next_seq} has waited "
                                        f"{gap.waited:.0f}s (heartbeat window {cfg.policy.heartbeat_window}s); the next "
-                                       "ingest asks the agent for a resync", disk=d, seconds=gap.waited))
+                                       "ingest asks the agent for a resync", disk=d, seconds=gap.waited,
+                         seq=gap.expects))
     current = [o for o in pending if o.key.startswith(layout.logs_prefix(m, d, catalog.epoch))]
     if gap is None and current:
         oldest = max(_age(o.modified, now) for o in current)
@@ -115,6 +117,18 @@ def disk_stalls(catalog: Catalog, pending: list[ObjectInfo], cfg: MachineConfig,
             out.append(Stall(m, "not-ingested", f"{len(current)} shipped log(s) not accepted, the oldest for "
                                                 f"{oldest:.0f}s (RPO {cfg.policy.rpo}s): is the ingest deployment "
                                                 "running?", disk=d, seconds=oldest))
+    return out
+
+
+def store_stalls(store: "Store", cfg: "MachineConfig") -> list[Stall]:
+    """Every disk's stalls as the store shows them (a catalog read and a listing per disk)."""
+    from hotspare.catalog import load_catalog
+    from hotspare.ingest import list_pending
+
+    out = []
+    for d in cfg.disks:
+        cat = load_catalog(store, cfg.name, d.name, d.size)
+        out += disk_stalls(cat, list_pending(store, cfg.name, d.name, cat), cfg)
     return out
 
 

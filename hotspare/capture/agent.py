@@ -42,6 +42,7 @@ from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.faults import crash_point
 from hotspare.heartbeat import send_heartbeat
 from hotspare.machine import DiskSpec, MachineConfig, device_size
+from hotspare.stall import STALLED_EVENT, store_stalls
 from hotspare.store.base import Store
 from hotspare.vm.qmp import QmpError
 
@@ -118,6 +119,10 @@ class Agent:
         # Stalls of the store's making: said in the log, sent as events (alarm), and in the
         # first heartbeat that gets through.
         self._epoch = 0  # of the last heartbeat: the events' epoch label
+        self._alarm = alarm
+        self._stalls: list[dict] = []  # what the store showed stalled at the last look
+        self._stalls_at = -float("inf")
+        self._answered: dict[str, int | None] = {}  # disk -> the resync request its state answered
         self.watch = StoreWatch(config.name, config.policy.heartbeat_window, say=self.say,
                                 alarm=None if alarm is None else lambda ev, p: alarm(ev, dict(p, epoch=self._epoch)))
 
@@ -204,6 +209,7 @@ class Agent:
                 state = self.state.load(spec.name, in_place=True)  # type: ignore[assignment]
                 assert state is not None
         work = DiskWork(spec=spec, state=state, rescan=rescan)
+        self._answered[spec.name] = state.resynced_for
         if catalog.resync_from is not None and state.resynced_for != catalog.resync_from:
             # A log was rejected and left a hole: re-send every block (zeros included), and
             # mark the first log so ingest lets it close the hole.
@@ -223,6 +229,7 @@ class Agent:
             work.append(w)
         self._work = {w.spec.name: w for w in work}
         self.qemu.cycle(work)
+        self._answered.update({w.spec.name: w.state.resynced_for for w in work})
         seconds = time.monotonic() - t0
         reports = []
         for w in work:
@@ -293,7 +300,7 @@ class Agent:
                    log_target=self.log_target, resync_from=w.resync_from, who="agent", on_upload=uploaded,
                    before_upload=before_upload, ends_cycle=lambda: not self.stop_requested)
         if w.resync_from is not None:
-            state.resynced_for = w.resync_from
+            state.resynced_for = self._answered[spec.name] = w.resync_from
         if not self.stop_requested:
             shipped[:] = state.hashes  # every block scanned and its changes shipped
         persist()
@@ -302,10 +309,35 @@ class Agent:
         return report
 
     # -- heartbeat -----------------------------------------------------------------------
+    def _store_stalls(self) -> list[dict]:
+        """The disks' stalls the store shows (a resync asked for, a gap, logs nobody
+        ingests), looked at twice per heartbeat window: the agent is alive and can say so
+        in its log, its heartbeat and an event even when no ingest runs. A new one is said
+        once."""
+        if time.monotonic() - self._stalls_at < self.config.policy.heartbeat_window / 2:
+            return self._stalls
+        self._stalls_at = time.monotonic()
+        try:
+            found = store_stalls(self.store, self.config)
+        except StoreError as err:
+            self.say(f"could not look for stalls: {err}")
+            return self._stalls
+        # A resync this agent sent already waits for ingest, not for the agent.
+        found = [x for x in found if not (x.reason == "resync-pending" and x.seq == self._answered.get(x.disk or ""))]
+        known = {x["line"] for x in self._stalls}
+        for stall in found:
+            if stall.line() not in known:
+                self.say(f"{stall.disk}: stalled ({stall.reason}): {stall.detail}")
+                if self._alarm is not None:
+                    self.watch.send(STALLED_EVENT, dict(stall.payload(), epoch=self._epoch))
+        self._stalls = [dict(x.payload(), line=x.line()) for x in found]
+        return self._stalls
+
     def heartbeat(self, reports: list[DiskReport]) -> dict:
         ended = self.watch.ending()
         payload = send_heartbeat(self.store, self.config.name, mode="normal",
                                  epoch=max((r.epoch for r in reports), default=0), emit=self.emit, last_stall=ended,
+                                 stalls=self._store_stalls(),
                                  disks={r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
                                                  "tracker": r.tracker, "served_at": r.served_at,
                                                  "consistent": r.tracker == "qemu", "rescan": r.rescan}

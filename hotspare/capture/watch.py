@@ -100,7 +100,7 @@ class StoreWatch:
             stall = self._stall(silent)
         self.say(("protection stalled: " if first else "still stalled: ") + stall.detail)
         if first:
-            self._send(STALLED_EVENT, dict(stall.payload(), since=self._contact_wall.isoformat()))
+            self.send(STALLED_EVENT, dict(stall.payload(), since=self._contact_wall.isoformat()))
 
     def _stall(self, silent: float) -> Stall:
         return Stall(self.machine, "store-unreachable",
@@ -130,9 +130,9 @@ class StoreWatch:
                 self.last_stall = ended
         if was and ended is not None:
             self.say(f"the store answers again after {ended['seconds']:.0f}s; shipping resumed")
-            self._send(RESUMED_EVENT, ended)
+            self.send(RESUMED_EVENT, ended)
 
-    def _send(self, event: str, payload: dict[str, Any]) -> None:
+    def send(self, event: str, payload: dict[str, Any]) -> None:
         if self.alarm is None:
             return
         try:

@@ -120,7 +120,7 @@ def disk_stalls(catalog: Catalog, pending: list[ObjectInfo], cfg: MachineConfig,
     return out
 
 
-def store_stalls(store: "Store", cfg: "MachineConfig") -> list[Stall]:
+def store_stalls(store: Store, cfg: MachineConfig) -> list[Stall]:
     """Every disk's stalls as the store shows them (a catalog read and a listing per disk)."""
     from hotspare.catalog import load_catalog
     from hotspare.ingest import list_pending

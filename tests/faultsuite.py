@@ -154,8 +154,8 @@ class Suite:
     def damage_newest_log(self) -> None:
         """Flip bytes in the middle of the newest shipped log, as a bad disk at rest would."""
         cat = load_catalog(self.store, MACHINE, DISK, SIZE)
-        key = sorted(o.key for o in self.store.list(layout.logs_prefix(MACHINE, DISK, cat.epoch),
-                                                    start_after=cat.newest.get(cat.epoch)))[-1]
+        key = max(o.key for o in self.store.list(layout.logs_prefix(MACHINE, DISK, cat.epoch),
+                                                 start_after=cat.newest.get(cat.epoch)))
         raw = bytearray(self.store.get(key))
         for i in range(len(raw) // 2, len(raw) // 2 + 16):
             raw[i] ^= 0xFF

@@ -25,6 +25,8 @@ class MachinePolicy(Block):
 
     heartbeat_window: int = Field(60, ge=10, title="Heartbeat window (s)",
                                   description="Seconds without a heartbeat before the machine counts as down.")
+    rpo: int = Field(900, ge=10, title="RPO (s)",
+                     description="Seconds a shipped log may wait to be accepted before the machine counts as stalled.")
     auto_approve: bool = Field(False, title="Auto-approve",
                                description="Fail over and cut over without waiting for an operator.")
     approval_timeout: int = Field(3600, ge=1, title="Approval timeout (s)",

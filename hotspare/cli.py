@@ -1,8 +1,10 @@
 """The ``hotspare`` command line.
 
 Every command takes ``--store URL`` (default: ``HOTSPARE_STORE``, else ``./.hotspare/store``).
-Expected faults print one line, ``error: ...``, and exit 1; usage errors exit 2. Commands
-that run a flow import Prefect lazily, so the agent and the read-only commands start fast.
+Expected faults print one line, ``error: ...``, and exit 1; usage errors exit 2; ``status``
+and ``ingest`` exit 3 (EXIT_STALLED) when a machine's protection is stalled, with one line
+per stall saying why (see :mod:`hotspare.stall`). Commands that run a flow import Prefect
+lazily, so the agent and the read-only commands start fast.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ StoreOpt = Annotated[Optional[str], typer.Option("--store", envvar="HOTSPARE_STO
                                                  help="store URL: a directory, file://PATH or s3://BUCKET/PREFIX "
                                                       "(default ./.hotspare/store)")]
 MachineArg = Annotated[str, typer.Argument(help="machine name")]
+EXIT_STALLED = 3  # status, ingest: a machine's protection is stalled (hotspare.stall)
 
 
 class _ExpectedFaultFilter:
@@ -164,6 +167,8 @@ def agent(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     restore: Annotated[bool, typer.Option("--restore", help="the machine returns after a failover: ship nothing, "
                                           "report divergence, apply the failback flow's orders")] = False,
+    give_up_after: Annotated[float, typer.Option(help="exit 1 once the store has been unreachable this many "
+                                                      "seconds (default 0: wait for it for ever)")] = 0.0,
 ) -> None:
     """Capture MACHINE's disks and ship their changes as extent logs, with a heartbeat per cycle.
     With --restore, fail back instead, then continue protecting in the new epoch."""
@@ -175,6 +180,8 @@ def agent(
 
     if not (math.isfinite(interval) and interval > 0) or log_target_mib <= 0:
         raise typer.BadParameter("--interval and --log-target-mib must be positive numbers")
+    if not (math.isfinite(give_up_after) and give_up_after >= 0):
+        raise typer.BadParameter("--give-up-after must be a number of seconds, 0 for never")
     if tracker not in TRACKERS:
         raise typer.BadParameter(f"--tracker {tracker!r}: use one of {', '.join(TRACKERS)}")
     st = _store(store)
@@ -183,20 +190,20 @@ def agent(
         raise typer.BadParameter(f"--interval {interval:g}s: heartbeats would come less than twice per heartbeat "
                                  f"window ({cfg.policy.heartbeat_window}s) and the live machine would be failed "
                                  "over; use a shorter interval or widen the window (hotspare protect --heartbeat-window)")
-    emit = None
+    emit = alarm = None
     try:
-        from tasks.events import emit_heartbeat, prefect_api_configured
+        from tasks.events import emit_heartbeat, machine_alarm, prefect_api_configured
 
         if prefect_api_configured():
-            emit = emit_heartbeat
+            emit, alarm = emit_heartbeat, machine_alarm(machine)
     except ImportError:  # the agent runs without Prefect installed on the machine
         pass
     if restore and not _restore(st, cfg, _agent_state_dir(state_dir, machine), emit, interval, once):
         return
     cfg = load_machine(st, machine)  # a failback to replacement disks changed their paths
     with Agent(st, cfg, _agent_state_dir(state_dir, machine), tracker=tracker, serve_dir=serve_dir,  # type: ignore[arg-type]
-               fuse=fuse, log_target=log_target_mib << 20, emit=emit,
-               say=lambda s: console.print(f"{machine}/{s}")) as ag:
+               fuse=fuse, log_target=log_target_mib << 20, emit=emit, alarm=alarm,
+               say=lambda s: console.print(f"{machine}/{s}", markup=False, highlight=False)) as ag:
         ag.progress = None if quiet or not console.is_terminal else bar_factory(console)
         _stop_on_signals(ag, "log")
 
@@ -209,7 +216,7 @@ def agent(
                               f"shipped {len(d.logs)} log(s), {d.extents} extent(s), {d.data_bytes} data bytes, "
                               f"{d.zero_bytes} zero bytes, last seq {d.last_seq}" + (" (resync)" if d.resync else ""))
 
-        ag.run(interval=interval, once=once, on_cycle=on_cycle)
+        ag.run(interval=interval, once=once, on_cycle=on_cycle, give_up_after=give_up_after or None)
 
 
 daemon_app = typer.Typer(help="The storage daemon that serves a machine's disks and tracks their writes.",
@@ -279,8 +286,12 @@ def ingest_cmd(machine: MachineArg, store: StoreOpt = None) -> None:
                       f"applied up to seq {d.applied_seq}")
     for r in result.rejected:
         err_console.print(f"rejected: {r}")
+    for line in result.stalled:
+        err_console.print(line, markup=False, highlight=False)
     if result.rejected:
         raise typer.Exit(1)
+    if result.stalled:
+        raise typer.Exit(EXIT_STALLED)
 
 
 @app.command("consolidate")
@@ -458,14 +469,17 @@ def machine_status(st, machine: str) -> dict:
     from hotspare.fleetview import vm_health
     from hotspare.heartbeat import SKEW_REPORTED, load_heartbeat
     from hotspare.machine import load_machine
+    from hotspare.stall import machine_stalls
     from hotspare.state import load_state
 
     cfg = load_machine(st, machine)
     state = load_state(st, machine)
     hb = load_heartbeat(st, machine)
     disks = {}
+    cats = {d.name: load_catalog(st, machine, d.name, d.size) for d in cfg.disks}
+    stalls = machine_stalls(st, cfg, state.state, hb, cats)
     for d in cfg.disks:
-        cat = load_catalog(st, machine, d.name, d.size)
+        cat = cats[d.name]
         cur = cat.point("current")
         disks[d.name] = {
             "size": d.size, "catalog_version": cat.version, "applied_seq": cat.applied_seq(cat.epoch),
@@ -487,8 +501,11 @@ def machine_status(st, machine: str) -> dict:
                                               "clock_skewed": hb.skew is not None and abs(hb.skew) > SKEW_REPORTED,
                                               "mode": hb.mode, "epoch": hb.epoch,
                                               "fresh": hb.age <= cfg.policy.heartbeat_window,
-                                              "restore": hb.restore.model_dump(mode="json") if hb.restore else None},
+                                              "restore": hb.restore.model_dump(mode="json") if hb.restore else None,
+                                              # a stall the agent lived through and reported once past it
+                                              "last_stall": hb.last_stall},
         "policy": cfg.policy.model_dump(), "disks": disks,
+        "stalled": bool(stalls), "stalls": [dict(x.payload(), line=x.line()) for x in stalls],
     }
 
 
@@ -499,7 +516,8 @@ def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (
            publish: Annotated[bool, typer.Option("--publish", help="also update the fleet view in the Prefect UI "
                                                  "(artifact hotspare-fleet) and emit an event per dead VM or capture")] = False) -> None:
     """Each machine's state, last heartbeat, newest recovery point, replication lag, and its
-    VM's live status and capture."""
+    VM's live status and capture. Exits 3 when a machine's protection is stalled, with one
+    line per machine saying why."""
     from hotspare.machine import list_machines
 
     st = _store(store)
@@ -507,8 +525,11 @@ def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (
         _publish_fleet(st)
     names = [machine] if machine else list_machines(st)
     report = [machine_status(st, m) for m in names]
+    stalled = [r for r in report if r["stalled"]]
     if as_json:
         print(json.dumps(report if machine is None else report[0], indent=1))
+        if stalled:
+            raise typer.Exit(EXIT_STALLED)
         return
     table = Table(title=f"hotspare machines in {st.url}")
     for col in ("machine", "state", "epoch", "VM", "heartbeat", "disk", "newest point", "lag"):
@@ -526,6 +547,18 @@ def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (
             table.add_row(*(r["machine"], r["state"] + (f" ({r['phase']})" if r["phase"] else ""), str(r["epoch"]), vm, hb_text)
                           if i == 0 else ("", "", "", "", ""), d, info["newest_point"] or "none", lag)
     console.print(table)
+    for r in report:
+        last = (r["heartbeat"] or {}).get("last_stall")
+        if last and not r["stalled"]:
+            console.print(f"{r['machine']}: recovered from a stall ({last['reason']}, {last['seconds']:.0f}s, "
+                          f"ended {last['ended']}): {last['detail']}", markup=False, highlight=False)
+    for r in stalled:
+        # One line per machine: every reason it is stalled, so nothing scrolls out of view.
+        why = "; ".join((f"disk {x['disk']}: " if x["disk"] else "") + f"{x['reason']}: {x['detail']}"
+                        for x in r["stalls"])
+        console.print(f"{r['machine']}: STALLED: {why}", markup=False, highlight=False)
+    if stalled:
+        raise typer.Exit(EXIT_STALLED)
 
 
 def _publish_fleet(st) -> None:

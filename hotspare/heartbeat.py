@@ -25,6 +25,11 @@ class Heartbeat(BaseModel):
     host: str = ""
     disks: dict[str, dict[str, Any]] = {}
     restore: RestoreProgress | None = None  # restore mode: divergence and apply progress
+    # The agent's last stall (hotspare.stall): reason, detail, seconds, since and ended (its
+    # clock), sent once it could reach the store again, and kept while the agent runs.
+    last_stall: dict[str, Any] | None = None
+    # The disks' stalls the agent saw in the store (hotspare.stall), each with its line.
+    stalls: list[dict[str, Any]] = []
     # When the store received it (its clock, not the agent's); set by load_heartbeat.
     received_at: datetime | None = Field(None, exclude=True)
 
@@ -61,13 +66,18 @@ def load_heartbeat(store: Store, machine: str) -> Heartbeat | None:
 
 
 def send_heartbeat(store: Store, machine: str, *, mode: str, epoch: int, disks: dict[str, dict[str, Any]],
-                   restore: dict[str, Any] | None = None, emit: Callable[[dict], None] | None = None) -> dict:
+                   restore: dict[str, Any] | None = None, emit: Callable[[dict], None] | None = None,
+                   last_stall: dict[str, Any] | None = None, stalls: list[dict[str, Any]] | None = None) -> dict:
     """Write ``heartbeat.json`` and, when ``emit`` is given, send the same payload as an event."""
     payload: dict[str, Any] = {"machine": machine, "mode": mode, "epoch": epoch,
                                "time": datetime.now(timezone.utc).isoformat(), "host": socket.gethostname(),
                                "disks": disks}
     if restore is not None:
         payload["restore"] = restore
+    if last_stall is not None:
+        payload["last_stall"] = last_stall
+    if stalls:
+        payload["stalls"] = stalls
     store.put(layout.heartbeat_key(machine), json.dumps(payload, indent=1).encode())
     if emit:
         emit(payload)

@@ -39,8 +39,10 @@ class Plan:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, reason without the key)
     waiting: list[tuple[str, str]] = field(default_factory=list)
     # The agent must re-send the disk from this seq: a rejected log held seqs the chain
-    # needs, so they are lost unless re-sent.
+    # needs, or a gap stayed open too long, so they are lost unless re-sent.
     hole_at: int | None = None
+    # Why this ingest asked for a resync although it rejected nothing (a gap, one line).
+    gap_stalled: str | None = None
 
 
 def epochs_to_scan(catalog: Catalog) -> list[int]:
@@ -220,12 +222,31 @@ def _validate_here(store: Store, batches_: list[list[str]], machine: str, disk: 
     return [r for keys in batches_ for r in check_logs(store, keys, machine, disk)]
 
 
+def resync_stale_gap(catalog: Catalog, pending: list[ObjectInfo], p: Plan, gap_timeout: float) -> None:
+    """Turn a gap that logs have waited on for longer than ``gap_timeout`` seconds into a
+    resync request (in ``p``): the agent uploads logs in seq order, so the missing one is
+    lost, and without this the replica would wait for it for ever."""
+    from hotspare.stall import find_gap
+
+    if p.hole_at is not None or catalog.resync_from is not None:
+        return  # a resync is asked for already
+    decided = {i.key for i in p.accepted} | {k for k, _ in p.rejected}
+    applied = max([catalog.applied_seq(catalog.epoch)]
+                  + [i.meta.last_seq for i in p.accepted if i.meta.epoch == catalog.epoch])
+    gap = find_gap(catalog, [o for o in pending if o.key not in decided], applied=applied)
+    if gap is not None and gap.waited > gap_timeout:
+        p.hole_at = gap.expects
+        p.gap_stalled = (f"seq {gap.expects} never arrived: the log from seq {gap.next_seq} waited {gap.waited:.0f}s "
+                         f"(more than {gap_timeout:g}s); asked the agent for a resync from seq {gap.expects}")
+
+
 def ingest_disk(store: Store, machine: str, disk: DiskSpec, *, validate=_validate_here, commit=None,
-                quarantine_one=None) -> tuple[Catalog, Plan]:
+                quarantine_one=None, gap_timeout: float | None = None) -> tuple[Catalog, Plan]:
     """One disk's ingest: plan, commit create-only (re-planning after a lost race), then
     quarantine the rejected logs. The flow passes task-backed ``validate`` (given the
     batches of :func:`batches`), ``commit`` (returning the committed catalog) and
-    ``quarantine_one`` (retries, concurrency); without them everything runs here."""
+    ``quarantine_one`` (retries, concurrency); without them everything runs here. A gap
+    waited on for longer than ``gap_timeout`` seconds becomes a resync request."""
     from hotspare.catalog import commit_catalog, load_catalog
     from hotspare.errors import HotspareError
     from hotspare.faults import crash_point
@@ -236,6 +257,8 @@ def ingest_disk(store: Store, machine: str, disk: DiskSpec, *, validate=_validat
         catalog = load_catalog(store, machine, disk.name, disk.size)
         pending = list_pending(store, machine, disk.name, catalog)
         p = plan(catalog, validate(store, batches(pending), machine, disk))
+        if gap_timeout is not None:
+            resync_stale_gap(catalog, pending, p, gap_timeout)
         nxt = next_catalog(catalog, p)
         crash_point("ingest-before-commit")
         if nxt is not None:

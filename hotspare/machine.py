@@ -24,6 +24,8 @@ DEFAULT_BLOCK_SIZE = 64 << 10
 
 class Policy(BaseModel):
     heartbeat_window: int = Field(60, ge=10, description="seconds without a heartbeat before the machine counts as down")
+    rpo: int = Field(900, ge=10, description="seconds a shipped log may wait to be accepted before the machine "
+                                             "counts as stalled (three runs of the 5-minute fleet ingest)")
     auto_approve: bool = Field(False, description="fail over and cut over without waiting for an operator")
     approval_timeout: int = Field(3600, ge=1, description="seconds to wait for an approval before rejecting")
     host: str = Field("local", description="where the VM runs after a failover: local, docker, ec2, "

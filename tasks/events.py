@@ -27,6 +27,14 @@ def emit_heartbeat(payload: dict[str, Any]) -> None:
                        epoch=payload["epoch"], payload=payload)
 
 
+def machine_alarm(machine: str, mode: str = "normal"):
+    """An ``alarm(event, payload)`` callback for the engine (the agent's stall watch): the
+    engine never imports Prefect, so its events go out through this."""
+    def alarm(event: str, payload: dict[str, Any]) -> None:
+        emit_machine_event(event, machine, mode=mode, epoch=int(payload.get("epoch", 0)), payload=payload)
+    return alarm
+
+
 def prefect_api_configured() -> bool:
     """True when a Prefect API URL is set (an agent on a machine emits events only then;
     it never starts a temporary server of its own)."""

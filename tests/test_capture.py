@@ -139,7 +139,9 @@ def test_agent_refuses_a_resized_disk(tmp_path: Path) -> None:
                    "HOTSPARE_TRACKER": "scan"},
             check=False)
     assert r.returncode == 1
-    assert "registered as 8388608" in r.stderr and "Traceback" not in r.stderr
+    assert "disk root of m1" in r.stderr and "was 8388608 bytes when protected and is now 8392704" in r.stderr
+    assert "re-protect it under a new name (hotspare protect m1-2 --disk root=" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_a_block_that_returns_to_its_old_content_after_a_crash_still_ships(tmp_path: Path) -> None:

@@ -35,12 +35,14 @@ from hotspare.capture.qemu import DiskWork, QemuTracker
 from hotspare.capture.scan import scan
 from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
 from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, ship_cycle
+from hotspare.capture.watch import Alarm, StoreUnreachable, StoreWatch
 from hotspare.catalog import load_catalog
 from hotspare.errors import HotspareError, StoreError
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.faults import crash_point
 from hotspare.heartbeat import send_heartbeat
 from hotspare.machine import DiskSpec, MachineConfig, device_size
+from hotspare.stall import STALLED_EVENT, store_stalls
 from hotspare.store.base import Store
 from hotspare.vm.qmp import QmpError
 
@@ -94,6 +96,7 @@ class Agent:
         emit: Callable[[dict], None] | None = None,
         progress: ProgressFactory | None = None,
         say: Callable[[str], None] | None = None,
+        alarm: Alarm | None = None,
     ) -> None:
         if tracker not in TRACKERS:
             raise HotspareError(f"unknown tracker {tracker!r}: use one of {', '.join(TRACKERS)}")
@@ -113,6 +116,15 @@ class Agent:
         self._work: dict[str, DiskWork] = {}
         self._last_beat = -HEARTBEAT_SPACING
         self.lease = AgentLease(store, config.name, self.state.root)
+        # Stalls of the store's making: said in the log, sent as events (alarm), and in the
+        # first heartbeat that gets through.
+        self._epoch = 0  # of the last heartbeat: the events' epoch label
+        self._alarm = alarm
+        self._stalls: list[dict] = []  # what the store showed stalled at the last look
+        self._stalls_at = -float("inf")
+        self._answered: dict[str, int | None] = {}  # disk -> the resync request its state answered
+        self.watch = StoreWatch(config.name, config.policy.heartbeat_window, say=self.say,
+                                alarm=None if alarm is None else lambda ev, p: alarm(ev, dict(p, epoch=self._epoch)))
 
     # -- locking: one agent per machine and state directory ------------------------------
     def __enter__(self) -> "Agent":
@@ -126,10 +138,11 @@ class Agent:
         self._lock_fd = fd
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.daemon.close()  # the daemon itself goes on serving the machine
         try:
-            self.lease.release()
+            if not isinstance(exc, StoreUnreachable):  # else a release would wait for it again
+                self.lease.release()
         except StoreError:
             pass  # an unreleased lease only makes the next agent wait a few seconds
         if self._lock_fd is not None:
@@ -159,8 +172,12 @@ class Agent:
         """The disk's state, checked against the disk, the catalog and the store."""
         size = device_size(spec.path)
         if size != spec.size:
-            raise HotspareError(f"disk {spec.name} ({spec.path}) is {size} bytes, registered as {spec.size}: "
-                                "re-protect the machine to change a disk's size")
+            # A replica cannot change size in place: shipping would write past its end, or
+            # leave its tail stale. Protecting under a new name seeds a new replica.
+            raise HotspareError(f"disk {spec.name} of {self.config.name} ({spec.path}) was {spec.size} bytes when "
+                                f"protected and is now {size}: nothing shipped; re-protect it under a new name "
+                                f"(hotspare protect {self.config.name}-2 "
+                                + " ".join(f"--disk {d.name}={d.path}" for d in self.config.disks) + ")")
         state = self.state.load(spec.name, in_place=in_place)
         rescan = None
         if state is None:
@@ -192,6 +209,7 @@ class Agent:
                 state = self.state.load(spec.name, in_place=True)  # type: ignore[assignment]
                 assert state is not None
         work = DiskWork(spec=spec, state=state, rescan=rescan)
+        self._answered[spec.name] = state.resynced_for
         if catalog.resync_from is not None and state.resynced_for != catalog.resync_from:
             # A log was rejected and left a hole: re-send every block (zeros included), and
             # mark the first log so ingest lets it close the hole.
@@ -211,6 +229,7 @@ class Agent:
             work.append(w)
         self._work = {w.spec.name: w for w in work}
         self.qemu.cycle(work)
+        self._answered.update({w.spec.name: w.state.resynced_for for w in work})
         seconds = time.monotonic() - t0
         reports = []
         for w in work:
@@ -281,7 +300,7 @@ class Agent:
                    log_target=self.log_target, resync_from=w.resync_from, who="agent", on_upload=uploaded,
                    before_upload=before_upload, ends_cycle=lambda: not self.stop_requested)
         if w.resync_from is not None:
-            state.resynced_for = w.resync_from
+            state.resynced_for = self._answered[spec.name] = w.resync_from
         if not self.stop_requested:
             shipped[:] = state.hashes  # every block scanned and its changes shipped
         persist()
@@ -290,13 +309,42 @@ class Agent:
         return report
 
     # -- heartbeat -----------------------------------------------------------------------
+    def _store_stalls(self) -> list[dict]:
+        """The disks' stalls the store shows (a resync asked for, a gap, logs nobody
+        ingests), looked at twice per heartbeat window: the agent is alive and can say so
+        in its log, its heartbeat and an event even when no ingest runs. A new one is said
+        once."""
+        if time.monotonic() - self._stalls_at < self.config.policy.heartbeat_window / 2:
+            return self._stalls
+        self._stalls_at = time.monotonic()
+        try:
+            found = store_stalls(self.store, self.config)
+        except StoreError as err:
+            self.say(f"could not look for stalls: {err}")
+            return self._stalls
+        # A resync this agent sent already waits for ingest, not for the agent.
+        found = [x for x in found if not (x.reason == "resync-pending" and x.seq == self._answered.get(x.disk or ""))]
+        known = {x["line"] for x in self._stalls}
+        for stall in found:
+            if stall.line() not in known:
+                self.say(f"{stall.disk}: stalled ({stall.reason}): {stall.detail}")
+                if self._alarm is not None:
+                    self.watch.send(STALLED_EVENT, dict(stall.payload(), epoch=self._epoch))
+        self._stalls = [dict(x.payload(), line=x.line()) for x in found]
+        return self._stalls
+
     def heartbeat(self, reports: list[DiskReport]) -> dict:
-        return send_heartbeat(self.store, self.config.name, mode="normal",
-                              epoch=max((r.epoch for r in reports), default=0), emit=self.emit,
-                              disks={r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
-                                              "tracker": r.tracker, "served_at": r.served_at,
-                                              "consistent": r.tracker == "qemu", "rescan": r.rescan}
-                                     for r in reports})
+        ended = self.watch.ending()
+        payload = send_heartbeat(self.store, self.config.name, mode="normal",
+                                 epoch=max((r.epoch for r in reports), default=0), emit=self.emit, last_stall=ended,
+                                 stalls=self._store_stalls(),
+                                 disks={r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
+                                                 "tracker": r.tracker, "served_at": r.served_at,
+                                                 "consistent": r.tracker == "qemu", "rescan": r.rescan}
+                                        for r in reports})
+        self._epoch = payload["epoch"]
+        self.watch.contact(ended)
+        return payload
 
     def _heartbeat_event_only(self, waiting: str) -> None:
         if self.emit is None:
@@ -304,11 +352,22 @@ class Agent:
         try:
             epoch = max((w.state.epoch for w in self._work.values()), default=0)
             self.emit({"machine": self.config.name, "mode": "normal", "epoch": epoch, "host": "",
-                       "time": datetime.now(timezone.utc).isoformat(), "disks": {}, "waiting_for_store": waiting})
+                       "time": datetime.now(timezone.utc).isoformat(), "disks": {}, "waiting_for_store": waiting,
+                       "stalled": self.watch.stalled})
         except Exception as err:  # noqa: BLE001 - the event is a courtesy; the loop must go on
             self.say(f"heartbeat event not sent either: {err}")
 
-    def run(self, *, interval: float, once: bool, on_cycle: Callable[[CycleReport], None] | None = None) -> None:
+    def run(self, *, interval: float, once: bool, on_cycle: Callable[[CycleReport], None] | None = None,
+            give_up_after: float | None = None) -> None:
+        """Cycle every ``interval`` seconds until stopped. Transient store faults are waited
+        out (for ever, or until the store has been away for ``give_up_after`` seconds:
+        then :class:`StoreUnreachable`)."""
+        self.watch.give_up_after = give_up_after
+        with self.watch:
+            self._run(interval=interval, once=once, on_cycle=on_cycle, give_up_after=give_up_after)
+
+    def _run(self, *, interval: float, once: bool, on_cycle: Callable[[CycleReport], None] | None,
+             give_up_after: float | None) -> None:
         while True:
             started = time.monotonic()
             try:
@@ -325,6 +384,11 @@ class Agent:
             except StoreError as err:
                 if once or not err.transient:
                     raise
+                away = self.watch.unreachable_for()
+                if give_up_after and away > give_up_after:
+                    raise StoreUnreachable(f"{self.config.name}: the store has not answered for {away:.0f}s "
+                                           f"(--give-up-after {give_up_after:g}s): giving up, nothing captured is "
+                                           f"lost; the last fault: {err}") from err
                 # A long-running agent never exits on store trouble: nothing is lost (the
                 # frozen bitmap stays, the hash map marks what was in flight), and it says
                 # what it waits for, also in the heartbeat event when Prefect is reachable.

@@ -81,6 +81,27 @@ RETRY_MAX_DELAY = 5.0
 T = TypeVar("T")
 
 
+# Who hears of transient faults while a call is still being retried: a long-running agent
+# says it waits for the store before the call gives up (which, with botocore's own retries
+# underneath, takes about a minute). Listeners are called in the thread of the failing call;
+# one that raises abandons the call with its error (an agent told to give up).
+_fault_listeners: list[Callable[[TransientStoreError], None]] = []
+
+
+def add_fault_listener(listener: Callable[[TransientStoreError], None]) -> None:
+    _fault_listeners.append(listener)
+
+
+def remove_fault_listener(listener: Callable[[TransientStoreError], None]) -> None:
+    if listener in _fault_listeners:
+        _fault_listeners.remove(listener)
+
+
+def tell_fault(err: TransientStoreError) -> None:
+    for listener in list(_fault_listeners):
+        listener(err)
+
+
 def retry_delays(attempts: int = RETRY_ATTEMPTS) -> Iterator[float]:
     """The pauses between ``attempts`` tries: doubling from RETRY_FIRST_DELAY, capped."""
     delay = RETRY_FIRST_DELAY
@@ -94,9 +115,14 @@ def retrying(call: Callable[[], T], *, attempts: int = RETRY_ATTEMPTS) -> T:
     for delay in retry_delays(attempts):
         try:
             return call()
-        except TransientStoreError:
+        except TransientStoreError as err:
+            tell_fault(err)
             time.sleep(delay)
-    return call()
+    try:
+        return call()
+    except TransientStoreError as err:
+        tell_fault(err)
+        raise
 
 
 def check_key(key: str) -> str:

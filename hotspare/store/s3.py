@@ -67,6 +67,7 @@ from hotspare.store.base import (
     check_receipts,
     retry_delays,
     retrying,
+    tell_fault,
 )
 
 MiB = 1 << 20
@@ -276,7 +277,8 @@ class S3Store(Store):
             try:
                 once()
                 return
-            except TransientStoreError:
+            except TransientStoreError as err:
+                tell_fault(err)
                 if delay is None:
                     raise
                 lost = True

@@ -1,0 +1,37 @@
+"""The fault suite's short tier, run in the tests (tests/faultsuite.py says what it does).
+It prints its figures in one line, and that line must say nothing was lost or stalled
+silently."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hotspare.store.s3 import S3Store
+from tests import faultsuite
+from tests.faultproxy import FaultProxy
+
+
+def test_fault_suite_loses_nothing_and_stalls_nothing_silently(tmp_path: Path, s3_env, prefect_api: str,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    bucket = f"hotspare-test-{uuid.uuid4().hex[:12]}"
+    s3_env.client().create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/root"
+    direct = S3Store(bucket, "root", endpoint_url=s3_env.endpoint_url)
+    proxy = FaultProxy(s3_env.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the suite's own steps go through the proxy too
+    t0 = time.monotonic()
+    try:
+        figures = faultsuite.run(tmp_path, direct, url, proxy, faultsuite.suite_env(tmp_path, url, proxy.url))
+    finally:
+        proxy.close()
+    line = figures.line()
+    with capsys.disabled():  # the suite's figures, shown in every run
+        print(f"\nfault suite: {line} ({time.monotonic() - t0:.0f}s)")
+    assert figures.faults >= 25 and figures.crash_points == len(faultsuite.CRASHES), line
+    assert figures.stalls_reported >= 1, "the damaged log's hole was reported as a stall"
+    assert line.endswith(", 0 bytes lost, 0 silent stalls"), (line, figures.notes)

@@ -79,7 +79,8 @@ def consolidate(machine: str, store: str | None = None, store_block: str | None 
           "MB/s applied": round(r.bytes_applied / r.seconds / 1e6, 1) if r.seconds and r.bytes_applied else 0,
           "lag (s)": round(r.lag_seconds, 1) if r.lag_seconds is not None else "", "points": r.points,
           "base": r.base or "", "objects deleted": r.deleted, "bytes freed": r.bytes_freed,
-          "packs kept": r.packs_kept, "bytes stored": r.bytes_stored}
+          "packs kept": r.packs_kept, "bytes stored": r.bytes_stored, "packs repacked": r.packs_repacked,
+          "dead bytes (estimate)": r.dead_bytes}
          for r in results],
         key=_artifact_key("consolidate", machine), description=f"Consolidation of {machine}")
     return results

@@ -338,3 +338,27 @@ def test_a_consolidation_on_a_disk_of_several_gib_costs_what_changed(tmp_path: P
     out = tmp_path / "after.raw"
     cli("export", "m1", "--disk", "root", "--format", "raw", "--out", str(out), env=env)
     qemu_same(out, "raw", image)
+
+
+def test_a_mostly_dead_pack_is_repacked_and_the_old_one_deleted(tmp_path: Path, store) -> None:
+    """One point kept: after the second consolidation rewrote most of the first point's
+    blocks, the first pack is mostly dead; it is repacked (its live chunks into a new pack,
+    the pages that read it rewritten) and deleted after the commit."""
+    from flows.consolidate import consolidate
+    from hotspare.replica.index import read_root
+
+    image, env = protect(tmp_path, store.url, retention_points=1)
+    cli("agent", "m1", "--once", env=env)
+    cli("consolidate", "m1", env=env)
+    first = set(read_root(store, load_catalog(store, "m1", "root", SIZE).point("current").root).packs)
+    qemu_io(image, f"write -P 0x42 0 {SIZE * 3 // 4}")  # most of the disk, with one byte value
+    cli("agent", "m1", "--once", env=env)
+    [r] = consolidate(machine="m1", store=store.url)
+    cat = load_catalog(store, "m1", "root", SIZE)
+    assert len(cat.points) == 1 and r.packs_repacked >= 1, r
+    packs = set(read_root(store, cat.point("current").root).packs)
+    assert not packs & first, "the first point's packs were repacked away"
+    assert_whole(store, cat)
+    out = tmp_path / "after.raw"
+    cli("export", "m1", "--disk", "root", "--format", "raw", "--out", str(out), env=env)
+    qemu_same(out, "raw", image)

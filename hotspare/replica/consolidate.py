@@ -23,6 +23,8 @@ from hotspare.ingest import quarantine
 from hotspare.machine import DiskSpec, Policy
 from hotspare.replica.build import PartJob, PartResult, PointBuild, commit_point, finish_root, plan_point, run_part
 from hotspare.replica.gc import Garbage, collect_garbage, retention
+from hotspare.replica.index import read_root
+from hotspare.replica.repack import candidates, dead_bytes, repack
 from hotspare.store.base import Store
 
 MAX_RACES = 5
@@ -53,6 +55,8 @@ class DiskConsolidation(BaseModel):
     bytes_freed: int = 0
     packs_kept: int = 0
     bytes_stored: int = 0
+    packs_repacked: int = 0
+    dead_bytes: int = 0  # estimated bytes of dead chunks in the packs retained points read
 
     def add_garbage(self, g: Garbage) -> None:
         self.deleted += g.deleted
@@ -115,7 +119,8 @@ def consolidate_disk(store: Store, machine: str, disk: DiskSpec, policy: Policy,
         break
     else:
         raise HotspareError(f"consolidation of {machine}/{disk.name} lost {MAX_RACES} races in a row")
-    catalog = advance_window(store, machine, disk, policy, out, commit)
+    advance_window(store, machine, disk, policy, out, commit)
+    catalog = repack_packs(store, machine, disk, out, commit)
     base = catalog.point("base")
     out.base = base.id if base else None
     out.points = len(catalog.points)
@@ -157,3 +162,28 @@ def advance_window(store: Store, machine: str, disk: DiskSpec, policy: Policy, o
         out.add_garbage(collect_garbage(store, nxt))
         return nxt
     raise HotspareError(f"retention of {machine}/{disk.name} lost {MAX_RACES} races in a row")
+
+
+def repack_packs(store: Store, machine: str, disk: DiskSpec, out: DiskConsolidation,
+                 commit: Callable[[Store, Catalog], Catalog] = commit_catalog) -> Catalog:
+    """Rewrite the current point's mostly dead packs (see :mod:`hotspare.replica.repack`)."""
+    for _ in range(MAX_RACES):
+        catalog = load_catalog(store, machine, disk.name, disk.size)
+        roots = {p.root: read_root(store, p.root) for p in catalog.points if p.root}
+        out.dead_bytes = dead_bytes(list(roots.values()))
+        todo = candidates(catalog, roots)
+        done = repack(store, catalog, todo) if todo else None
+        if done is None:
+            return catalog
+        nxt, uploaded = done
+        crash_point("repack-before-commit")
+        try:
+            nxt = commit(store, nxt)
+        except AlreadyExists:
+            continue
+        out.packs_repacked += len(todo)
+        out.bytes_uploaded += uploaded
+        out.add_garbage(collect_garbage(store, nxt))
+        out.dead_bytes = dead_bytes([read_root(store, p.root) for p in nxt.points if p.root])
+        return nxt
+    raise HotspareError(f"repacking {machine}/{disk.name} lost {MAX_RACES} races in a row")

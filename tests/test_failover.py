@@ -308,7 +308,7 @@ def test_failover_boots_every_disk_and_captures_the_vms_writes_to_each(tmp_path:
 
 
 def test_an_8_gib_machine_boots_before_a_full_copy_of_its_disk_would_finish(tmp_path: Path, demo_disk: Path) -> None:
-    """The demo disk grown to 8 GiB with 2 GiB of data beyond its partitions: the failover
+    """The demo disk grown to 8 GiB with 1 GiB of data beyond its partitions: the failover
     launches the VM on the served point, so from the approval to the launch takes less than
     a full copy of the disk (qemu-img convert of the same served point, measured here)."""
     from hotspare.replica.serve import nbd_uri
@@ -317,8 +317,8 @@ def test_an_8_gib_machine_boots_before_a_full_copy_of_its_disk_would_finish(tmp_
     with open(demo_disk, "r+b") as f:
         f.truncate(8 << 30)
     rng = os.urandom(16 << 20)
-    with open(demo_disk, "r+b") as f:  # 2 GiB of data, 16 MiB runs, past the demo's partitions
-        for i in range(128):
+    with open(demo_disk, "r+b") as f:  # 1 GiB of data, 16 MiB runs, past the demo's partitions
+        for i in range(64):
             f.seek((4 << 30) + i * (16 << 20))
             f.write(rng)
     env = protect_demo(tmp_path, demo_disk)
@@ -348,7 +348,7 @@ def test_an_8_gib_machine_boots_before_a_full_copy_of_its_disk_would_finish(tmp_
             proc.terminate()
             proc.wait(30)
         print(f"approval to launch {to_launch:.1f} s, to the first marker {(verified - approved).total_seconds():.1f} s; "
-              f"a full copy of the 8 GiB disk (2 GiB of data) {copy:.1f} s")
+              f"a full copy of the 8 GiB disk (1 GiB of data) {copy:.1f} s")
         assert to_launch < copy, f"the VM launched {to_launch:.1f} s after the approval; a full copy takes {copy:.1f} s"
     finally:
         stop_vm(env)

@@ -292,7 +292,7 @@ class _Checker:
             self.find("damaged", key, f"missing: {what}", machine=dk.machine, disk=dk.spec.name, **more)
             return False
         if size is not None and got != size:
-            self.find("damaged", key, f"{got} bytes, {'truncated' if got < size else 'grown'}: {what} of {size} bytes",
+            self.find("damaged", key, f"{'truncated' if got < size else 'grown'}: {got} bytes, expected {size} ({what})",
                       machine=dk.machine, disk=dk.spec.name, **more)
             return False
         return True
@@ -458,6 +458,7 @@ class _Checker:
         are read again: only when a pack is damaged)."""
         offsets = np.array([b[0] for b in bad], dtype=np.uint64)
         use: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+        unknown: set[str] = set()  # points naming the pack with a page that could not be read
         for point, root in dk.roots.items():
             pid = next((int(k, 16) for k, ref in root.packs.items() if ref.key == key), None)
             if pid is None:
@@ -466,20 +467,24 @@ class _Checker:
                 try:
                     ents = read_page(self.store, root, n)
                 except InvalidObject:
-                    continue  # reported with the pages
+                    unknown.add(point)  # the page is reported with the pages
+                    continue
                 hit = np.flatnonzero((ents["length"] > 0) & (ents["pack"] == pid) & np.isin(ents["offset"], offsets))
                 for i in hit.tolist():
                     use[int(ents[i]["offset"])][point].append(n * root.page_chunks + i)
         for offset, length, why in bad:
             by_point = use.get(offset, {})
             blocks = sorted({b for bs in by_point.values() for b in bs})
-            pts = sorted(by_point)
+            pts = sorted(set(by_point) | unknown)
             if not pts:
                 self.find("warning", key, f"chunk at byte {offset} ({length} bytes) {why}; no retained point reads it",
                           machine=dk.machine, disk=dk.spec.name, offset=offset)
                 continue
-            self.find("damaged", key, f"chunk at byte {offset} ({length} bytes) {why}: block(s) "
-                                      f"{_few(blocks)} of point(s) {', '.join(pts)} read it",
+            users = f"block(s) {_few(blocks)} of point(s) {', '.join(sorted(by_point))} read it" if blocks else ""
+            if unknown:
+                users += ("; " if users else "") + (f"point(s) {', '.join(sorted(unknown))} may read it{' too' if users else ''} "
+                                                    "(an index page of theirs is damaged)")
+            self.find("damaged", key, f"chunk at byte {offset} ({length} bytes) {why}: {users}",
                       machine=dk.machine, disk=dk.spec.name, points=pts, blocks=blocks, offset=offset)
 
     def pages(self, dk: _Disk, tocs: dict[str, np.ndarray | None]) -> None:
@@ -604,9 +609,9 @@ class _Checker:
                 continue  # a damaged root may reference it: not judged garbage
             v = layout.written_for(key)
             if v is None:
-                self.find("warning", key, f"a {kind} whose name says no catalog version", machine=m, disk=d)
+                self.find("warning", key, f"{'an' if kind[0] in 'aeiouI' else 'a'} {kind} whose name says no catalog version", machine=m, disk=d)
             elif v <= cat.version:
-                self.find("repairable", key, f"garbage: a {kind} written for catalog v{v} that no retained point "
+                self.find("repairable", key, f"garbage: {'an' if kind[0] in 'aeiouI' else 'a'} {kind} written for catalog v{v} that no retained point "
                                              f"of v{cat.version} references ({size} bytes)", machine=m, disk=d,
                           repair=repair)
             # else: written for a version not committed yet (a build in progress)

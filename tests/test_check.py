@@ -165,7 +165,7 @@ def quarantine_accepted(store: Store) -> tuple[str, str]:
 
 DAMAGES = {
     "deleted page": (lambda st: delete_page(st), "missing: index page"),
-    "truncated pack": (lambda st: truncate_pack(st), "truncated: pack of point(s)"),
+    "truncated pack": (lambda st: truncate_pack(st), "(pack of point(s)"),
     "corrupt catalog": (lambda st: corrupt_catalog(st), "version 1 does not parse or chain"),
     "quarantined accepted log": (lambda st: quarantine_accepted(st)[1], "quarantined, yet catalog v"),
 }
@@ -181,6 +181,37 @@ def test_each_damage_is_found_in_one_line_naming_the_object(copy, damage: str) -
     [f] = [f for f in findings(report, key) if reason in f["reason"]]
     assert f["severity"] == "damaged"
     assert any(reason in ln and "damaged" in ln for ln in lines_naming(out, key)), out
+
+
+def test_an_entry_that_disagrees_with_its_pack_is_found_without_reading_data(copy) -> None:
+    """An index page rewritten (with its SHA-256 in the root) so that one entry points at
+    the wrong offset and another has a wrong length: found from the tables of contents."""
+    from hotspare.check import check_store
+    from hotspare.replica.index import page_bytes, page_ref, root_bytes
+
+    store, env = copy
+    cat, roots = disk(store)
+    point = cat.points[-1]
+    root = roots[point.id]
+    n = sorted(root.pages)[0]
+    ents = read_page(store, root, n).copy()
+    stored = np.flatnonzero(ents["length"] > 0)
+    moved, shortened = int(stored[0]), int(stored[1])
+    ents[moved]["offset"] += 512
+    ents[shortened]["length"] -= 512
+    key = root.pages[n].key
+    body = page_bytes(n, ents)
+    store.put(key, body)
+    root.pages[n] = page_ref(key, body)
+    store.put(point.root, root_bytes(root))
+    report = check_store(store, "m1")
+    bad = {f.reason.split(": block(s) ", 1)[1]: f for f in report.findings if f.key == key}
+    first = n * root.page_chunks
+    toc = {b for why, f in bad.items() if "disagree with the table of contents" in why for b in f.blocks}
+    lengths = [f for why, f in bad.items() if "lengths differ" in why]
+    assert {first + moved, first + shortened} <= toc, report.findings
+    assert lengths and lengths[0].blocks == [first + shortened], report.findings
+    assert report.exit_code == 2 and report.packs_read == 0
 
 
 def test_garbage_is_repairable_and_consolidate_repairs_it(copy) -> None:

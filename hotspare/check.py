@@ -402,10 +402,12 @@ class _Checker:
         """Each pack the retained roots name -> its table of contents (None when damaged)."""
         users: dict[str, list[str]] = defaultdict(list)
         sizes: dict[str, set[int]] = defaultdict(set)
+        chunks: dict[str, set[int]] = defaultdict(set)
         for pid, root in dk.roots.items():
             for ref in root.packs.values():
                 users[ref.key].append(pid)
                 sizes[ref.key].add(ref.size)
+                chunks[ref.key].add(ref.chunks)
         out: dict[str, np.ndarray | None] = {}
         for key, pts in users.items():
             dk.referenced.add(key)
@@ -419,10 +421,17 @@ class _Checker:
                 continue
             self.report.packs += 1
             try:
-                out[key] = read_toc(self.store, key)
+                toc = read_toc(self.store, key)
             except InvalidObject as err:
                 self.find("damaged", key, f"pack of point(s) {', '.join(pts)}: {err.reason}",
                           machine=dk.machine, disk=dk.spec.name, points=pts)
+                continue
+            why = _toc_fault(toc, size - TRAILER - len(toc) * TOC.itemsize, chunks[key])
+            if why:
+                self.find("damaged", key, f"pack of point(s) {', '.join(pts)}: {why}", machine=dk.machine,
+                          disk=dk.spec.name, points=pts)
+                continue
+            out[key] = toc
         read = self.picked(k for k, toc in out.items() if toc is not None)
         for key in sorted(read):
             self.pack_data(dk, key, out[key], users[key])  # type: ignore[arg-type]
@@ -640,6 +649,18 @@ class _Checker:
 
 
 _SUFFIX = re.compile(r"(?<=\.parquet)\.\d+$")  # quarantine's ".N" for a second rejection of one name
+
+
+def _toc_fault(toc: np.ndarray, data_end: int, chunks: set[int]) -> str | None:
+    """Why a pack's table of contents is wrong (its chunks lie back to back from byte 0 to
+    the table), or None."""
+    if chunks != {len(toc)}:
+        return f"its table of contents holds {len(toc)} chunks, the index root says {sorted(chunks)}"
+    off = toc["offset"].astype(np.uint64)
+    ends = off + toc["length"].astype(np.uint64)
+    if len(toc) and (off[0] != 0 or (off[1:] != ends[:-1]).any() or int(ends[-1]) != data_end):
+        return f"its table of contents does not lay its chunks back to back over bytes 0..{data_end}"
+    return None
 
 
 def _epoch_of(key: str) -> int | None:

@@ -362,3 +362,21 @@ def test_a_mostly_dead_pack_is_repacked_and_the_old_one_deleted(tmp_path: Path, 
     out = tmp_path / "after.raw"
     cli("export", "m1", "--disk", "root", "--format", "raw", "--out", str(out), env=env)
     qemu_same(out, "raw", image)
+
+
+def test_the_chunk_reader_reads_right_with_a_cache_smaller_than_a_read(tmp_path: Path) -> None:
+    from hotspare.consolidate.export import point_reader
+    from hotspare.replica.index import read_root
+    from hotspare.replica.reader import ChunkReader
+    from hotspare.store import open_store
+
+    image, env = protect(tmp_path, str(tmp_path / "store"))
+    cli("agent", "m1", "--once", env=env)
+    cli("consolidate", "m1", env=env)
+    st = open_store(str(tmp_path / "store"))
+    cat = load_catalog(st, "m1", "root", SIZE)
+    cs = point_reader(st, cat, cat.point("current")).root.chunk_size
+    reader = ChunkReader(st, read_root(st, cat.point("current").root), cache_bytes=2 * cs)
+    data = image.read_bytes()
+    for off, n in ((0, cs), (0, 4 * cs), (3 * cs, 9 * cs), (0, 16 * cs), (SIZE - 5 * cs, 5 * cs)):
+        assert reader.read(off, n) == data[off:off + n], (off, n)

@@ -76,22 +76,25 @@ class ChunkReader:
         for i in np.flatnonzero(ents["length"][: last - first + 1]).tolist():
             b = first + i
             digest = digest_of(ents[i])
-            chunk = got.get(digest) or self._get(digest)
+            chunk = got[digest]
             lo, hi = max(offset, b * cs), min(offset + length, b * cs + len(chunk))
             out[lo - offset:hi - offset] = chunk[lo - b * cs:hi - b * cs]
         return bytes(out)
 
-    def _get(self, digest: bytes) -> bytes:
-        with self._lock:
-            self._chunks.move_to_end(digest)
-            return self._chunks[digest]
-
     def _fetch_entries(self, ents: np.ndarray, numbers) -> dict[bytes, bytes]:
         """Fetch every chunk of ``ents`` not in the cache, one ranged read per run of chunks
         adjacent in one pack; returns them (the cache may not keep them all)."""
-        with self._lock:
-            want = [i for i in np.flatnonzero(ents["length"]).tolist() if digest_of(ents[i]) not in self._chunks]
         got: dict[bytes, bytes] = {}
+        want = []
+        with self._lock:  # what is cached goes into ``got`` now: caching more may evict it
+            for i in np.flatnonzero(ents["length"]).tolist():
+                digest = digest_of(ents[i])
+                cached = self._chunks.get(digest)
+                if cached is None:
+                    want.append(i)
+                else:
+                    self._chunks.move_to_end(digest)
+                    got[digest] = cached
         runs: list[list[int]] = []
         for i in sorted(set(want), key=lambda i: (int(ents[i]["pack"]), int(ents[i]["offset"]))):
             e = ents[i]
@@ -152,7 +155,7 @@ class ChunkReader:
         got = self._fetch_entries(ents, numbers)
         out = {}
         for b, e in zip(numbers, ents):
-            out[b] = (got.get(digest_of(e)) or self._get(digest_of(e))) if e["length"] else bytes(self.root.chunk_length(b))
+            out[b] = got[digest_of(e)] if e["length"] else bytes(self.root.chunk_length(b))
         return out
 
     def block_hashes(self) -> np.ndarray:

@@ -233,6 +233,7 @@ def test_garbage_is_repairable_and_consolidate_repairs_it(copy) -> None:
     assert (code, report["findings"]) == (0, []), out
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the S3 side is covered by the tests above
 def test_several_damages_at_once_are_all_reported(tmp_path: Path, store_url: str, store) -> None:
     env = build(tmp_path, store_url)
     cat, roots = disk(store)
@@ -332,6 +333,7 @@ class CountingStore(Store):
         return sum(n for k, _, n in self.reads if k.startswith(prefix))
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the S3 side is covered by the tests above
 def test_a_check_of_a_disk_of_several_gib_reads_only_metadata(tmp_path: Path, store_url: str) -> None:
     from hotspare.check import check_store
 

@@ -248,6 +248,7 @@ def test_vhd_objects_in_the_store_pass_judge_vhd(tmp_path: Path, store_url: str,
     assert r.returncode == 1 and "a VHD object is vhd (dynamic) or vhd-fixed" in r.stderr
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the S3 side is covered by the tests above
 def test_consolidation_parts_run_on_a_dask_cluster(tmp_path: Path, store_url: str, store, monkeypatch) -> None:
     """The part jobs go to the workers of a Dask LocalCluster (separate processes) through
     prefect-dask's DaskTaskRunner, as a user with a large disk would spread them."""
@@ -274,6 +275,7 @@ def test_consolidation_parts_run_on_a_dask_cluster(tmp_path: Path, store_url: st
     qemu_same(out, "raw", image)
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the S3 side is covered by the tests above
 def test_a_store_of_vhd_points_is_converted_by_the_first_consolidation(tmp_path: Path, store) -> None:
     """A disk consolidated in the layout before chunks (its points VHD objects): the first
     consolidation reads the current VHD once, makes it plus the newer logs the first chunked
@@ -309,6 +311,7 @@ def test_a_store_of_vhd_points_is_converted_by_the_first_consolidation(tmp_path:
     qemu_same(out, "raw", image)
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the S3 side is covered by the tests above
 def test_a_consolidation_on_a_disk_of_several_gib_costs_what_changed(tmp_path: Path, store_url: str) -> None:
     """6 GiB disk, 40 scattered writes of 4 KiB to 1 MiB: the consolidation reads and uploads
     a small multiple of the written bytes (whole 64 KiB chunks and the touched index pages),
@@ -340,6 +343,7 @@ def test_a_consolidation_on_a_disk_of_several_gib_costs_what_changed(tmp_path: P
     qemu_same(out, "raw", image)
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the S3 side is covered by the tests above
 def test_a_mostly_dead_pack_is_repacked_and_the_old_one_deleted(tmp_path: Path, store) -> None:
     """One point kept: after the second consolidation rewrote most of the first point's
     blocks, the first pack is mostly dead; it is repacked (its live chunks into a new pack,

@@ -96,6 +96,7 @@ def test_serve_errors_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1 and "has no point '9-9'" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the S3 side is covered by the tests above
 def test_serve_a_disk_of_several_gib_reads_only_its_chunks(tmp_path: Path, store_url: str) -> None:
     size = 6 << 30
     image = tmp_path / "big.img"

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 def protect_demo(tmp_path: Path, demo_disk: Path) -> dict[str, str]:
     """The demo machine protected, its seed shipped and consolidated into a point."""
     env = {"HOTSPARE_STORE": str(tmp_path / "store"), "HOTSPARE_AGENT_STATE": str(tmp_path / "agent"),
-           "HOTSPARE_VM_DIR": str(tmp_path / "vms")}
+           "HOTSPARE_VM_DIR": str(tmp_path / "vms"), "COLUMNS": "400"}  # tables unwrapped
     cli("protect", "demo", "--disk", f"root={demo_disk}", *env_free_args(), env=env)
     cli("agent", "demo", "--once", "--quiet", env=env)
     cli("consolidate", "demo", env=env)

@@ -204,7 +204,7 @@ def run_probes(handle: VmHandle, probes: list[str], timeout: float = PROBE_TIMEO
                HOTSPARE_DRILL_VM=handle.vm_id)
     for cmd in probes:
         try:
-            r = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=timeout,
+            r = subprocess.run(cmd, shell=True, check=False, env=env, capture_output=True, text=True, timeout=timeout,
                                stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise DrillFailed(f"probe {cmd!r} did not finish within {timeout:.0f} s") from None

@@ -76,6 +76,24 @@ def run_artifacts(run_id) -> list:
         return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
 
 
+def drill_event(name: str, run_id) -> dict:
+    """The payload of the ``name`` event the drill run ``run_id`` emitted for the demo machine."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    flt = EventFilter(event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=["hotspare.machine.demo"]))
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            found = [e.payload for e in client.read_events(filter=flt, limit=50).events
+                     if e.payload.get("flow_run_id") == str(run_id)]
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert found, f"no {name} event of run {run_id}"
+    return found[0]
+
+
 def test_drill_of_a_good_point_verifies_it_and_leaves_nothing_behind(tmp_path: Path, demo_disk: Path) -> None:
     env = protect_demo(tmp_path, demo_disk)
     before = drill_runs()
@@ -98,6 +116,7 @@ def test_drill_of_a_good_point_verifies_it_and_leaves_nothing_behind(tmp_path: P
     png = base64.b64decode(shot.data.split(",", 1)[1])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert arts["drill-demo"].type == "table" and "verified" in arts["drill-demo"].data
+    assert drill_event("hotspare.drill.verified", runs[0].id)["seconds"] == p.drill.seconds
 
     # points and status show the truth.
     pts = json.loads(cli("points", "demo", "--json", env=env).stdout)
@@ -150,6 +169,7 @@ def test_drill_of_a_point_with_a_damaged_boot_chunk_fails_with_the_reason(tmp_pa
     assert_nothing_left(tmp_path)
     (run, *_) = drill_runs()
     assert run.state.is_failed() and "SHA-256" in (run.state.message or "")
+    assert "SHA-256" in drill_event("hotspare.drill.failed", run.id)["reason"]
     assert "FAILED" in cli("points", "demo", env=env).stdout
     status = json.loads(cli("status", "demo", "--json", env=env).stdout)["drill"]
     assert status["drilled"] and status["newest_verified_point"] is None and status["last_verdict"] == "failed"

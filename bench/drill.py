@@ -4,8 +4,9 @@
 
 Builds the demo disk, protects ``demo`` in a local store (a ``prefect server start`` of its
 own on loopback runs the consolidate flows), and makes ``--points`` recovery points (each
-after writing 4 MiB of new bytes into the disk's data partition, one agent cycle and one
-consolidation). Then, per point:
+after writing 4 MiB of new bytes into the disk's data partition, one agent cycle of the
+``scan`` tracker, which sees writes made to the image file, and one consolidation). Then,
+per point:
 
 - the drill (:func:`hotspare.drill.drill`, the engine the drill flow runs, on local QEMU):
   its wall time, from choosing the point to the last server stopped and overlay removed,
@@ -77,7 +78,8 @@ def main() -> None:
     with scratch(args.workdir, "drill", args.keep, console) as root:
         env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "PREFECT_SERVER_UI_ENABLED": "false", "HOTSPARE_STORE": str(root / "store"),
-               "HOTSPARE_AGENT_STATE": str(root / "agent"), "HOTSPARE_VM_DIR": str(root / "vms")}
+               "HOTSPARE_AGENT_STATE": str(root / "agent"), "HOTSPARE_VM_DIR": str(root / "vms"),
+               "HOTSPARE_TRACKER": "scan"}
         server, url = start_server(root, env)
         env["PREFECT_API_URL"] = url
         rows = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field
 
-from hotspare.machine import Policy
+from hotspare.machine import DRILL_PATTERN, Policy
 
 
 class MachinePolicy(Block):
@@ -40,6 +40,15 @@ class MachinePolicy(Block):
     notify_block: str = Field("", title="Notification block",
                               description="A notification block (TYPE-SLUG/NAME, or NAME of a custom-webhook block) "
                                           "that approval requests notify, applied by `hotspare deploy`.")
+
+    drill_pattern: str = Field(DRILL_PATTERN, title="Drill: console pattern",
+                               description="Regular expression a drilled VM must print on its serial console.")
+    drill_probes: list[str] = Field(default_factory=list, title="Drill: probe commands",
+                                    description="Commands run on the drill's host after the pattern showed; each "
+                                                "must exit 0 (env: HOTSPARE_DRILL_SERIAL, HOTSPARE_DRILL_QMP, "
+                                                "HOTSPARE_DRILL_VM).")
+    drill_timeout: float = Field(300.0, gt=0, title="Drill: boot timeout (s)",
+                                 description="Seconds a drilled VM has to show its boot evidence.")
 
     def policy(self) -> Policy:
         return Policy(**{name: getattr(self, name) for name in Policy.model_fields})

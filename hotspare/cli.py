@@ -324,6 +324,26 @@ def _catalogs(store: str | None, machine: str):
     return st, cfg, {d.name: load_catalog(st, machine, d.name, d.size) for d in cfg.disks}
 
 
+def _drill_text(v) -> str:
+    """A point's drill verdict in a few words, for a table."""
+    if v is None:
+        return "untested (never drilled)"
+    when = v.at.strftime("%Y-%m-%d %H:%M")
+    if v.verdict == "verified":
+        return f"verified {when}, booted in {v.seconds:.1f}s"
+    return f"{v.verdict.upper() if v.verdict == 'failed' else v.verdict} {when}: {v.reason[:160]}"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
 @app.command()
 def points(machine: MachineArg, store: StoreOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
@@ -340,13 +360,13 @@ def points(machine: MachineArg, store: StoreOpt = None,
                           for d, c in cats.items()}, indent=1))
         return
     table = Table(title=f"recovery points of {machine}")
-    for col in ("disk", "point", "epoch", "seq", "time (UTC)", "bytes applied", "crash-consistent", "role"):
+    for col in ("disk", "point", "epoch", "seq", "time (UTC)", "bytes applied", "crash-consistent", "role", "drill"):
         table.add_column(col)
     for d, c in cats.items():
         for p in c.points:
             role = " ".join(roles(c, p))
             table.add_row(d, p.id, str(p.epoch), str(p.seq), p.time.strftime("%Y-%m-%d %H:%M:%S"), f"{p.bytes_applied:,}",
-                          "yes" if p.consistent else "NO (a scan of a live disk)", role)
+                          "yes" if p.consistent else "NO (a scan of a live disk)", role, _drill_text(p.drill))
     console.print(table)
 
 
@@ -510,6 +530,7 @@ def machine_status(st, machine: str) -> dict:
     """What ``hotspare status`` reports for one machine, as plain data."""
     from hotspare.catalog import catalog_logs, load_catalog
     from hotspare.catalog.model import utcnow
+    from hotspare.drill import last_drills
     from hotspare.fleetview import vm_health
     from hotspare.heartbeat import SKEW_REPORTED, load_heartbeat
     from hotspare.machine import load_machine
@@ -548,9 +569,20 @@ def machine_status(st, machine: str) -> dict:
                                               "restore": hb.restore.model_dump(mode="json") if hb.restore else None,
                                               # a stall the agent lived through and reported once past it
                                               "last_stall": hb.last_stall},
-        "policy": cfg.policy.model_dump(), "disks": disks,
+        "policy": cfg.policy.model_dump(), "disks": disks, "drill": _drill_status(last_drills(cats)),
         "stalled": bool(stalls), "stalls": [dict(x.payload(), line=x.line()) for x in stalls],
     }
+
+
+def _drill_status(found: dict) -> dict:
+    from hotspare.catalog.model import utcnow
+
+    last, ok = found["last"], found["last_success"]
+    return {"drilled": last is not None, "newest_verified_point": found["newest_verified_point"],
+            "last_success": ok.isoformat() if ok else None,
+            "last_success_age_seconds": round((utcnow() - ok).total_seconds(), 1) if ok else None,
+            "last_verdict": last.verdict if last else None, "last_point": found["last_point"],
+            "last_reason": last.reason if last else None}
 
 
 @app.command()
@@ -576,7 +608,7 @@ def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (
             raise typer.Exit(EXIT_STALLED)
         return
     table = Table(title=f"hotspare machines in {st.url}")
-    for col in ("machine", "state", "epoch", "VM", "heartbeat", "disk", "newest point", "lag"):
+    for col in ("machine", "state", "epoch", "VM", "heartbeat", "drill", "disk", "newest point", "lag"):
         table.add_column(col)
     for r in report:
         hb = r["heartbeat"]
@@ -586,10 +618,19 @@ def status(machine: Annotated[Optional[str], typer.Argument(help="machine name (
         vm = f"{r['host']}:{r['vm'].get('vm_id', '?')}" if r["vm"] else ""
         if r["vm_health"]:
             vm += f" ({r['vm_health']['status']}, capture {r['vm_health']['capture']})"
+        dr = r["drill"]
+        if not dr["drilled"]:
+            drill_text = "never drilled"
+        else:
+            drill_text = (f"verified {dr['newest_verified_point']}, last success {_age(dr['last_success_age_seconds'])} ago"
+                          if dr["last_success"] else "never verified")
+            if dr["last_verdict"] != "verified":
+                drill_text += f"; last drill ({dr['last_point']}) {dr['last_verdict'].upper()}: {(dr['last_reason'] or '')[:120]}"
         for i, (d, info) in enumerate(r["disks"].items()):
             lag = "" if info["lag_seconds"] is None else f"{info['lag_seconds']:.0f}s"
-            table.add_row(*(r["machine"], r["state"] + (f" ({r['phase']})" if r["phase"] else ""), str(r["epoch"]), vm, hb_text)
-                          if i == 0 else ("", "", "", "", ""), d, info["newest_point"] or "none", lag)
+            table.add_row(*(r["machine"], r["state"] + (f" ({r['phase']})" if r["phase"] else ""), str(r["epoch"]), vm, hb_text,
+                            drill_text)
+                          if i == 0 else ("", "", "", "", "", ""), d, info["newest_point"] or "none", lag)
     console.print(table)
     for r in report:
         last = (r["heartbeat"] or {}).get("last_stall")
@@ -680,6 +721,30 @@ def failover_cmd(machine: MachineArg, store: StoreOpt = None,
 
     _report(failover(machine=machine, store=url, approve=approve, vm_dir=vm_dir, expect_marker=expect_marker,
                      boot_timeout=boot_timeout, return_state=True), "failover")
+
+
+@app.command("drill")
+def drill_cmd(machine: MachineArg, store: StoreOpt = None,
+              point: Annotated[Optional[str], typer.Option(help="point id to drill (default: the newest)")] = None,
+              at: Annotated[Optional[str], typer.Option(help="drill the newest point at or before this ISO time")] = None,
+              vm_dir: VmDirOpt = None,
+              boot_timeout: Annotated[Optional[float], typer.Option(
+                  help="seconds the VM has to show its boot evidence (default: the policy's)")] = None) -> None:
+    """Boot a recovery point of MACHINE in an isolated VM, check that it boots, and record the
+    verdict in the catalog (runs the drill flow; never touches the machine or a failover)."""
+    from hotspare.store import open_store
+
+    if point and at:
+        raise typer.BadParameter("give --point or --at, not both")
+    if boot_timeout is not None and not boot_timeout > 0:
+        raise typer.BadParameter("--boot-timeout must be a positive number of seconds")
+    _when(at)  # a bad time fails before the flow starts
+    url = open_store(store).url
+    _flows()
+    from flows.drill import drill
+
+    _report(drill(machine=machine, store=url, point=point, at=at, vm_dir=vm_dir, boot_timeout=boot_timeout,
+                  return_state=True), "drill")
 
 
 def _running_vm(st, machine: str, vm_dir: str | None):

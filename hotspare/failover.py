@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from hotspare.catalog import load_catalog
+from hotspare.catalog import RecoveryPoint, load_catalog
 from hotspare.consolidate.export import export_point, find_point
 from hotspare.errors import HotspareError, UsageError
 from hotspare.heartbeat import load_heartbeat
@@ -89,15 +89,18 @@ def serve_dir(workdir: Path) -> Path:
     return workdir / "serve"
 
 
-def disk_backing(store: Store, machine: str, disk: DiskSpec, workdir: Path, *, serve: bool = True) -> tuple[str, VmDisk]:
+def disk_backing(store: Store, machine: str, disk: DiskSpec, workdir: Path, *, serve: bool = True,
+                 point: RecoveryPoint | None = None) -> tuple[str, VmDisk]:
     """The recovery point the VM's ``disk`` starts from, served read-only over NBD (nbdkit
     over the point's chunks, :mod:`hotspare.replica.serve`), as the backing of the VM's
     overlay: the VM boots at once, whatever the disk's size, and :mod:`hotspare.vm.stream`
     pulls the disk local in the background. A re-run adopts a server that still runs.
     ``serve=False`` exports the point as a raw image in the work directory instead (for a
-    host that cannot read NBD; its cost grows with the disk)."""
+    host that cannot read NBD; its cost grows with the disk). ``point``: that point instead
+    of the newest (crash-consistent) one."""
     cat = load_catalog(store, machine, disk.name, disk.size)
-    point = find_point(cat, prefer_consistent=True)
+    if point is None:
+        point = find_point(cat, prefer_consistent=True)
     if not serve:
         workdir.mkdir(parents=True, exist_ok=True)
         image = workdir / f"{disk.name}-{point.id}.raw"

@@ -8,6 +8,7 @@ a hand-edited or corrupt ``machine.json`` gives an error naming the key and the 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from datetime import datetime
 
@@ -20,6 +21,8 @@ from hotspare.store.base import Store
 
 MACHINE_FORMAT = 1
 DEFAULT_BLOCK_SIZE = 64 << 10
+# The demo guest's marker line (hotspare.demodisk.MARKER_RE), what a drill waits for by default.
+DRILL_PATTERN = r"hotspare-marker counter=\d+ boot="
 
 
 class Policy(BaseModel):
@@ -43,6 +46,24 @@ class Policy(BaseModel):
     notify_block: str = Field("", description="a Prefect notification block, TYPE-SLUG/NAME or NAME of a "
                                               "custom-webhook block, that approval requests notify (applied "
                                               "by hotspare deploy); empty: none")
+    drill_pattern: str = Field(DRILL_PATTERN, min_length=1,
+                               description="regular expression the booted guest must print on its serial console "
+                                           "(the default is the demo guest's marker line)")
+    drill_probes: list[str] = Field(default_factory=list,
+                                    description="commands run on the drill's host once the pattern showed, each "
+                                                "must exit 0; they get HOTSPARE_DRILL_SERIAL (the console log), "
+                                                "HOTSPARE_DRILL_QMP (the QMP socket) and HOTSPARE_DRILL_VM in "
+                                                "their environment (the VM has no network)")
+    drill_timeout: float = Field(300.0, gt=0, description="seconds a drilled VM has to show its boot evidence")
+
+    @field_validator("drill_pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as err:
+            raise ValueError(f"drill pattern {v!r} is not a regular expression: {err}") from None
+        return v
 
 
 class DiskSpec(BaseModel):

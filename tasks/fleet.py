@@ -27,14 +27,14 @@ def survey_fleet(store: str | None, store_block: str | None) -> list[engine.Surv
     return engine.survey_fleet(resolve_store(store, store_block))
 
 
-def ensure_lease(machine: str) -> str:
-    """The machine's concurrency limit, created with one slot if it does not exist (an
-    existing one is left as the operator set it)."""
+def ensure_lease(machine: str, name: str | None = None) -> str:
+    """The machine's concurrency limit (or the limit ``name``), created with one slot if it
+    does not exist (an existing one is left as the operator set it)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    name = engine.lease_name(machine)
+    name = name or engine.lease_name(machine)
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)

@@ -17,7 +17,7 @@ from tests.helpers import cli, random_image
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.prefix) / "bin" / "prefect")
-FLEET = ("fleet-ingest/fleet-ingest", "fleet-consolidate/fleet-consolidate", "vhd/vhd", "check/check")
+FLEET = ("fleet-ingest/fleet-ingest", "fleet-consolidate/fleet-consolidate", "vhd/vhd", "check/check", "drill/drill")
 
 
 def deploy(env: dict[str, str], *names: str, pool: str = "hotspare", extra: tuple[str, ...] = ()) -> None:
@@ -66,8 +66,10 @@ def test_deployments_have_schedules_and_bind_no_machine(deployed: dict[str, str]
 
     with get_client(sync_client=True) as client:
         found = {d.name: d for d in client.read_deployments()}
-        assert {"fleet-ingest", "fleet-consolidate", "vhd", "ingest", "consolidate", "failover", "failback"} <= set(found)
-        for name, seconds in (("fleet-ingest", 300), ("fleet-consolidate", 900), ("vhd", 86400), ("check", 604800)):
+        assert {"fleet-ingest", "fleet-consolidate", "vhd", "check", "drill", "ingest", "consolidate", "failover",
+                "failback"} <= set(found)
+        for name, seconds in (("fleet-ingest", 300), ("fleet-consolidate", 900), ("vhd", 86400), ("check", 604800),
+                              ("drill", 86400)):
             scheds = client.read_deployment_schedules(found[name].id)
             assert [s.schedule.interval.total_seconds() for s in scheds] == [seconds], name
         for name in ("ingest", "consolidate"):

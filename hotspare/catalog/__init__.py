@@ -12,13 +12,14 @@ Terms:
 - recovery point: a consolidated state of the disk (epoch, seq, time, VHD object).
 """
 
-from hotspare.catalog.model import AcceptedLog, Catalog, Fence, ManifestRef, RecoveryPoint, RejectedLog
+from hotspare.catalog.model import AcceptedLog, Catalog, DrillVerdict, Fence, ManifestRef, RecoveryPoint, RejectedLog
 from hotspare.catalog.io import commit_catalog, load_catalog
 from hotspare.catalog.manifest import accepted_keys, catalog_logs
 
 __all__ = [
     "AcceptedLog",
     "Catalog",
+    "DrillVerdict",
     "Fence",
     "ManifestRef",
     "RecoveryPoint",

@@ -9,6 +9,7 @@ no manifests; they read as catalogs whose tail is the whole list.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, Field, model_validator
 
@@ -76,6 +77,17 @@ class Fence(BaseModel):
     reason: str = ""
 
 
+class DrillVerdict(BaseModel):
+    """What the last drill of a point found: ``verified`` (it booted and showed the policy's
+    boot evidence, in ``seconds``), ``failed`` (``reason`` says why) or ``untested`` (the
+    drill could not judge the point, e.g. the VM host failed; ``reason`` says why)."""
+
+    verdict: Literal["verified", "failed", "untested"]
+    at: datetime = Field(default_factory=utcnow, description="when the drill ended")
+    seconds: float | None = Field(None, ge=0, description="from the VM's launch to the boot evidence")
+    reason: str = ""
+
+
 class RecoveryPoint(BaseModel):
     id: str = Field(description="<epoch>-<seq>")
     epoch: int = Field(ge=0)
@@ -86,6 +98,7 @@ class RecoveryPoint(BaseModel):
     bytes_applied: int = Field(ge=0)
     consistent: bool = Field(False, description="a crash-consistent cut (a frozen view was read), "
                                                 "not a fuzzy read of a live disk")
+    drill: DrillVerdict | None = Field(None, description="the verdict of the point's last drill; None: never drilled")
 
     @property
     def position(self) -> tuple[int, int]:

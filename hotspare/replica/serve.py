@@ -79,4 +79,11 @@ def stop_server(pid: int, timeout: float = 10.0) -> None:
     while server_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     if server_alive(pid):
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        # Return only once it is gone: a caller that checks next must not still see it.
+        deadline = time.monotonic() + 5.0
+        while server_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -46,7 +46,7 @@ CONSOLIDATE_FAULTS = [Rule("GET", ".parquet", "truncate", 2), Rule("GET", "list-
 # it (the qemu tracker's agent-after-freeze and agent-before-release have
 # tests/test_tracker.py; failover and failback theirs).
 CRASHES = [("agent", "agent-after-upload"), ("consolidate", "ingest-before-commit"),
-           ("consolidate", "catalog-before-commit"), ("consolidate", "consolidate-before-publish"),
+           ("consolidate", "catalog-before-commit"), ("consolidate", "consolidate-before-root"),
            ("consolidate", "consolidate-before-commit"), ("consolidate", "consolidate-before-gc")]
 
 

@@ -188,3 +188,40 @@ def test_failback_fences_the_vm_epoch_at_the_verified_seq(tmp_path: Path) -> Non
     cat = fence_disk(st, "m", spec, 1, "failback", after_seq=5)
     assert (cat.epoch, cat.fence_of(1).after_seq) == (2, 5), "the late log's seq 6 is refused from now on"
     assert load_catalog(st, "m", "root", spec.size).fence_of(1).after_seq == 5
+
+
+def test_the_restore_agents_kept_map_rehashes_only_the_blocks_it_wrote(tmp_path) -> None:
+    """After a full scan the agent keeps its map; the blocks a data log wrote are marked, and
+    the next scan reads only those (here 2 of 16 blocks), with their hashes right."""
+    import io
+    import os
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import xxhash
+
+    from hotspare.failback.known import KnownHashes
+    from hotspare.machine import DiskSpec
+
+    img = tmp_path / "disk"
+    img.write_bytes(os.urandom(1 << 20))
+    spec = DiskSpec(name="root", path=str(img), size=1 << 20, block_size=65536)
+    known = KnownHashes(tmp_path, 1, spec, str(img))
+    assert known.known() is None and known.rescan(os.open(img, os.O_RDONLY)) is None, "no map: a full scan"
+    stale = np.arange(16, dtype=np.uint64)
+    known.keep(stale)
+    log = io.BytesIO()
+    pq.write_table(pa.table({"offset": pa.array([70000, 0], pa.uint64()), "length": pa.array([1000, 512], pa.uint32())}),
+                   log)
+    known.mark_log(log.getvalue())
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        hashes, read = known.rescan(fd)
+    finally:
+        os.close(fd)
+    data = img.read_bytes()
+    assert read == 2 * 65536
+    assert hashes[0] == xxhash.xxh3_64_intdigest(data[:65536]) and hashes[1] == xxhash.xxh3_64_intdigest(data[65536:131072])
+    assert (hashes[2:] == stale[2:]).all(), "blocks no log wrote are not read again"
+    assert KnownHashes(tmp_path, 1, spec, "/other/disk").known() is None, "a map of another target is not used"

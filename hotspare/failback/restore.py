@@ -219,7 +219,8 @@ class Restorer:
             spec = self._spec(disk)
             path = order.disks[disk].target or spec.path
             known = self._known(order.vm_epoch, spec, path)
-            fd = open_target(path, spec.size)
+            os.close(open_target(path, spec.size))  # checks the target; it is opened to write
+            fd = os.open(path, os.O_RDONLY)
             try:
                 t0 = time.monotonic()
                 again = known.rescan(fd)

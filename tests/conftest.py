@@ -198,6 +198,10 @@ def _kill_daemons_under(root: Path) -> None:
             os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
         except (ValueError, ProcessLookupError, OSError):
             pass
+    # VMs, point servers and VM captures a failed test left running: anything whose command
+    # line names a path under ``root`` (left alive, they slow every later test).
+    for pattern in ("qemu-system", "nbdkit", "hotspare.vm.capture"):
+        subprocess.run(["pkill", "-9", "-f", f"{pattern}.*{root}/"], capture_output=True)
     time.sleep(0.1)
     for mnt in [*root.rglob("serve/*.img"), *root.rglob("view/*.img")]:
         subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)

@@ -311,12 +311,24 @@ class CountingStore(Store):
 # ------------------------------------------------------------------------- engine
 
 
-def threaded_jobs(store: Store, workers: int):
+def threaded_jobs(store: Store, workers: int, profiles: list[cProfile.Profile] | None = None):
     """``run_jobs`` for consolidate_disk: part jobs on ``workers`` threads (what the flow's
-    mapped tasks do on a thread pool task runner)."""
+    mapped tasks do on a thread pool task runner). With ``profiles``, each job runs under
+    its own profiler (cProfile sees only the thread that enables it), added to the list."""
+    def one(job: PartJob) -> PartResult:
+        if profiles is None:
+            return run_part(store, job)
+        p = cProfile.Profile()
+        p.enable()
+        try:
+            return run_part(store, job)
+        finally:
+            p.disable()
+            profiles.append(p)
+
     def run_jobs(jobs: list[PartJob]) -> list[PartResult]:
         with ThreadPoolExecutor(max(1, workers)) as ex:
-            return list(ex.map(lambda j: run_part(store, j), jobs))
+            return list(ex.map(one, jobs))
     return run_jobs
 
 
@@ -329,15 +341,17 @@ def protect(store: Store, cfg: MachineConfig, state: Path) -> tuple[int, int]:
 
 
 def consolidate(store: Store, cfg: MachineConfig, workers: int,
-                profile: cProfile.Profile | None = None) -> tuple[DiskConsolidation, float]:
+                profile: cProfile.Profile | None = None) -> tuple[DiskConsolidation, float, list[cProfile.Profile]]:
+    """consolidate_disk, timed; with ``profile``, also the profiles of its part jobs."""
+    jobs: list[cProfile.Profile] | None = [] if profile else None
     if profile:
         profile.enable()
     t = time.perf_counter()
-    out = consolidate_disk(store, cfg.name, cfg.disks[0], cfg.policy, run_jobs=threaded_jobs(store, workers))
+    out = consolidate_disk(store, cfg.name, cfg.disks[0], cfg.policy, run_jobs=threaded_jobs(store, workers, jobs))
     seconds = time.perf_counter() - t
     if profile:
         profile.disable()
-    return out, seconds
+    return out, seconds, jobs or []
 
 
 # ---------------------------------------------------------------------- references
@@ -450,7 +464,7 @@ def run(args: argparse.Namespace, root: Path, size: int, server: SeaweedFS) -> i
     t = time.perf_counter()
     shipped, logs = protect(store, cfg, state)
     t_ship = time.perf_counter() - t
-    first, first_s = consolidate(store, cfg, args.workers)
+    first, first_s, _ = consolidate(store, cfg, args.workers)
     console.print(f"first point {first.point}: agent shipped {shipped / 2**20:,.0f} MiB in {logs} log(s) in "
                   f"{t_ship:.1f} s; {first.chunks_written} chunks in {first.packs_written} packs in {first_s:.1f} s")
     t = time.perf_counter()
@@ -471,14 +485,18 @@ def run(args: argparse.Namespace, root: Path, size: int, server: SeaweedFS) -> i
     # -- ours ---------------------------------------------------------------------------
     profile = cProfile.Profile() if args.profile else None
     store.reset()
-    ours, wall = consolidate(store, cfg, args.workers, profile)
+    ours, wall, job_profiles = consolidate(store, cfg, args.workers, profile)
     up, down, puts = Counter(store.uploaded), Counter(store.read), Counter(store.puts)
     uploaded = up["packs"] + up["pages"] + up["root"]
     console.print(f"hotspare: {wall:.2f} s, point {ours.point}, {ours.parts} part job(s) on {args.workers} thread(s)")
     if profile:
         s = io.StringIO()
-        pstats.Stats(profile, stream=s).sort_stats("cumulative").print_stats(35)
-        pstats.Stats(profile, stream=s).sort_stats("tottime").print_stats(20)
+        s.write("== consolidate_disk, main thread (waits for the part jobs in run_jobs)\n")
+        pstats.Stats(profile, stream=s).sort_stats("cumulative").print_stats(30)
+        if job_profiles:
+            s.write(f"== the {len(job_profiles)} part job(s), added (each on its own thread)\n")
+            pstats.Stats(*job_profiles, stream=s).sort_stats("cumulative").print_stats(30)
+            pstats.Stats(*job_profiles, stream=s).sort_stats("tottime").print_stats(20)
         console.print(s.getvalue(), markup=False, highlight=False)
 
     # -- references ---------------------------------------------------------------------

@@ -72,8 +72,11 @@ class ChunkReader:
         self._last_end = offset + length
         ents = self.entries(first, ahead)
         got = self._fetch_entries(ents, range(first, first + len(ents)))
+        stored = np.flatnonzero(ents["length"][: last - first + 1]).tolist()
+        if not stored:
+            return bytes(length)  # zeros (never stored): no buffer to fill and copy
         out = bytearray(length)
-        for i in np.flatnonzero(ents["length"][: last - first + 1]).tolist():
+        for i in stored:
             b = first + i
             digest = digest_of(ents[i])
             chunk = got[digest]

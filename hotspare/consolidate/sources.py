@@ -66,7 +66,9 @@ class Sources:
 def read_extent_columns(store: Store, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(offset, length, is_zero, row_group, row_in_group) of every row of a log, in seq
     order, from its metadata columns only."""
-    with open_accepted(store, key) as f:
+    # A small buffer: these columns are a few bytes per extent, and each ranged read would
+    # otherwise fetch 8 MiB of the log's data with them.
+    with open_accepted(store, key, buffer_size=256 << 10) as f:
         pf = open_parquet(f, key)
         offs, lens, zero, rgs, rows = [], [], [], [], []
         for g in range(pf.num_row_groups):
@@ -84,11 +86,11 @@ def read_extent_columns(store: Store, key: str) -> tuple[np.ndarray, np.ndarray,
     return cat(offs, np.int64), cat(lens, np.int64), cat(zero, bool), cat(rgs, np.int32), cat(rows, np.int32)
 
 
-def open_accepted(store: Store, key: str):
+def open_accepted(store: Store, key: str, buffer_size: int = 8 << 20):
     """An accepted log opened for reading; InvalidLog when it is gone from the store (it was
     accepted, so it is damage, handled like any damaged log)."""
     try:
-        return store.open(key)
+        return store.open(key, buffer_size=buffer_size)
     except NotFound:
         raise InvalidLog(key, "missing from the store (deleted after it was accepted)") from None
 

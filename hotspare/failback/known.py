@@ -6,13 +6,16 @@ that scan's hash map (``known-<epoch>-<disk>.npy`` in its state directory) and m
 block each applied data log writes (``dirty-<epoch>-<disk>.npy``, persisted after the log is
 fsynced and before the progress that counts it). The next scan re-hashes the dirty blocks
 only, so the downtime's scan costs the last deltas, not the disk's size. Without a kept map
-(a first scan, a lost state file) the scan reads the whole disk.
+(a first scan, a lost state file) the scan reads the whole disk, and so it does when an image
+file's modification stamp is not the one the agent's own last write left: something else
+wrote it, and only a full read can say what. (A block device's node keeps no such stamp.)
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ class KnownHashes:
         self.known_file = root / f"known-{tag}.npy"
         self.dirty_file = root / f"dirty-{tag}.npy"
         self.target_file = root / f"known-{tag}.target"
+        self.stamp_file = root / f"known-{tag}.stamp"
         self.blocks = -(-spec.size // spec.block_size)
 
     def _load(self, path: Path, dtype) -> np.ndarray | None:
@@ -42,10 +46,17 @@ class KnownHashes:
             return None
         return arr if arr.shape == (self.blocks,) and arr.dtype == dtype else None
 
+    def _stamp(self) -> str:
+        st = os.stat(self.target)
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else "device"
+
+    def _restamp(self) -> None:
+        write_atomic(self.stamp_file, self._stamp())
+
     def known(self) -> np.ndarray | None:
-        """The kept map, when it is of this disk and target."""
+        """The kept map, when it is of this disk and target and nothing else wrote it since."""
         try:
-            if self.target_file.read_text() != self.target:
+            if self.target_file.read_text() != self.target or self.stamp_file.read_text() != self._stamp():
                 return None
         except OSError:
             return None
@@ -74,6 +85,7 @@ class KnownHashes:
         np.add.at(mark, last + 1, -1)
         dirty |= np.cumsum(mark[:-1]) > 0
         self._save(self.dirty_file, dirty)
+        self._restamp()  # the agent's own write: the stamp it leaves
 
     def rescan(self, fd: int) -> tuple[np.ndarray, int] | None:
         """The disk's hash map from the kept one, re-hashing only the dirty blocks; returns
@@ -102,3 +114,4 @@ class KnownHashes:
         self._save(self.known_file, hashes)
         self.target_file.write_text(self.target)
         self._save(self.dirty_file, np.zeros(self.blocks, dtype=np.bool_))
+        self._restamp()

@@ -24,29 +24,25 @@ from hotspare.errors import HotspareError, InvalidLog
 from hotspare.store.base import Store
 
 
-class DamagedVhd(HotspareError):
-    """A VHD object the catalog names is missing or does not parse."""
+class _Damaged(HotspareError):
+    """An object the catalog names, missing or damaged: ``key`` and ``reason``."""
 
     def __init__(self, key: str, reason: str) -> None:
         self.key = key
         self.reason = reason
         super().__init__(f"{key}: {reason}")
 
-    def __reduce__(self):
+    def __reduce__(self):  # picklable with its fields (a task's error crosses to its flow)
         return (type(self), (self.key, self.reason))
 
 
-class DamagedPoint(HotspareError):
+class DamagedVhd(_Damaged):
+    """A VHD object the catalog names (the layout before chunks) is missing or does not parse."""
+
+
+class DamagedPoint(_Damaged):
     """An object of the current point's index (its root, a page, a pack it reads) is missing
     or fails its checksum."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        self.key = key
-        self.reason = reason
-        super().__init__(f"{key}: {reason}")
-
-    def __reduce__(self):
-        return (type(self), (self.key, self.reason))
 
 
 class DamagedObject(HotspareError):

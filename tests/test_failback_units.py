@@ -226,9 +226,13 @@ def test_the_restore_agents_kept_map_rehashes_only_the_blocks_it_wrote(tmp_path)
     assert hashes[0] == xxhash.xxh3_64_intdigest(data[:65536]) and hashes[1] == xxhash.xxh3_64_intdigest(data[65536:131072])
     assert (hashes[2:] == stale[2:]).all(), "blocks no log wrote are not read again"
     assert KnownHashes(tmp_path, 1, spec, "/other/disk").known() is None, "a map of another target is not used"
-    # Something else writes the image: its stamp changes, and the next scan reads it all.
+    # Something else writes the image: its stamp changes, and the next scan reads it all,
+    # even after the agent's own next write.
     known.keep(hashes)
     time.sleep(0.01)
     with open(img, "r+b") as f:
         f.write(b"x")
     assert known.known() is None
+    known.before_write()
+    known.mark_log(log.getvalue())
+    assert known.known() is None, "the agent's later write does not hide the other one"

@@ -53,6 +53,15 @@ class KnownHashes:
     def _restamp(self) -> None:
         write_atomic(self.stamp_file, self._stamp())
 
+    def before_write(self) -> None:
+        """Call before the agent writes the target: a stamp that is not the agent's own says
+        something else wrote the disk, and the kept map is dropped (the next scan reads all)."""
+        try:
+            if self.stamp_file.read_text() != self._stamp():
+                self.stamp_file.unlink()
+        except OSError:
+            pass
+
     def known(self) -> np.ndarray | None:
         """The kept map, when it is of this disk and target and nothing else wrote it since."""
         try:
@@ -85,7 +94,8 @@ class KnownHashes:
         np.add.at(mark, last + 1, -1)
         dirty |= np.cumsum(mark[:-1]) > 0
         self._save(self.dirty_file, dirty)
-        self._restamp()  # the agent's own write: the stamp it leaves
+        if self.stamp_file.exists():  # not dropped by before_write: the stamp is the agent's own
+            self._restamp()
 
     def rescan(self, fd: int) -> tuple[np.ndarray, int] | None:
         """The disk's hash map from the kept one, re-hashing only the dirty blocks; returns

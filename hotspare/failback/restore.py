@@ -198,13 +198,15 @@ class Restorer:
             validate_log(io.BytesIO(raw), key, machine=self.config.name, disk=disk, epoch=order.vm_epoch,
                          disk_size=spec.size)
             target = order.disks[disk].target or spec.path
+            known = self._known(order.vm_epoch, spec, target)
+            known.before_write()
             fd = open_target(target, spec.size)
             try:
                 n = write_extents(io.BytesIO(raw), key, fd, after_first=lambda: crash_point("restore-mid-apply"))
                 os.fsync(fd)  # durable before it is counted, never after
             finally:
                 os.close(fd)
-            self._known(order.vm_epoch, spec, target).mark_log(raw)
+            known.mark_log(raw)
             p.position, p.applied_bytes = i + 1, p.applied_bytes + n
             moved += n
             self._save()

@@ -134,6 +134,7 @@ def _point_bytes(store, cat: Catalog, tmp: Path) -> bytes:
 
 @pytest.mark.parametrize("crash_at", ["consolidate-before-root", "consolidate-before-commit", "consolidate-before-gc",
                                       "gc-delete"])
+@pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the reference run copies a local store
 def test_killed_consolidation_reruns_to_the_same_bytes(tmp_path: Path, store, crash_at: str) -> None:
     # With one point kept, the second consolidation drops the first point, so GC has its
     # pages and packs to delete (and is killed in the middle of that).

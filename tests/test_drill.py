@@ -24,6 +24,14 @@ from tests.helpers import cli
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
+def status_cli(*args: str, env: dict[str, str]):
+    """``hotspare status``: exit 3 only says a machine is stalled (the protected machine here
+    stops heartbeating after its agent's single cycle), which is not what these tests judge."""
+    r = cli("status", *args, env=env, check=False)
+    assert r.returncode in (0, 3), r.stdout + r.stderr
+    return r
+
+
 def protect_demo(tmp_path: Path, demo_disk: Path) -> dict[str, str]:
     """The demo machine protected, its seed shipped and consolidated into a point."""
     env = {"HOTSPARE_STORE": str(tmp_path / "store"), "HOTSPARE_AGENT_STATE": str(tmp_path / "agent"),
@@ -121,17 +129,17 @@ def test_drill_of_a_good_point_verifies_it_and_leaves_nothing_behind(tmp_path: P
     # points and status show the truth.
     pts = json.loads(cli("points", "demo", "--json", env=env).stdout)
     assert pts["root"][0]["drill"]["verdict"] == "verified"
-    status = json.loads(cli("status", "demo", "--json", env=env).stdout)
+    status = json.loads(status_cli("demo", "--json", env=env).stdout)
     assert status["drill"]["newest_verified_point"] == p.id
     assert 0 <= status["drill"]["last_success_age_seconds"] < 600
-    table = cli("status", "demo", env=env).stdout
+    table = status_cli("demo", env=env).stdout
     assert "verified" in table and "never drilled" not in table
 
 
 def test_status_says_never_drilled(tmp_path: Path, demo_disk: Path) -> None:
     env = protect_demo(tmp_path, demo_disk)
-    assert "never drilled" in cli("status", env=env).stdout
-    assert json.loads(cli("status", "demo", "--json", env=env).stdout)["drill"]["drilled"] is False
+    assert "never drilled" in status_cli(env=env).stdout
+    assert json.loads(status_cli("demo", "--json", env=env).stdout)["drill"]["drilled"] is False
     assert "never drilled" in cli("points", "demo", env=env).stdout
 
 
@@ -171,7 +179,7 @@ def test_drill_of_a_point_with_a_damaged_boot_chunk_fails_with_the_reason(tmp_pa
     assert run.state.is_failed() and "SHA-256" in (run.state.message or "")
     assert "SHA-256" in drill_event("hotspare.drill.failed", run.id)["reason"]
     assert "FAILED" in cli("points", "demo", env=env).stdout
-    status = json.loads(cli("status", "demo", "--json", env=env).stdout)["drill"]
+    status = json.loads(status_cli("demo", "--json", env=env).stdout)["drill"]
     assert status["drilled"] and status["newest_verified_point"] is None and status["last_verdict"] == "failed"
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from flows.failover import artifact_slug
 from hotspare import drill as engine
+from hotspare.consolidate.export import parse_at
 from hotspare.errors import HotspareError
 from hotspare.failover import machine_name
 from hotspare.machine import list_machines, load_machine
@@ -57,7 +58,7 @@ def drill(machine: str | None = None, store: str | None = None, store_block: str
     logger = get_run_logger()
     st = resolve_store(store, store_block)
     cfg = load_machine(st, machine)
-    when = _parse_time(at)
+    when = parse_at(at)
     with drill_lease(machine, busy_wait):
         outcome = boot_point(st, cfg, engine.drill_dir(machine, vm_dir), point, when, boot_timeout)
         if outcome.cleaned:
@@ -84,19 +85,6 @@ def drill(machine: str | None = None, store: str | None = None, store_block: str
         raise engine.DrillFailed(outcome.message)
     logger.info("%s", outcome.message)
     return result
-
-
-def _parse_time(at: str | None):
-    from datetime import datetime
-
-    from hotspare.errors import UsageError
-
-    if not at:
-        return None
-    try:
-        return datetime.fromisoformat(at.replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"--at {at!r}: not an ISO time such as 2026-11-25T13:00:00Z") from None
 
 
 def _drill_all(store: str | None, store_block: str | None, vm_dir: str | None, boot_timeout: float | None,

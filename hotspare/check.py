@@ -54,8 +54,14 @@ from hotspare import layout
 from hotspare.catalog import AcceptedLog, Catalog
 from hotspare.catalog.manifest import load_manifest
 from hotspare.errors import InvalidLog, InvalidObject, NotFound, UsageError
-from hotspare.extentlog.reader import open_parquet, read_log_info, read_row_group, validate_log
+from hotspare.extentlog.reader import (
+    open_parquet,
+    read_log_info,
+    read_row_group,
+    validate_log,
+)
 from hotspare.extentlog.schema import SECTOR
+from hotspare.ingest import epoch_of
 from hotspare.layout import num
 from hotspare.machine import DiskSpec, list_machines, load_machine
 from hotspare.replica.index import IndexRoot, pack_id, read_page, read_root
@@ -602,7 +608,7 @@ class _Checker:
                 continue  # the chain's
             if key.startswith(epochs):
                 seqs = layout.parse_log_name(key)
-                epoch = _epoch_of(key)
+                epoch = epoch_of(key)
                 if seqs is None or epoch is None:
                     self.find("warning", key, "not an extent log's name", machine=m, disk=d)
                 elif seqs[1] <= cat.folded.get(epoch, -1):
@@ -661,14 +667,6 @@ def _toc_fault(toc: np.ndarray, data_end: int, chunks: set[int]) -> str | None:
     if len(toc) and (off[0] != 0 or (off[1:] != ends[:-1]).any() or int(ends[-1]) != data_end):
         return f"its table of contents does not lay its chunks back to back over bytes 0..{data_end}"
     return None
-
-
-def _epoch_of(key: str) -> int | None:
-    parts = key.split("/")
-    try:
-        return int(parts[parts.index("epochs") + 1])
-    except (ValueError, IndexError):
-        return None
 
 
 def _root_key(dk: _Disk, point: str) -> str:

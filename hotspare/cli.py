@@ -436,7 +436,7 @@ def export(
         raise UsageError(f"--format {fmt!r}: use vhd, vhd-fixed or raw")
     if point and at:
         raise UsageError("give --point or --at, not both")
-    when = _when(at)
+    when = _parse_at(at)
     st, cfg, cats = _catalogs(store, machine)
     spec = cfg.disk(disk)
     if to_store:
@@ -463,19 +463,6 @@ def export(
     console.print(f"exported {machine}/{disk} point {p.id} ({p.time.isoformat()}) to {out} as {fmt}")
 
 
-def _when(at: str | None):
-    from datetime import datetime
-
-    from hotspare.errors import UsageError
-
-    if not at:
-        return None
-    try:
-        return datetime.fromisoformat(at.replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"--at {at!r}: not an ISO time such as 2026-11-25T13:00:00Z") from None
-
-
 @app.command()
 def serve(
     machine: MachineArg,
@@ -496,7 +483,7 @@ def serve(
         raise UsageError("give --point or --at, not both")
     st, cfg, cats = _catalogs(store, machine)
     cfg.disk(disk)
-    p = find_point(cats[disk], point, _when(at))
+    p = find_point(cats[disk], point, _parse_at(at))
     if not p.root:
         raise UsageError(f"{machine}/{disk} point {p.id} is in the layout before chunks: run "
                          f"`hotspare consolidate {machine}` once to convert the disk")
@@ -514,6 +501,12 @@ def serve(
     finally:
         stop_server(proc.pid)
         sock.unlink(missing_ok=True)
+
+
+def _parse_at(at: str | None):
+    from hotspare.consolidate.export import parse_at
+
+    return parse_at(at)
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -738,7 +731,7 @@ def drill_cmd(machine: MachineArg, store: StoreOpt = None,
         raise typer.BadParameter("give --point or --at, not both")
     if boot_timeout is not None and not boot_timeout > 0:
         raise typer.BadParameter("--boot-timeout must be a positive number of seconds")
-    _when(at)  # a bad time fails before the flow starts
+    _parse_at(at)  # a bad time fails before the flow starts
     url = open_store(store).url
     _flows()
     from flows.drill import drill

@@ -91,7 +91,7 @@ def batches(pending: list[ObjectInfo], max_logs: int = BATCH_LOGS, max_bytes: in
 def check_log(store: Store, key: str, machine: str, disk: DiskSpec) -> LogInfo:
     """Validate one log object fully (streams it row group by row group)."""
     parsed = layout.parse_log_name(key)
-    epoch = _epoch_of(key)
+    epoch = epoch_of(key)
     if parsed is None or epoch is None:
         raise InvalidLog(key, "not an extent-log name (<epoch>/logs/<first_seq>-<last_seq>.parquet)")
     with store.open(key) as f:
@@ -102,7 +102,8 @@ def check_log(store: Store, key: str, machine: str, disk: DiskSpec) -> LogInfo:
     return info
 
 
-def _epoch_of(key: str) -> int | None:
+def epoch_of(key: str) -> int | None:
+    """The epoch a log key names (``.../epochs/<epoch>/logs/...``), or None."""
     parts = key.split("/")
     try:
         return int(parts[parts.index("epochs") + 1])
@@ -148,7 +149,7 @@ def plan(catalog: Catalog, results: list[LogInfo | InvalidLog]) -> Plan:
     current = applied.get(catalog.epoch, -1)
     for key, _ in p.rejected:
         seqs = layout.parse_log_name(key)
-        if _epoch_of(key) == catalog.epoch and seqs and seqs[0] > current:
+        if epoch_of(key) == catalog.epoch and seqs and seqs[0] > current:
             p.hole_at = current + 1
     return p
 

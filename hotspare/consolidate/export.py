@@ -34,6 +34,16 @@ def point_reader(store: Store, catalog: Catalog, point: RecoveryPoint) -> ChunkR
     return ChunkReader(store, read_root(store, point.root))
 
 
+def parse_at(at: str | None) -> datetime | None:
+    """An ``--at`` argument (ISO time, ``Z`` allowed) as a datetime; UsageError when it is not one."""
+    if not at:
+        return None
+    try:
+        return datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--at {at!r}: not an ISO time such as 2026-11-25T13:00:00Z") from None
+
+
 def find_point(catalog: Catalog, point_id: str | None = None, at: datetime | None = None, *,
                prefer_consistent: bool = False) -> RecoveryPoint:
     """The point named ``point_id``, or the newest at or before ``at``, or the newest; with

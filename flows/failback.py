@@ -61,11 +61,6 @@ DEFAULT_RATE = 100e6  # bytes/s assumed for estimates until the agent has measur
 VM_STOP_SECONDS = 5.0
 
 
-class CutoverApproval(Approval):
-    remaining_bytes: int = 0
-    estimated_downtime_s: float = 0.0
-
-
 class FailbackResult(BaseModel):
     machine: str
     outcome: str  # failed-back, refused, rejected, timed-out, already
@@ -313,9 +308,8 @@ class _Failback:
         estimate = (2 * remaining / (progress.apply_rate or DEFAULT_RATE) + VM_STOP_SECONDS)
         policy = self.cfg.policy
         if approve or policy.auto_approve:
-            answer = CutoverApproval(decision="approve", by="policy" if policy.auto_approve else "operator (--approve)",
-                                     why="auto-approve" if policy.auto_approve else "approved when started",
-                                     remaining_bytes=remaining, estimated_downtime_s=round(estimate, 1))
+            answer = Approval(decision="approve", by="policy" if policy.auto_approve else "operator (--approve)",
+                              why="auto-approve" if policy.auto_approve else "approved when started")
         else:
             vm = (self.state.vm or {}).get("vm_id", "?")
             answer = ask_approval(ApprovalRequest(
@@ -325,8 +319,7 @@ class _Failback:
                 "block-for-block verification). Rejecting leaves the VM serving.", policy.approval_timeout,
                 mode="restore", epoch=self.vm_epoch - 1,
                 facts=[*machine_facts(self.st, self.cfg, f"{self.state.host or 'local'} (VM {vm})"),
-                       ("Bytes to move at cut-over", str(remaining)), ("Estimated downtime", f"{estimate:.0f} s")]),
-                CutoverApproval, remaining_bytes=remaining, estimated_downtime_s=round(estimate, 1))
+                       ("Bytes to move at cut-over", str(remaining)), ("Estimated downtime", f"{estimate:.0f} s")]))
         create_markdown_artifact(f"**Cut-over of {self.machine}**: {'approved' if answer.approve else 'rejected'} by "
                                  f"{answer.by or 'unknown'}: {answer.why or '(no reason given)'}; {remaining} bytes "
                                  f"remaining, estimated downtime {estimate:.0f} s",

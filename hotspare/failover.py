@@ -19,7 +19,7 @@ from hotspare.consolidate.export import export_point, find_point
 from hotspare.errors import HotspareError, UsageError
 from hotspare.heartbeat import load_heartbeat
 from hotspare.machine import DiskSpec, MachineConfig
-from hotspare.replica.serve import server_alive, start_server, stop_server
+from hotspare.replica.serve import read_pid, server_alive, start_detached_server, stop_server
 from hotspare.state import MachineState
 from hotspare.store.base import Store
 from hotspare.vm.host import VmDisk, VmHandle, VmHost
@@ -114,19 +114,12 @@ def disk_backing(store: Store, machine: str, disk: DiskSpec, workdir: Path, *, s
     d = serve_dir(workdir)
     d.mkdir(parents=True, exist_ok=True)
     sock, pidfile = d / f"{disk.name}.sock", d / f"{disk.name}.pid"
-    pid = _read_pid(pidfile)
+    pid = read_pid(pidfile)
     if pid is None or not server_alive(pid) or not sock.exists():
-        proc = start_server(store.url, point.root, sock, log=workdir / f"serve-{disk.name}.log", env=store.process_env())
-        pidfile.write_text(str(proc.pid))
+        start_detached_server(store.url, point.root, sock, pidfile, log=workdir / f"serve-{disk.name}.log",
+                              env=store.process_env())
     return point.id, VmDisk(name=disk.name, backing=f"nbd+unix:///{disk.name}?socket={sock}", size=disk.size,
                             block_size=disk.block_size)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def stop_servers(workdir: Path, handle: VmHandle | None = None) -> list[str]:
@@ -139,7 +132,7 @@ def stop_servers(workdir: Path, handle: VmHandle | None = None) -> list[str]:
         disk = pidfile.stem
         if any(str(d / f"{disk}.sock") in b for b in needed):
             continue
-        pid = _read_pid(pidfile)
+        pid = read_pid(pidfile)
         if pid is not None:
             stop_server(pid)
         pidfile.unlink(missing_ok=True)

@@ -14,6 +14,8 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   demo) exec hotspare demo "$@" ;;
-  test) exec python -m pytest -q "$@" ;;
+  # Two workers: most tests wait on QEMU guests, servers and timers, not on a core. A file's
+  # tests stay on one worker (its module fixtures are built once).
+  test) exec python -m pytest -q -n "${HOTSPARE_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   *) echo "usage: scripts/run.sh demo|test [ARGS...]" >&2; exit 2 ;;
 esac

@@ -220,3 +220,12 @@ def _stop_all_storage_daemons(tmp_path_factory: pytest.TempPathFactory) -> Itera
     """...and the session those that module fixtures started under the session's base."""
     yield
     _kill_daemons_under(tmp_path_factory.getbasetemp())
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Figures a test records with ``record_property`` under a name ending in "suite" (the
+    fault suite's line), printed in every run's summary, also from xdist workers."""
+    for rep in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        for name, value in getattr(rep, "user_properties", []):
+            if name.endswith("suite"):
+                terminalreporter.write_line(f"{name}: {value}")

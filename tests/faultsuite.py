@@ -1,6 +1,8 @@
-"""The fault suite's short tier (issue 11): one machine through protect, agent, ingest and
+"""The fault suite's short tier (issue 11): a machine through protect, agent, ingest and
 consolidate, with store faults injected by a proxy in front of SeaweedFS and a SIGKILL at
-every crash point of that cycle, each followed by the plain re-run a user would make.
+every crash point of that cycle, each followed by the plain re-run a user would make; then
+a second machine on the qemu tracker (writes through its storage daemon's NBD export), with
+store faults and a SIGKILL at each of that tracker's crash points.
 
 After every case it checks what a user would: the newest recovery point holds everything
 the agent reported shipped, or ``hotspare status`` says the machine is stalled (a stall that
@@ -31,6 +33,7 @@ from tests.helpers import cli, qemu_io, random_image
 
 SIZE = 8 << 20
 MACHINE, DISK = "m1", "root"
+QEMU_MACHINE = "m2"
 
 # Store faults per step: throttling, server errors, connections reset before the server
 # acted, bodies cut short after the headers, on the objects each step reads and writes.
@@ -43,11 +46,12 @@ CONSOLIDATE_FAULTS = [Rule("GET", ".parquet", "truncate", 2), Rule("GET", "list-
                       Rule("HEAD", "/", "503", 2), Rule("GET", "/index/", "truncate", 1)]
 
 # Every crash point of the protect/ingest/consolidate cycle, with the command that reaches
-# it (the qemu tracker's agent-after-freeze and agent-before-release have
-# tests/test_tracker.py; failover and failback theirs).
+# it (failover and failback have theirs in tests/test_failover.py and tests/test_failback.py).
 CRASHES = [("agent", "agent-after-upload"), ("consolidate", "ingest-before-commit"),
            ("consolidate", "catalog-before-commit"), ("consolidate", "consolidate-before-root"),
            ("consolidate", "consolidate-before-commit"), ("consolidate", "consolidate-before-gc")]
+# The qemu tracker's: after the cut froze the bitmap, after the upload, before the release.
+QEMU_CRASHES = ["agent-after-freeze", "agent-after-upload", "agent-before-release"]
 
 
 @dataclass
@@ -65,18 +69,27 @@ class Figures:
 
 
 class Suite:
-    def __init__(self, tmp: Path, store: Store, url: str, proxy: FaultProxy, env: dict[str, str]) -> None:
+    def __init__(self, tmp: Path, store: Store, url: str, proxy: FaultProxy, env: dict[str, str],
+                 figures: Figures | None = None, *, machine: str = MACHINE, tracker: str = "scan") -> None:
         # ``store`` reaches the server directly (for the checks); ``url`` through the proxy
         # (AWS_ENDPOINT_URL names it, here and in ``env``, the CLI's environment).
-        self.tmp, self.store, self.url, self.proxy, self.env = tmp, store, url, proxy, env
-        self.image = tmp / "disk.img"
-        self.figures = Figures()
+        self.tmp, self.store, self.url, self.proxy = tmp, store, url, proxy
+        self.machine, self.tracker = machine, tracker
+        self.env = dict(env, HOTSPARE_TRACKER=tracker)
+        self.image = tmp / f"{machine}.img"
+        self.figures = figures or Figures()
         self._writes = 0
         self.timings: list[tuple[str, float, int]] = []  # (step, seconds, faults)
 
     # -- steps -----------------------------------------------------------------------------
     def write(self, *commands: str) -> None:
-        qemu_io(self.image, *commands)
+        """Writes as the machine's programs make them: to the disk itself (scan tracker) or
+        through the storage daemon's export (qemu tracker, where the bitmaps see them)."""
+        if self.tracker == "qemu":
+            sock = self.tmp / "agent" / self.machine / "serve" / f"{DISK}.sock"
+            qemu_io(f"nbd+unix:///{DISK}?socket={sock}", *commands)  # type: ignore[arg-type]
+        else:
+            qemu_io(self.image, *commands)
 
     def some_writes(self) -> None:
         """A few writes that differ every time: data, a rewrite, a trim."""
@@ -99,7 +112,7 @@ class Suite:
     def crash(self, command: str, point: str) -> None:
         """The CLI command, which must die at crash point ``point`` (SIGKILL)."""
         done = self._faults(None)
-        args = ["agent", MACHINE, "--once", "--quiet"] if command == "agent" else [command, MACHINE]
+        args = ["agent", self.machine, "--once", "--quiet"] if command == "agent" else [command, self.machine]
         r = cli(*args, env=dict(self.env, HOTSPARE_CRASH_AT=point), check=False)
         done(f"{command} crash at {point}")
         assert r.returncode == -9, f"{point}: hotspare {' '.join(args)} exited {r.returncode}, not at the " \
@@ -115,7 +128,8 @@ class Suite:
         done = self._faults(faults)
         st = open_store(self.url)
         try:
-            with Agent(st, load_machine(st, MACHINE), self.tmp / "agent" / MACHINE, tracker="scan") as ag:
+            with Agent(st, load_machine(st, self.machine), self.tmp / "agent" / self.machine,
+                       tracker=self.tracker) as ag:
                 ag.cycle()
         finally:
             st.close()
@@ -127,7 +141,7 @@ class Suite:
 
         done = self._faults(faults)
         try:
-            consolidate(machine=MACHINE, store=self.url)
+            consolidate(machine=self.machine, store=self.url)
         finally:
             done("consolidate")
 
@@ -136,16 +150,17 @@ class Suite:
         """After a converging re-run, the current point holds the agent's last shipped seq,
         or status calls the machine stalled; anything else is a silent stall. Returns the
         reasons status gave."""
-        hb = load_heartbeat(self.store, MACHINE)
+        hb = load_heartbeat(self.store, self.machine)
         shipped = hb.disks[DISK]["last_seq"] if hb else -1
-        cat = load_catalog(self.store, MACHINE, DISK, SIZE)
+        cat = load_catalog(self.store, self.machine, DISK, SIZE)
         cur = cat.point("current")
         at = cur.seq if cur is not None and cur.epoch == cat.epoch else -1
         if at < shipped:
-            stalls = machine_status(self.store, MACHINE)["stalls"]
+            stalls = machine_status(self.store, self.machine)["stalls"]
             if not stalls:
                 self.figures.silent_stalls += 1
-                self.figures.notes.append(f"{case}: point at seq {at}, agent shipped {shipped}, status says nothing")
+                self.figures.notes.append(f"{self.machine} {case}: point at seq {at}, agent shipped {shipped}, "
+                                          "status says nothing")
             else:
                 self.figures.stalls_reported += len(stalls)
             return [x["reason"] for x in stalls]
@@ -153,8 +168,8 @@ class Suite:
 
     def damage_newest_log(self) -> None:
         """Flip bytes in the middle of the newest shipped log, as a bad disk at rest would."""
-        cat = load_catalog(self.store, MACHINE, DISK, SIZE)
-        key = max(o.key for o in self.store.list(layout.logs_prefix(MACHINE, DISK, cat.epoch),
+        cat = load_catalog(self.store, self.machine, DISK, SIZE)
+        key = max(o.key for o in self.store.list(layout.logs_prefix(self.machine, DISK, cat.epoch),
                                                  start_after=cat.newest.get(cat.epoch)))
         raw = bytearray(self.store.get(key))
         for i in range(len(raw) // 2, len(raw) // 2 + 16):
@@ -164,8 +179,8 @@ class Suite:
 
     def bytes_lost(self) -> int:
         """Bytes where the exported current point (``hotspare export``) differs from the disk."""
-        out = self.tmp / "export.raw"
-        cli("export", MACHINE, "--disk", DISK, "--out", str(out), "--format", "raw", env=self.env)
+        out = self.tmp / f"{self.machine}-export.raw"
+        cli("export", self.machine, "--disk", DISK, "--out", str(out), "--format", "raw", env=self.env)
         disk = np.fromfile(self.image, dtype=np.uint8)
         replica = np.fromfile(out, dtype=np.uint8)
         if disk.size != replica.size:
@@ -218,9 +233,22 @@ def run(tmp: Path, store: Store, url: str, proxy: FaultProxy, env: dict[str, str
         s.crash("consolidate", point)
         s.consolidate()
         s.check_progress(point)
-    s.figures.bytes_lost = s.bytes_lost()
+    q = Suite(tmp, store, url, proxy, env, s.figures, machine=QEMU_MACHINE, tracker="qemu")
+    random_image(q.image, SIZE, seed=12, fill=0.4)
+    cli("protect", QEMU_MACHINE, "--disk", f"{DISK}={q.image}", env=q.env)
+    q.agent(faults=AGENT_FAULTS)  # the seed; the daemon now serves the disk
+    q.consolidate(faults=CONSOLIDATE_FAULTS)
+    q.check_progress("seed")
+    for point in QEMU_CRASHES:
+        q.some_writes()
+        q.crash("agent", point)
+        q.some_writes()
+        q.agent(faults=AGENT_FAULTS)
+        q.consolidate()
+        q.check_progress(point)
+    s.figures.bytes_lost = s.bytes_lost() + q.bytes_lost()
     if os.environ.get("HOTSPARE_SUITE_TIMINGS"):
-        for step, secs, n in s.timings:
+        for step, secs, n in s.timings + q.timings:
             say(f"{step:40s} {secs:6.1f}s {n} faults")
         for note in s.figures.notes:
             say(note)

@@ -8,7 +8,6 @@ serves its UI too, at the API URL without ``/api``, for the browser test (tests/
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import stop_group
 
 
 def _free_port() -> int:
@@ -68,10 +69,5 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_group(proc, 15)
     log.close()

@@ -88,9 +88,9 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from blocks import block_types  # noqa: E402
+from tests.helpers import PREFECT  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PREFECT = str(Path(sys.prefix) / "bin" / "prefect")
 COMMAND = re.compile(r"(?:^|[\s`(])(hotspare|prefect)((?: [a-z][a-z0-9-]*)+)")
 IMPORT = re.compile(r"from [\w.]+ import [\w, ]+")
 

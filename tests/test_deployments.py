@@ -5,18 +5,15 @@ one starting them."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli, random_image
+from tests.helpers import PREFECT, cli, random_image, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
-PREFECT = str(Path(sys.prefix) / "bin" / "prefect")
 FLEET = ("fleet-ingest/fleet-ingest", "fleet-consolidate/fleet-consolidate", "vhd/vhd", "check/check", "drill/drill")
 
 
@@ -29,6 +26,14 @@ def deploy(env: dict[str, str], *names: str, pool: str = "hotspare", extra: tupl
     r = subprocess.run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", *which, *extra],
                        cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def start_worker(pool: str, env: dict[str, str], log) -> subprocess.Popen:
+    """``prefect worker start --pool POOL`` as README tells operators to run it, polling every
+    2 s, in a session of its own (stop it with ``stop_group``), its output in ``log``."""
+    return subprocess.Popen([PREFECT, "worker", "start", "--pool", pool], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"})
 
 
 def unschedule(*names: str) -> None:
@@ -141,16 +146,16 @@ def test_the_scheduler_starts_a_run_that_a_worker_completes(prefect_api: str, tm
     subprocess.run([PREFECT, "work-pool", "set-concurrency-limit", pool, "1"], env=env, check=True,
                    capture_output=True)
     log = open(tmp_path / "worker.log", "w+")
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", pool], cwd=REPO, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"})
+    worker = start_worker(pool, env, log)
     try:
         with get_client(sync_client=True) as client:
             dep = client.read_deployment_by_name("fleet-ingest/fleet-ingest")
             deadline = time.monotonic() + 150
             done = []
             while not done:
-                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [dep.id]}))
+                # Only this test's pool: another file's tests may have run fleet-ingest on this server.
+                runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [dep.id]}))
+                        if r.work_pool_name == pool]
                 done = [r for r in runs if r.state and r.state.is_completed()]
                 failed = [r for r in runs if r.state and r.state.is_final() and not r.state.is_completed()]
                 assert not failed, f"{failed[0].name}: {failed[0].state}\n{_tail(log)}"
@@ -161,12 +166,7 @@ def test_the_scheduler_starts_a_run_that_a_worker_completes(prefect_api: str, tm
             assert done[0].auto_scheduled, "the run was made by the scheduler, not by a person"
             assert done[0].work_pool_name == pool
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_group(worker)
         unschedule("fleet-ingest/fleet-ingest")
         log.close()
     assert load_catalog(open_store(str(store)), "s1", "root", 4 << 20).applied_seq(0) >= 0

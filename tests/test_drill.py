@@ -19,7 +19,7 @@ from hotspare.replica.reader import ChunkReader
 from hotspare.state import load_state
 from hotspare.store import open_store
 from hotspare.vm.host import load_handle
-from tests.helpers import cli
+from tests.helpers import cli, stop_group
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -246,4 +246,57 @@ def test_a_drill_while_the_machine_is_protected_changes_only_the_verdict(tmp_pat
         except subprocess.TimeoutExpired:
             agent.kill()
             agent.wait()
+    assert_nothing_left(tmp_path)
+
+
+def test_a_drill_cancelled_from_prefect_tears_down_its_vm(prefect_api: str, tmp_path: Path, demo_disk: Path) -> None:
+    """The drill deployment run by a worker, cancelled (as the UI's Cancel does) while its VM
+    boots: the run ends Cancelled, and its VM, servers and overlays are gone with it."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    from tests.test_deployments import REPO, _wait_final, deploy, start_worker, unschedule
+
+    env = protect_demo(tmp_path, demo_disk)
+    full = {**os.environ, **env, "PREFECT_API_URL": prefect_api, "HOTSPARE_REPO": str(REPO), "HOTSPARE_STORE_BLOCK": ""}
+    pool = "hotspare-drill-test"
+    deploy(full, "drill", pool=pool, extra=("--pool", pool))
+    log = open(tmp_path / "worker.log", "w+")
+    worker = start_worker(pool, full, log)
+    try:
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name("drill/drill")
+            run = client.create_flow_run_from_deployment(dep.id, parameters={
+                "machine": "demo", "store": env["HOTSPARE_STORE"], "store_block": None,
+                "vm_dir": env["HOTSPARE_VM_DIR"], "boot_timeout": 600})
+            deadline = time.monotonic() + 120
+            while load_handle(drill_dir(tmp_path)) is None:  # the drill's VM was launched
+                log.seek(0)
+                assert time.monotonic() < deadline, f"no drill VM within 120 s\n{log.read()[-3000:]}"
+                time.sleep(0.2)
+            handle = load_handle(drill_dir(tmp_path))
+            client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"), force=True)
+        state = _wait_final(run.id, 120)
+        log.seek(0)
+        assert state.is_cancelled(), f"{state}\n{log.read()[-3000:]}"
+    finally:
+        stop_group(worker)
+        unschedule("drill/drill")
+        log.close()
+    assert not Path(f"/proc/{handle.pid}").exists() or handle.vm_id.encode() not in \
+        Path(f"/proc/{handle.pid}/cmdline").read_bytes(), "the cancelled drill's VM was stopped"
+    assert_nothing_left(tmp_path)
+    assert catalogs(env)["root"].points[0].drill is None, "a cancelled drill gives no verdict"
+
+
+def test_a_drill_on_the_ec2_host_is_untested_and_says_why(tmp_path: Path, demo_disk: Path) -> None:
+    from hotspare.drill import drill
+    from hotspare.vm.ec2 import Ec2Host
+    from hotspare.vm.ec2_config import Ec2HostConfig
+
+    env = protect_demo(tmp_path, demo_disk)
+    st = open_store(env["HOTSPARE_STORE"])
+    out = drill(st, load_machine(st, "demo"), Ec2Host(Ec2HostConfig(region="us-east-1")), drill_dir(tmp_path))
+    assert out.verdict.verdict == "untested", out
+    assert "the ec2 host cannot boot a served point" in out.verdict.reason
     assert_nothing_left(tmp_path)

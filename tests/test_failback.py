@@ -22,8 +22,8 @@ from hotspare.machine import load_machine, save_machine
 from hotspare.state import load_state
 from hotspare.store import open_store
 from hotspare.vm.host import VmHandle
-from tests.helpers import HOTSPARE, cli, power_loss, qemu_io, require, served
-from tests.test_failover import (PREFECT, REPO, _drop_automations, _wait_paused, deploy_flows, protect_demo,
+from tests.helpers import HOTSPARE, PREFECT, cli, power_loss, qemu_io, require, served
+from tests.test_failover import (REPO, _drop_automations, _wait_paused, deploy_flows, protect_demo,
                                  run_flow_in_thread, stop_vm)
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -147,8 +147,14 @@ def test_cut_over_refusals_keep_the_vm_and_a_bad_block_fails_verification(tmp_pa
         # Rejected: the VM keeps serving, the machine stays in restore mode.
         t, out = run_flow_in_thread(failback, **params)
         run = _wait_paused("failback demo", timeout=120)
-        assert run.state.state_details.run_input_keyset, "the pause waits for a RunInput"
+        keyset = run.state.state_details.run_input_keyset
+        assert keyset, "the pause waits for a RunInput"
         with get_client(sync_client=True) as client:
+            # The form asks only for the answer; the facts (bytes to move, the downtime) are its text.
+            schema = client.read_flow_run_input(run.id, keyset["schema"])
+            assert set(json.loads(schema)["properties"]) == {"decision", "by", "why"}, schema
+            description = client.read_flow_run_input(run.id, keyset["description"])
+            assert "Bytes to move at cut-over" in description and "Estimated downtime" in description, description
             client.resume_flow_run(run.id, run_input={"decision": "reject", "by": "ops", "why": "peak hour"})
         t.join(120)
         assert out["state"].is_cancelled() and "rejected by ops: peak hour" in out["state"].message

@@ -18,8 +18,8 @@ from hotspare import fleet
 from hotspare.catalog import load_catalog
 from hotspare.errors import HotspareError
 from hotspare.store import open_store
-from tests.helpers import cli, random_image
-from tests.test_deployments import FLEET, PREFECT, REPO, _wait_final, deploy, unschedule
+from tests.helpers import PREFECT, cli, random_image
+from tests.test_deployments import FLEET, REPO, _wait_final, deploy, unschedule
 
 SIZE = 4 << 20
 MACHINES = ("m1", "m2", "m3")

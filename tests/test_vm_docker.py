@@ -217,3 +217,23 @@ def test_qemu_failing_at_start_is_reported_and_removed(docker_host: DockerQemuHo
         docker_host.launch(spec)
     assert docker_host.client.containers.list(all=True, filters={"label": LABEL_VM}) == []
     assert docker_host.find_running(spec.workdir) is None
+
+
+def test_a_drill_on_the_docker_host_verifies_the_point_and_leaves_nothing(
+        docker_host: DockerQemuHost, dockerd: str, prefect_api: str, demo_disk: Path, tmp_path: Path) -> None:
+    """``hotspare drill`` of a machine whose policy names the docker host: the point boots in
+    QEMU in a container over the served replica, the verdict is verified, and no container,
+    overlay, socket or server is left (the fixture fails the test on a container left)."""
+    from tests.helpers import cli
+    from tests.test_drill import assert_nothing_left, catalogs
+
+    env = {"HOTSPARE_STORE": str(tmp_path / "store"), "HOTSPARE_AGENT_STATE": str(tmp_path / "agent"),
+           "HOTSPARE_VM_DIR": str(tmp_path / "vms"), "DOCKER_HOST": dockerd, "COLUMNS": "400"}
+    cli("protect", "demo", "--disk", f"root={demo_disk}", "--host", "docker", env=env)
+    cli("agent", "demo", "--once", "--quiet", env=env)
+    cli("consolidate", "demo", env=env)
+    r = cli("drill", "demo", env=env, timeout=600)
+    assert "verified" in r.stdout, r.stdout
+    verdict = catalogs(env)["root"].points[0].drill
+    assert verdict.verdict == "verified" and verdict.seconds > 0, verdict
+    assert_nothing_left(tmp_path)

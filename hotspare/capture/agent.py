@@ -372,8 +372,10 @@ class Agent:
             started = time.monotonic()
             try:
                 report = self.cycle()
-            except (DaemonError, QmpError) as err:
-                if once or self.qemu is None:
+            except StoreError as err:
+                self._store_fault(err, interval, once, give_up_after)
+            except Exception as err:
+                if once or self.qemu is None or not self._daemon_failed(err):
                     raise
                 # The storage daemon died (killed, crashed): the machine's I/O stalls until a
                 # new one serves it, which the next cycle starts; its bitmap is gone, so that
@@ -381,19 +383,6 @@ class Agent:
                 # machine that cannot reach its disks is down.
                 self.daemon.close()
                 self.say(f"the storage daemon failed ({err}); starting a new one")
-            except StoreError as err:
-                if once or not err.transient:
-                    raise
-                away = self.watch.unreachable_for()
-                if give_up_after and away > give_up_after:
-                    raise StoreUnreachable(f"{self.config.name}: the store has not answered for {away:.0f}s "
-                                           f"(--give-up-after {give_up_after:g}s): giving up, nothing captured is "
-                                           f"lost; the last fault: {err}") from err
-                # A long-running agent never exits on store trouble: nothing is lost (the
-                # frozen bitmap stays, the hash map marks what was in flight), and it says
-                # what it waits for, also in the heartbeat event when Prefect is reachable.
-                self.say(f"waiting for the store: {err}; retrying every {interval:g}s")
-                self._heartbeat_event_only(str(err))
             else:
                 if on_cycle:
                     on_cycle(report)
@@ -405,6 +394,26 @@ class Agent:
                 time.sleep(min(0.05, interval))
             if self.stop_requested:
                 return
+
+    def _daemon_failed(self, err: Exception) -> bool:
+        """Whether a cycle's fault is the storage daemon's death: QMP or the daemon said so,
+        or it is gone, whatever the read of its view raised then (a FUSE view of a dead
+        daemon fails with ENOTCONN, an NBD map with a closed connection)."""
+        return isinstance(err, (DaemonError, QmpError)) or not self.daemon.running()
+
+    def _store_fault(self, err: StoreError, interval: float, once: bool, give_up_after: float | None) -> None:
+        if once or not err.transient:
+            raise err
+        away = self.watch.unreachable_for()
+        if give_up_after and away > give_up_after:
+            raise StoreUnreachable(f"{self.config.name}: the store has not answered for {away:.0f}s "
+                                   f"(--give-up-after {give_up_after:g}s): giving up, nothing captured is "
+                                   f"lost; the last fault: {err}") from err
+        # A long-running agent never exits on store trouble: nothing is lost (the frozen
+        # bitmap stays, the hash map marks what was in flight), and it says what it waits
+        # for, also in the heartbeat event when Prefect is reachable.
+        self.say(f"waiting for the store: {err}; retrying every {interval:g}s")
+        self._heartbeat_event_only(str(err))
 
 
 def report_dict(report: CycleReport) -> dict:

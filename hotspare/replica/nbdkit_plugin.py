@@ -8,6 +8,7 @@ embedded interpreter is the system's, so ``sitedir`` adds hotspare's virtualenv 
 
 from __future__ import annotations
 
+import builtins
 import site
 import sys
 
@@ -29,17 +30,27 @@ def config(key: str, value: str) -> None:
         site.addsitedir(value)
     elif key == "path":
         sys.path.insert(0, value)
-    elif key in ("store", "root", "cache_mib"):
+    elif key in ("store", "root", "cache_mib", "errlog"):
         _args[key] = value
     else:
         raise RuntimeError(f"unknown parameter {key}")
 
 
 def config_complete() -> None:
-    global _reader
     for key in ("store", "root"):
         if key not in _args:
             raise RuntimeError(f"missing parameter {key}=")
+    _open_reader()  # here, before nbdkit forks into the background: a bad store or root fails the start
+
+
+def after_fork() -> None:
+    # A daemonised nbdkit forks after config_complete: the store's connections and worker
+    # threads did not cross the fork, so open it again in the process that serves.
+    _open_reader()
+
+
+def _open_reader() -> None:
+    global _reader
     from hotspare.replica.index import read_root
     from hotspare.replica.reader import ChunkReader
     from hotspare.store import open_store
@@ -77,7 +88,18 @@ def pread(h: int, buf: bytearray, offset: int, flags: int) -> None:
         buf[:] = _reader.read(offset, len(buf))
     except Exception as err:  # noqa: BLE001 - nbdkit turns this into an EIO for the client
         nbdkit.set_error(5)
-        raise RuntimeError(f"read of {len(buf)} bytes at {offset}: {err}") from None
+        message = f"read of {len(buf)} bytes at {offset}: {err}"
+        _log_error(message)
+        raise RuntimeError(message) from None
+
+
+def _log_error(message: str) -> None:
+    """A daemonised nbdkit sends its own messages nowhere (stderr is /dev/null after it
+    forks): the read errors that a drill or an operator must see go to ``errlog=``."""
+    path = _args.get("errlog")
+    if path:
+        with builtins.open(path, "a") as f:  # this module's ``open`` is nbdkit's callback
+            f.write(f"nbdkit: python: pread: error: {message}\n")
 
 
 def can_extents(h: int) -> bool:

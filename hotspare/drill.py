@@ -130,6 +130,8 @@ def clean_up(host: VmHost, workdir: Path) -> list[str]:
     if handle is not None and host.is_alive(handle):
         host.kill(handle)
         done.append(f"killed VM {handle.vm_id}")
+    if handle is not None:
+        _release(host, handle)
     pid = _local_qemu_of(workdir)
     if pid is not None:
         try:
@@ -148,6 +150,14 @@ def clean_up(host: VmHost, workdir: Path) -> list[str]:
         else:
             p.unlink(missing_ok=True)
     return done
+
+
+def _release(host: VmHost, handle: VmHandle) -> None:
+    """What a cloud launch made besides the instance (EC2: the image, snapshots and volume)
+    outlives a kill; a drill's VM leaves nothing behind."""
+    release = getattr(host, "release", None)
+    if release is not None:
+        release(handle, wait=60.0)
 
 
 def _clear_logs(workdir: Path) -> None:
@@ -231,10 +241,9 @@ def drill(store: Store, cfg: MachineConfig, host: VmHost, workdir: Path, *, poin
     handle: VmHandle | None = None
     try:
         try:
-            if host.kind == "ec2":  # it boots from an EBS snapshot, which it cannot make from a served point yet
-                raise DrillUntested("drills boot on the local or docker host; the ec2 host cannot boot a served "
-                                    "point yet")
-            disks = [disk_backing(store, cfg.name, cfg.disk(d), workdir, point=p)[1] for d, p in chosen]
+            # EC2 boots from an EBS snapshot, made from an exported image, as its failover does.
+            disks = [disk_backing(store, cfg.name, cfg.disk(d), workdir, point=p, serve=host.kind != "ec2")[1]
+                     for d, p in chosen]
             t0 = time.monotonic()
             handle = host.launch(VmSpec(machine=cfg.name, disks=disks, cpus=policy.vm_cpus,
                                         memory_mib=policy.vm_memory_mib, workdir=workdir))
@@ -273,6 +282,7 @@ def _tear_down(host: VmHost, handle: VmHandle | None, workdir: Path) -> None:
     try:
         if handle is not None:
             host.kill(handle)
+            _release(host, handle)
     finally:
         clean_up(host, workdir)
         sd = serve_dir(workdir)

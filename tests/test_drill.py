@@ -288,15 +288,3 @@ def test_a_drill_cancelled_from_prefect_tears_down_its_vm(prefect_api: str, tmp_
     assert_nothing_left(tmp_path)
     assert catalogs(env)["root"].points[0].drill is None, "a cancelled drill gives no verdict"
 
-
-def test_a_drill_on_the_ec2_host_is_untested_and_says_why(tmp_path: Path, demo_disk: Path) -> None:
-    from hotspare.drill import drill
-    from hotspare.vm.ec2 import Ec2Host
-    from hotspare.vm.ec2_config import Ec2HostConfig
-
-    env = protect_demo(tmp_path, demo_disk)
-    st = open_store(env["HOTSPARE_STORE"])
-    out = drill(st, load_machine(st, "demo"), Ec2Host(Ec2HostConfig(region="us-east-1")), drill_dir(tmp_path))
-    assert out.verdict.verdict == "untested", out
-    assert "the ec2 host cannot boot a served point" in out.verdict.reason
-    assert_nothing_left(tmp_path)

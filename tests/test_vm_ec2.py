@@ -282,3 +282,32 @@ def test_delta_capture_by_listings_replays_parent_into_child(host: Ec2Host, tmp_
 
     with pytest.raises(HotspareError, match="capture state is for .* epoch 3"):
         Ec2DeltaCapture(host, handle, store, disk="root", epoch=4)
+
+
+def test_a_drill_on_the_ec2_host_boots_the_point_and_releases_everything(host: Ec2Host, tmp_path: Path) -> None:
+    """A drill of a machine on the ec2 host: the point is exported, uploaded as an EBS
+    snapshot and booted as an instance, its console is read for the boot pattern (moto's
+    canned console text here), and the instance, image, snapshots and volume are gone after."""
+    from hotspare.capture.agent import Agent
+    from hotspare.drill import drill
+    from hotspare.ingest import ingest_disk
+    from hotspare.machine import MachineConfig, Policy, parse_disk_arg, save_machine
+    from hotspare.replica.consolidate import consolidate_disk
+    from tests.helpers import random_image
+
+    image = tmp_path / "disk.img"
+    random_image(image, 4 << 20, seed=5, fill=0.5)
+    st = open_store(str(tmp_path / "store"))
+    cfg = MachineConfig(name="m1", disks=[parse_disk_arg(f"root={image}")],
+                        policy=Policy(host="ec2", drill_pattern="Linux version"))
+    save_machine(st, cfg, create_only=True)
+    with Agent(st, cfg, tmp_path / "agent" / "m1", tracker="scan") as agent:
+        agent.cycle()
+    ingest_disk(st, "m1", cfg.disks[0])
+    consolidate_disk(st, "m1", cfg.disks[0], cfg.policy)
+    workdir = tmp_path / "vms" / "m1-drill"
+    out = drill(st, cfg, host, workdir, timeout=30)
+    assert out.verdict.verdict == "verified", out.verdict
+    assert out.vm_id and "Linux version" in out.console_tail
+    assert tagged(host, out.vm_id) == {"images": [], "snapshots": [], "volumes": [], "instances": []}
+    assert {p.suffix for p in workdir.iterdir()} <= {".jpg", ".log", ".png"}, list(workdir.iterdir())  # no image left

@@ -45,8 +45,9 @@ DISK_ID = 0x48535044  # MBR disk identifier of every demo disk (bytes 440..443)
 MARKER_SLOTS = 64  # rotating records live at sectors 1..64 of the data partition
 
 #: One marker line of the guest's serial console (search, don't match: the console may put
-#: terminal escapes or a carriage return around it).
-MARKER_RE = re.compile(r"hotspare-marker counter=(?P<counter>\d+) boot=(?P<boot>[0-9A-Za-z-]+)")
+#: terminal escapes or a carriage return around it). Only a whole line counts: a console
+#: read while the guest writes may end inside the boot id.
+MARKER_RE = re.compile(r"hotspare-marker counter=(?P<counter>\d+) boot=(?P<boot>[0-9A-Za-z-]+)(?=[\r\n])")
 #: The guest's first line, once its init runs.
 BOOT_LINE_RE = re.compile(r"hotspare-guest: booted kernel (?P<kernel>\S+)")
 _RECORD_RE = re.compile(

@@ -97,6 +97,14 @@ class Suite:
         self.write(f"write -P {n % 250 + 1} {(n * 320) % 7000 << 10} 96k",
                    f"write -P {(n * 7) % 250 + 1} {(n * 1100) % 7800 << 10} 8k", f"write -z {(n * 2900) % 7900 << 10} 64k")
 
+    def protect_and_seed(self, seed: int) -> None:
+        """A random disk, protected; its seed shipped and consolidated under store faults."""
+        random_image(self.image, SIZE, seed=seed, fill=0.4)
+        cli("protect", self.machine, "--disk", f"{DISK}={self.image}", env=self.env)
+        self.agent(faults=AGENT_FAULTS)
+        self.consolidate(faults=CONSOLIDATE_FAULTS)
+        self.check_progress("seed")
+
     def _faults(self, rules: list[Rule] | None):
         """Arm ``rules`` on the proxy for one step; returns a function that disarms them and
         counts the faults injected."""
@@ -191,12 +199,8 @@ class Suite:
 def run(tmp: Path, store: Store, url: str, proxy: FaultProxy, env: dict[str, str],
         say: Callable[[str], None] = print) -> Figures:
     s = Suite(tmp, store, url, proxy, env)
-    random_image(s.image, SIZE, seed=11, fill=0.4)
-    cli("protect", MACHINE, "--disk", f"{DISK}={s.image}", env=env)
     # The seed and a round of changes, every step under store faults.
-    s.agent(faults=AGENT_FAULTS)
-    s.consolidate(faults=CONSOLIDATE_FAULTS)
-    s.check_progress("seed")
+    s.protect_and_seed(11)
     s.some_writes()
     s.agent()
     s.some_writes()
@@ -234,11 +238,7 @@ def run(tmp: Path, store: Store, url: str, proxy: FaultProxy, env: dict[str, str
         s.consolidate()
         s.check_progress(point)
     q = Suite(tmp, store, url, proxy, env, s.figures, machine=QEMU_MACHINE, tracker="qemu")
-    random_image(q.image, SIZE, seed=12, fill=0.4)
-    cli("protect", QEMU_MACHINE, "--disk", f"{DISK}={q.image}", env=q.env)
-    q.agent(faults=AGENT_FAULTS)  # the seed; the daemon now serves the disk
-    q.consolidate(faults=CONSOLIDATE_FAULTS)
-    q.check_progress("seed")
+    q.protect_and_seed(12)  # its storage daemon serves the disk from here on
     for point in QEMU_CRASHES:
         q.some_writes()
         q.crash("agent", point)

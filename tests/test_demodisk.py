@@ -64,6 +64,8 @@ def test_marker_line_parsing() -> None:
     assert {m.boot_id for m in markers} == {BOOT_ID}
     m = MARKER_RE.search(f"\x1b[0mhotspare-marker counter=12 boot={BOOT_ID}\r")
     assert m and m.group("counter") == "12" and m.group("boot") == BOOT_ID
+    # A console read while the guest writes its line: the marker counts once the line is whole.
+    assert parse_markers(f"hotspare-marker counter=9 boot={BOOT_ID[:17]}") == []
 
 
 def test_record_parsing() -> None:

@@ -279,11 +279,17 @@ def test_failover_boots_every_disk_and_captures_the_vms_writes_to_each(tmp_path:
         assert not subprocess.run(["pgrep", "-f", f"nbdkit .*{tmp_path / 'vms' / 'demo' / 'serve'}"],
                                   capture_output=True).stdout, "no nbdkit left"
         host = LocalQemuHost()
-        with host.qmp(handle) as q:
-            blocks = [(b["qdev"], b["inserted"]["node-name"], b["inserted"]["image"]["virtual-size"])
-                      for b in q.execute("query-block")]
-        assert blocks == [("/machine/peripheral/disk0/virtio-backend", "d-root", demo_disk.stat().st_size),
-                          ("/machine/peripheral/disk1/virtio-backend", "d-data", 16 << 20)]
+        expected = [("/machine/peripheral/disk0/virtio-backend", "d-root", demo_disk.stat().st_size),
+                    ("/machine/peripheral/disk1/virtio-backend", "d-data", 16 << 20)]
+        deadline = time.monotonic() + 20
+        while True:  # during a capture's cut, a copy-before-write filter sits on a disk for a moment
+            with host.qmp(handle) as q:
+                blocks = [(b["qdev"], b["inserted"]["node-name"], b["inserted"]["image"]["virtual-size"])
+                          for b in q.execute("query-block")]
+            if blocks == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert blocks == expected
         with host.qmp(handle) as q:  # the VM writes its data disk
             q.execute("human-monitor-command", {"command-line": 'qemu-io -d /machine/peripheral/disk1/virtio-backend '
                                                                 '"write -P 0xc3 4194304 131072"'})

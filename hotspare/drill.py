@@ -131,7 +131,7 @@ def clean_up(host: VmHost, workdir: Path) -> list[str]:
         host.kill(handle)
         done.append(f"killed VM {handle.vm_id}")
     if handle is not None:
-        _release(host, handle)
+        host.release(handle, wait=60.0)  # a drill's VM leaves nothing behind
     pid = _local_qemu_of(workdir)
     if pid is not None:
         try:
@@ -150,14 +150,6 @@ def clean_up(host: VmHost, workdir: Path) -> list[str]:
         else:
             p.unlink(missing_ok=True)
     return done
-
-
-def _release(host: VmHost, handle: VmHandle) -> None:
-    """What a cloud launch made besides the instance (EC2: the image, snapshots and volume)
-    outlives a kill; a drill's VM leaves nothing behind."""
-    release = getattr(host, "release", None)
-    if release is not None:
-        release(handle, wait=60.0)
 
 
 def _clear_logs(workdir: Path) -> None:
@@ -282,7 +274,7 @@ def _tear_down(host: VmHost, handle: VmHandle | None, workdir: Path) -> None:
     try:
         if handle is not None:
             host.kill(handle)
-            _release(host, handle)
+            host.release(handle, wait=60.0)  # a drill's VM leaves nothing behind
     finally:
         clean_up(host, workdir)
         sd = serve_dir(workdir)

@@ -250,6 +250,10 @@ class VmHost(ABC):
     def kill(self, handle: VmHandle) -> None:
         """End the VM at once (no capture); killing a gone VM does nothing."""
 
+    def release(self, handle: VmHandle, *, wait: float = 0.0) -> None:
+        """Delete what the VM's launch made besides the VM and its work directory (a cloud
+        host's image, snapshots and volume), once the VM is gone; nothing for QEMU hosts."""
+
     def wait_for_marker(self, handle: VmHandle, timeout: float = 60.0, *, after: int | None = None,
                         poll: float = 0.2) -> Marker:
         """Wait for the guest's marker line on the serial console (hotspare.demodisk.MARKER_RE)

@@ -9,6 +9,7 @@ lazily, so the agent and the read-only commands start fast.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -901,7 +902,8 @@ _CLICK_ERRORS = _click_errors()
 
 
 
-def main() -> None:
+def run() -> int:
+    """Run the command in sys.argv; returns its exit code (expected faults print one line)."""
     # Prefect, when a command runs a flow: no telemetry from a machine that may have no
     # route out, and no temporary-server chatter beyond warnings.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -911,25 +913,45 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     try:
         rv = app(standalone_mode=False)  # returns the exit code of a typer.Exit
-        sys.exit(rv if isinstance(rv, int) else 0)
+        return rv if isinstance(rv, int) else 0
     except HotspareError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False)
-        sys.exit(1)
+        return 1
     except (typer.Exit, SystemExit) as ex:
         code = getattr(ex, "exit_code", None)
         if code is None:
             code = getattr(ex, "code", 0)
-        sys.exit(code or 0)
+        return code if isinstance(code, int) else 1 if code else 0
     except typer.Abort:
         err_console.print("aborted")
-        sys.exit(130)
+        return 130
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        sys.exit(130)
+        return 130
     except _CLICK_ERRORS as err:  # bad arguments: click's usage message, no traceback
         err.show()
-        sys.exit(err.exit_code)
+        return err.exit_code
 
+
+def main() -> None:
+    """The ``hotspare`` command: run, do what Python owes at exit, then end the process
+    without the interpreter's native teardown. pyarrow's C++ thread pools, destroyed during
+    finalisation while a worker is still alive, abort a process that has finished its work
+    ("terminate called without an active exception", exit -6; apache/arrow#34314, seen in
+    CI on ``hotspare check``), which would turn a true exit code into a crash."""
+    import threading
+
+    code = run()
+    try:
+        getattr(threading, "_shutdown", lambda: None)()  # joins non-daemon threads, as exit does
+        atexit._run_exitfuncs()  # Prefect's servers and log/event queues, logging's flush
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can be said
+                pass
+        os._exit(code)
 
 
 if __name__ == "__main__":

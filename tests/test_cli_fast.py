@@ -3,6 +3,7 @@ runs a flow with no server configured says how to point it at a running one."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,7 @@ PROBE = """
 import sys
 sys.argv = ["hotspare", *sys.argv[1:]]
 from hotspare import cli
-try:
-    cli.main()
-except SystemExit:
-    pass
+cli.run()
 print("PREFECT-IMPORTED" if any(m == "prefect" or m.startswith("prefect.") for m in sys.modules) else "NO-PREFECT")
 """
 
@@ -45,3 +43,36 @@ def test_a_flow_command_without_a_server_says_how_to_use_a_running_one(tmp_path:
     r = cli("ingest", "m1", env=env)
     assert "accepted 1 log(s)" in r.stdout
     assert "no Prefect server configured" in r.stderr and "export PREFECT_API_URL=" in r.stderr, r.stderr
+
+
+EXIT_PROBE = """
+import atexit, sys
+sys.argv = ["hotspare", *sys.argv[2:]]
+atexit.register(lambda: open(sys.argv_marker, "w").write("ran"))
+from hotspare import cli
+cli.main()
+"""
+
+
+def test_the_cli_ends_with_its_exit_code_after_exit_handlers_and_all_output(tmp_path: Path) -> None:
+    """main() ends the process itself (so native thread pools cannot abort it during the
+    interpreter's teardown): the command's exit code, its whole piped output and every exit
+    handler survive that."""
+    random_image(tmp_path / "d.img", 4 << 20)
+    env = {**os.environ, "HOTSPARE_STORE": str(tmp_path / "store")}
+    cli("protect", "m1", "--disk", f"root={tmp_path / 'd.img'}", env=env)
+    cli("agent", "m1", "--once", "--quiet", "--tracker", "scan", env=env)
+    marker = tmp_path / "atexit-ran"
+    probe = EXIT_PROBE.replace("sys.argv_marker", repr(str(marker)))
+    for args, code in ((["check", "m1"], 0), (["check", "nosuch"], 3), (["points", "m1", "--json"], 0),
+                       (["points"], 2)):
+        marker.unlink(missing_ok=True)
+        r = subprocess.run([sys.executable, "-c", probe, "x", *args], capture_output=True, text=True, env=env,
+                           timeout=120, check=False)
+        assert r.returncode == code, (args, r.returncode, r.stdout, r.stderr)
+        assert marker.read_text() == "ran", args
+        assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip(), "a usage error prints its message"
+    full = subprocess.run([sys.executable, "-c", probe, "x", "points", "m1", "--json"], capture_output=True,
+                          text=True, env=env, timeout=120, check=True)
+    assert json.loads(full.stdout), "the piped JSON is whole"

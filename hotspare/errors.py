@@ -7,6 +7,8 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+
 
 class HotspareError(Exception):
     """An expected fault, reported to the user as one clear line."""
@@ -43,6 +45,18 @@ class AlreadyExists(StoreError):
 
     def __init__(self, key: str, reason: str = "already exists (create-only write refused)") -> None:
         super().__init__(key, reason)
+
+
+class StagingError(HotspareError):
+    """A capture could not write a log where it stages it before the upload (a full or
+    read-only state directory). Nothing was shipped and nothing is lost: the next cycle
+    sends the same blocks."""
+
+    def __init__(self, where: str, err: OSError) -> None:
+        self.where = where
+        why = os.strerror(err.errno) if err.errno else str(err)
+        super().__init__(f"cannot stage a log in {where}: {why} (each log is written there whole before its "
+                         "upload; make room there or give the agent another --state-dir)")
 
 
 class InvalidLog(HotspareError):

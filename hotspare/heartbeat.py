@@ -28,6 +28,9 @@ class Heartbeat(BaseModel):
     # The agent's last stall (hotspare.stall): reason, detail, seconds, since and ended (its
     # clock), sent once it could reach the store again, and kept while the agent runs.
     last_stall: dict[str, Any] | None = None
+    # The agent is up but its cycles fail on a local fault (hotspare.stall's agent-stuck):
+    # reason, detail, since; absent once a cycle ships again.
+    stuck: dict[str, Any] | None = None
     # The disks' stalls the agent saw in the store (hotspare.stall), each with its line.
     stalls: list[dict[str, Any]] = []
     # When the store received it (its clock, not the agent's); set by load_heartbeat.
@@ -67,7 +70,8 @@ def load_heartbeat(store: Store, machine: str) -> Heartbeat | None:
 
 def send_heartbeat(store: Store, machine: str, *, mode: str, epoch: int, disks: dict[str, dict[str, Any]],
                    restore: dict[str, Any] | None = None, emit: Callable[[dict], None] | None = None,
-                   last_stall: dict[str, Any] | None = None, stalls: list[dict[str, Any]] | None = None) -> dict:
+                   last_stall: dict[str, Any] | None = None, stalls: list[dict[str, Any]] | None = None,
+                   stuck: dict[str, Any] | None = None) -> dict:
     """Write ``heartbeat.json`` and, when ``emit`` is given, send the same payload as an event."""
     payload: dict[str, Any] = {"machine": machine, "mode": mode, "epoch": epoch,
                                "time": datetime.now(timezone.utc).isoformat(), "host": socket.gethostname(),
@@ -78,6 +82,8 @@ def send_heartbeat(store: Store, machine: str, *, mode: str, epoch: int, disks: 
         payload["last_stall"] = last_stall
     if stalls:
         payload["stalls"] = stalls
+    if stuck is not None:
+        payload["stuck"] = stuck
     store.put(layout.heartbeat_key(machine), json.dumps(payload, indent=1).encode())
     if emit:
         emit(payload)

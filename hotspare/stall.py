@@ -12,6 +12,9 @@ the store alone, so ``hotspare status``, the ingest flow and the agent tell the 
   missing that long is lost, not late: ingest turns the gap into a resync request.
 - ``not-ingested``: the agent ships, but its oldest log not yet accepted is older than the
   policy's RPO: no ingest runs (or it fails) and the replica falls behind.
+- ``agent-stuck``: the agent heartbeats but its cycles fail on a local fault (its state
+  directory, where logs are staged, is full): it says so in its heartbeat and an event
+  and retries every cycle; nothing it read is lost.
 - ``store-unreachable``: the agent could not reach the store for longer than the window;
   it says so in its log and in a Prefect event while it lasts, and in its heartbeat's
   ``last_stall`` once the store answers again.
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
     from hotspare.machine import MachineConfig
     from hotspare.store.base import ObjectInfo, Store
 
-StallReason = Literal["silent", "resync-pending", "seq-gap", "not-ingested", "store-unreachable"]
+StallReason = Literal["silent", "resync-pending", "seq-gap", "not-ingested", "store-unreachable", "agent-stuck"]
 STALLED_EVENT = "hotspare.machine.stalled"
 RESUMED_EVENT = "hotspare.machine.resumed"
 
@@ -56,6 +59,13 @@ class Stall:
     def line(self) -> str:
         where = self.machine + (f"/{self.disk}" if self.disk else "")
         return f"{where}: stalled ({self.reason}): {self.detail}"
+
+
+def _parse_time(text: object) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
 
 
 def _age(when: datetime | None, now: datetime) -> float:
@@ -144,6 +154,9 @@ def machine_stalls(store: Store, cfg: MachineConfig, state: str, hb: Heartbeat |
         out.append(Stall(cfg.name, "silent", f"no heartbeat for {hb.age:.0f}s (window {cfg.policy.heartbeat_window}s): "
                                              "the machine is down, or its agent stopped or cannot reach the store",
                          seconds=hb.age))
+    elif hb is not None and hb.mode == "normal" and hb.stuck:
+        out.append(Stall(cfg.name, "agent-stuck", str(hb.stuck.get("detail", "")),
+                         seconds=_age(_parse_time(hb.stuck.get("since")), hb.time)))
     for disk, cat in catalogs.items():
         out += disk_stalls(cat, list_pending(store, cfg.name, disk, cat), cfg)
     return out

@@ -19,6 +19,7 @@ declare -A need=(
   [vhdiinfo]=libvhdi-utils
   [nbdkit]=nbdkit
   [chromium]=chromium  # the browser tests/test_ui.py drives with Playwright
+  [faketime]=faketime  # the fault suite runs agents whose clocks are wrong
 )
 missing=()
 for cmd in "${!need[@]}"; do

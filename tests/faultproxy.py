@@ -3,23 +3,28 @@
 Requests pass through unchanged (their signatures stay valid: the Host header is kept);
 a rule can answer a matching request with a fault instead: ``truncate`` sends the server's
 status and headers, then half the body, then closes the connection; ``503`` answers
-SlowDown without asking the server; ``reset`` closes the connection before any answer.
+SlowDown and ``500`` InternalError without asking the server; ``reset`` closes the
+connection before the server saw the request, ``reset-after`` once the server acted on it
+(its answer is lost); ``stall`` holds the request for ``STALL`` seconds, then forwards it.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+STALL = 3.0  # seconds a ``stall`` holds a request
 
 
 @dataclass
 class Rule:
     method: str  # GET, HEAD, PUT, ...
     path_contains: str
-    fault: str  # truncate, 503, reset
+    fault: str  # truncate, 503, 500, reset, reset-after, stall
     times: int  # how many matching requests get the fault
     hits: int = 0
 
@@ -54,13 +59,16 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.close()
                     return
-                if rule is not None and rule.fault == "503":
-                    msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                    self.send_response(503)
+                if rule is not None and rule.fault in ("503", "500"):
+                    code = "SlowDown" if rule.fault == "503" else "InternalError"
+                    msg = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response(int(rule.fault))
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()
                     self.wfile.write(msg)
                     return
+                if rule is not None and rule.fault == "stall":
+                    time.sleep(STALL)
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
                 try:
                     conn.request(self.command, self.path, body=body, headers=headers)
@@ -68,6 +76,10 @@ class FaultProxy:
                     data = resp.read()
                 finally:
                     conn.close()
+                if rule is not None and rule.fault == "reset-after":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):

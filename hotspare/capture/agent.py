@@ -37,12 +37,12 @@ from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
 from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store, ship_cycle
 from hotspare.capture.watch import Alarm, StoreUnreachable, StoreWatch
 from hotspare.catalog import load_catalog
-from hotspare.errors import HotspareError, StoreError
+from hotspare.errors import HotspareError, StagingError, StoreError
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.faults import crash_point
 from hotspare.heartbeat import send_heartbeat
 from hotspare.machine import DiskSpec, MachineConfig, device_size
-from hotspare.stall import STALLED_EVENT, store_stalls
+from hotspare.stall import RESUMED_EVENT, STALLED_EVENT, Stall, store_stalls
 from hotspare.store.base import Store
 from hotspare.vm.qmp import QmpError
 
@@ -122,6 +122,8 @@ class Agent:
         self._alarm = alarm
         self._stalls: list[dict] = []  # what the store showed stalled at the last look
         self._stalls_at = -float("inf")
+        self._stuck: dict | None = None  # a cycle's local fault the agent waits out (agent-stuck)
+        self._disks_sent: dict[str, dict] = {}  # the disks of the last heartbeat
         self._answered: dict[str, int | None] = {}  # disk -> the resync request its state answered
         self.watch = StoreWatch(config.name, config.policy.heartbeat_window, say=self.say,
                                 alarm=None if alarm is None else lambda ev, p: alarm(ev, dict(p, epoch=self._epoch)))
@@ -335,16 +337,37 @@ class Agent:
 
     def heartbeat(self, reports: list[DiskReport]) -> dict:
         ended = self.watch.ending()
+        self._disks_sent = {r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
+                                     "tracker": r.tracker, "served_at": r.served_at,
+                                     "consistent": r.tracker == "qemu", "rescan": r.rescan} for r in reports}
         payload = send_heartbeat(self.store, self.config.name, mode="normal",
                                  epoch=max((r.epoch for r in reports), default=0), emit=self.emit, last_stall=ended,
-                                 stalls=self._store_stalls(),
-                                 disks={r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
-                                                 "tracker": r.tracker, "served_at": r.served_at,
-                                                 "consistent": r.tracker == "qemu", "rescan": r.rescan}
-                                        for r in reports})
+                                 stalls=self._store_stalls(), disks=self._disks_sent)
         self._epoch = payload["epoch"]
         self.watch.contact(ended)
+        if self._stuck is not None:
+            self.say("shipping resumed")
+            self.watch.send(RESUMED_EVENT, dict(self._stuck, epoch=self._epoch))
+            self._stuck = None
         return payload
+
+    def _stuck_cycle(self, err: StagingError) -> None:
+        """A cycle failed on a local fault (its staging directory is full): the agent stays
+        up and says so in its log, in a heartbeat whose ``stuck`` status reports as an
+        ``agent-stuck`` stall, and in an event, until a cycle ships again. Nothing is lost:
+        what the failed cycle read stays unshipped in its state and is sent again."""
+        first = self._stuck is None
+        since = self._stuck["since"] if self._stuck else datetime.now(timezone.utc).isoformat()
+        stall = Stall(self.config.name, "agent-stuck", f"the agent is up but cannot ship: {err}")
+        self._stuck = dict(stall.payload(), since=since)
+        if first:
+            self.say(f"stalled (agent-stuck): {err}; retrying every cycle")
+            self.watch.send(STALLED_EVENT, dict(self._stuck, epoch=self._epoch))
+        try:
+            send_heartbeat(self.store, self.config.name, mode="normal", epoch=self._epoch, emit=self.emit,
+                           disks=self._disks_sent, stuck=self._stuck)
+        except StoreError as serr:
+            self.say(f"heartbeat not sent either: {serr}")
 
     def _heartbeat_event_only(self, waiting: str) -> None:
         if self.emit is None:
@@ -374,6 +397,10 @@ class Agent:
                 report = self.cycle()
             except StoreError as err:
                 self._store_fault(err, interval, once, give_up_after)
+            except StagingError as err:
+                if once:
+                    raise
+                self._stuck_cycle(err)
             except Exception as err:
                 if once or self.qemu is None or not self._daemon_failed(err):
                     raise

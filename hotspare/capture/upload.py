@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from hotspare import layout
-from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.errors import AlreadyExists, HotspareError, StagingError
 from hotspare.extentlog import Extent, LogMeta, LogWriter
 from hotspare.store.base import Store
 
@@ -28,7 +29,8 @@ def upload_log(store: Store, writer: LogWriter, path: str, *, machine: str, disk
     :meth:`LogWriter.close` takes them), upload it, remove the file; returns the log's key
     and metadata."""
     try:
-        meta = writer.close(cut=cut, consistent=consistent)
+        with staging(Path(path).parent):
+            meta = writer.close(cut=cut, consistent=consistent)
         key = layout.log_key(machine, disk, epoch, meta.first_seq, meta.last_seq)
         try:
             store.put_file(key, path, create_only=True)
@@ -41,6 +43,16 @@ def upload_log(store: Store, writer: LogWriter, path: str, *, machine: str, disk
     finally:
         Path(path).unlink(missing_ok=True)
     return key, meta
+
+
+@contextmanager
+def staging(where: str | os.PathLike) -> Iterator[None]:
+    """Local writes of a log being staged in ``where``: an OSError (no space, a read-only
+    file system) becomes a :class:`StagingError` naming the directory."""
+    try:
+        yield
+    except OSError as err:
+        raise StagingError(str(where), err) from err
 
 
 def _same_object(store: Store, key: str, path: str) -> bool:
@@ -100,12 +112,13 @@ def ship_cycle(store: Store, extents: Iterable[tuple[int, int, bytes | memoryvie
         for offset, length, data in extents:
             if writer is not None and writer.data_bytes + writer.rows * 64 >= log_target:
                 upload(cut=False)  # full, and more follows: only the cycle's last log is its cut
-            if writer is None:
-                fd, tmp = tempfile.mkstemp(prefix=f".{disk}-", suffix=".parquet", dir=workdir)
-                os.close(fd)
-                writer = LogWriter(tmp, machine=machine, disk=disk, epoch=epoch, disk_size=disk_size,
-                                   resync_from=resync_from)
-            writer.add(Extent(seq=last_seq + 1 + writer.rows, offset=offset, length=length, data=data, ts=ts))
+            with staging(workdir):
+                if writer is None:
+                    fd, tmp = tempfile.mkstemp(prefix=f".{disk}-", suffix=".parquet", dir=workdir)
+                    os.close(fd)
+                    writer = LogWriter(tmp, machine=machine, disk=disk, epoch=epoch, disk_size=disk_size,
+                                       resync_from=resync_from)
+                writer.add(Extent(seq=last_seq + 1 + writer.rows, offset=offset, length=length, data=data, ts=ts))
         if writer is not None:
             upload(cut=ends_cycle())
     finally:

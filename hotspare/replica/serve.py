@@ -69,7 +69,8 @@ def start_detached_server(store_url: str, root_key: str, socket: Path, pidfile: 
         # nbdkit forks after its plugin opened the point: a bad store or root fails here.
         proc = subprocess.run(server_command(store_url, root_key, socket, pidfile=pidfile, errlog=log), stdout=out,
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(env),
-                              timeout=timeout)
+                              timeout=timeout, start_new_session=True)  # not in the caller's process group,
+        # which a killed or cancelled flow run loses whole (seen: a killed failover took its server along)
     if proc.returncode != 0:
         raise HotspareError(f"nbdkit serving {root_key} at {socket} did not start: {_tail(log)}")
     deadline = time.monotonic() + timeout

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,29 @@ def file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+
+def _reap_unrecorded(workdir: Path, machine: str) -> None:
+    """Stop a QEMU that a launch started but never recorded (it died between the start and
+    the handle's save): it still holds the work directory's pid file, and its guest never
+    ran, because a guest starts only after its handle is saved."""
+    try:
+        pid = int((workdir / PID_FILE).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if f"guest={machine}-".encode() not in b" ".join(cmdline):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
+        if stat.rsplit(")", 1)[-1].split()[:1] in (["Z"], ["X"]):
+            break  # a zombie holds no lock; its parent was the launch that died
+        time.sleep(0.05)
+
 class LocalQemuHost(QemuHost):
     kind = "local-qemu"
 
@@ -72,6 +96,7 @@ class LocalQemuHost(QemuHost):
             if exe is None:
                 raise HotspareError(f"cannot launch VM of {spec.machine}: {self.qemu} is missing "
                                     "(Debian package qemu-system-x86)")
+            _reap_unrecorded(workdir, spec.machine)
             disks = prepare_disks(spec)
             accel = qemu_accel(self.qemu)  # KVM only where a probe guest really runs with it
             vm_id = f"{spec.machine}-{uuid.uuid4().hex[:8]}"

@@ -44,14 +44,20 @@ def disk_node(name: str) -> str:
     return f"d-{name}"
 
 
+NBD_RECONNECT_DELAY = 300  # seconds a guest's read waits for its disk server to come back
+
+
 def backing_blockdev(disk: VmDisk | HandleDisk) -> dict[str, Any]:
     """The read-only node at the bottom of a disk (``b-<disk>``): a local image, or an NBD
     export on a unix socket. Its own -blockdev, referenced by name, so that QEMU never
     parses the backing name in the qcow2 header; :func:`hotspare.vm.stream.stream_status`
     deletes it once block-stream has copied it all, which closes the NBD connection."""
     if disk.backing.startswith(NBD_PREFIX):
+        # A server that dies is restarted on the same socket (a failover's re-run does it);
+        # meanwhile the guest's reads wait instead of failing with EIO.
         proto: dict[str, Any] = {"driver": "nbd", "server": {"type": "unix", "path": nbd_socket_of(disk.backing)},
-                                 "export": nbd_export_of(disk.backing), "read-only": True}
+                                 "export": nbd_export_of(disk.backing), "read-only": True,
+                                 "reconnect-delay": NBD_RECONNECT_DELAY}
     else:
         proto = {"driver": "file", "filename": disk.backing, "read-only": True}
     return {"driver": disk.backing_format, "node-name": backing_node(disk.name), "read-only": True, "file": proto}

@@ -43,6 +43,8 @@ class NotFound(StoreError):
 class AlreadyExists(StoreError):
     """A create-only write found the key taken (another writer won the race)."""
 
+    after_retry = False  # the refusal answered a retry of a try that failed in transit
+
     def __init__(self, key: str, reason: str = "already exists (create-only write refused)") -> None:
         super().__init__(key, reason)
 

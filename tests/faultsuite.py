@@ -588,11 +588,15 @@ def failback_kills(tmp: Path, demo_disk: Path, figures: Figures, rng: random.Ran
         try:
             agent.wait_restore_heartbeat(st)
             t0 = time.monotonic()
-            proc = subprocess.Popen([HOTSPARE, "failback", "demo", "--approve"], env={**os.environ, **env},
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            if kill_at_random(proc, rng, 20.0, figures):
+            with open(work / "failback.log", "w") as out:
+                proc = subprocess.Popen([HOTSPARE, "failback", "demo", "--approve"], env={**os.environ, **env},
+                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            if kill_at_random(proc, rng, 12.0, figures):  # a failback here takes 14 to 40 s
                 figures.notes.append(f"failback {i} killed after {time.monotonic() - t0:.1f}s "
                                      f"({load_state(st, 'demo').phase or load_state(st, 'demo').state})")
+            else:
+                assert proc.returncode == 0, f"failback exited {proc.returncode}: {(work / 'failback.log').read_text()[-3000:]}"
+                figures.notes.append(f"failback {i} ended after {time.monotonic() - t0:.1f}s, before its kill")
             if agent.proc.poll() is not None:
                 agent = RestoreAgent(env, work)  # ended with the failback it served, or by itself
             r = cli("failback", "demo", "--approve", env=env, check=False)

@@ -114,7 +114,10 @@ def translate(err: BaseException, name: str, *, create_only: bool = False) -> St
         if code in _NOT_FOUND_CODES or (status == 404 and code not in ("NoSuchBucket", "NoSuchUpload")):
             return NotFound(name)
         if create_only and (code in _CONFLICT_CODES or status == 412):
-            return AlreadyExists(name)
+            taken = AlreadyExists(name)
+            # botocore retried a try that failed in transit: that try may have written it
+            taken.after_retry = err.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
+            return taken
         reason = f"{code or status}: {message}".rstrip(": ")
         if code in _TRANSIENT_CODES or status == 429 or status >= 500:
             return TransientStoreError(name, reason)
@@ -268,7 +271,8 @@ class S3Store(Store):
     def _put_retrying(self, key: str, create_only: bool, once: Callable[[], None], ours: Callable[[], bool]) -> None:
         """Run the put ``once`` with the store's retries. A create-only put whose earlier try
         failed in transit (it may have landed, its answer lost) and whose retry finds the
-        key taken succeeds if the object is ``ours()``: what this put wrote."""
+        key taken succeeds if the object is ``ours()``: what this put wrote. The earlier try
+        is this loop's or botocore's own (seen: a reset after the server stored a pack)."""
         if not create_only:
             retrying(once)
             return
@@ -283,8 +287,8 @@ class S3Store(Store):
                     raise
                 lost = True
                 time.sleep(delay)
-            except AlreadyExists:
-                if lost and ours():
+            except AlreadyExists as err:
+                if (lost or err.after_retry) and ours():
                     return
                 raise
 

@@ -326,8 +326,16 @@ def test_daemon_killed_at_random_moments_of_a_workload_loses_nothing(tmp_path: P
             time.sleep(0.1)
         for _ in range(6):  # at whatever the agent is doing then: a cut, a view read, an upload
             time.sleep(rng.uniform(0.3, 1.2))
+            pidfile, wait = tmp_path / "state" / "m1" / "qsd" / "pid", time.monotonic() + 30
+            while True:  # the agent may be starting the next daemon: its pid file comes back soon
+                try:
+                    pid = int(pidfile.read_text())
+                    break
+                except (FileNotFoundError, ValueError):
+                    assert time.monotonic() < wait and agent.poll() is None, "the agent started no new daemon"
+                    time.sleep(0.05)
             try:
-                os.kill(int((tmp_path / "state" / "m1" / "qsd" / "pid").read_text()), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass  # the agent has not started the next daemon yet: that one is dead already
         out, err = client.communicate(timeout=120)

@@ -1,5 +1,5 @@
 """Small state files on the local machine (agent state, VM handles, capture cursors):
-replaced atomically, read back validated.
+replaced atomically, read back validated, and locked between processes.
 
 A write goes to a temporary file that is fsynced, renamed over the old one, and the
 directory fsynced: a crash at any point leaves the old or the new file whole.
@@ -7,7 +7,10 @@ directory fsynced: a crash at any point leaves the old or the new file whole.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,6 +19,17 @@ from pydantic import BaseModel, ValidationError
 from hotspare.errors import HotspareError
 
 M = TypeVar("M", bound=BaseModel)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (and threads: each call opens its own fd)."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -56,10 +56,10 @@ from hotspare.capture.qemu import DiskWork, QemuTracker
 from hotspare.capture.state import DiskState, StateDir
 from hotspare.capture.upload import DEFAULT_LOG_TARGET, last_seq_in_store
 from hotspare.errors import HotspareError, StoreError
+from hotspare.localfile import file_lock
 from hotspare.machine import DiskSpec
 from hotspare.store.base import Store
 from hotspare.vm.host import VmHandle, load_handle
-from hotspare.vm.local import file_lock
 from hotspare.vm.qemu_cmd import BITMAP_FIRST, disk_blockdevs, disk_nodes, node_names
 from hotspare.vm.qmp import QmpClient, QmpError
 

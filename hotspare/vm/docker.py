@@ -44,8 +44,8 @@ from docker.models.containers import Container
 
 from hotspare.demodisk import qemu_accel
 from hotspare.errors import HotspareError
+from hotspare.localfile import file_lock
 from hotspare.vm.host import VmHandle, VmSpec, load_handle, nbd_socket_of, save_handle
-from hotspare.vm.local import file_lock
 from hotspare.vm.qemu_cmd import (DISK_DEVICE, QMP_SOCKET, QemuHost, check_same_disks, prepare_disks, qemu_args,
                                   screendump, serial_name)
 

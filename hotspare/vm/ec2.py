@@ -46,13 +46,13 @@ from typing import Any, Literal
 import boto3
 
 from hotspare.errors import HotspareError, UsageError
+from hotspare.localfile import file_lock
 from hotspare.vm import ec2_resources
 from hotspare.vm.aws import CLIENT_CONFIG, Ec2Error, aws_call, poll
 from hotspare.vm.ebs import upload_snapshot
 from hotspare.vm.ec2_config import Ec2HostConfig  # re-exported: the host and its config go together
 from hotspare.vm.ec2_resources import ROOT_DEVICE, TAG_MACHINE, TAG_ROLE, TAG_VM, tag_list
 from hotspare.vm.host import VmHandle, VmHost, VmSpec, load_handle, save_handle
-from hotspare.vm.local import file_lock
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from pydantic import Field
 from hotspare import layout
 from hotspare.capture.upload import DEFAULT_LOG_TARGET
 from hotspare.errors import HotspareError
-from hotspare.localfile import load_model, write_atomic
+from hotspare.localfile import file_lock, load_model, write_atomic
 from hotspare.store.base import Store
 from hotspare.vm.aws import Ec2Error, aws_call
 from hotspare.vm.ebs import (
@@ -60,7 +60,6 @@ from hotspare.vm.ebs import (
 from hotspare.vm.ec2 import TAG_ROLE, Ec2Host, tag_list
 from hotspare.vm.capture_state import CaptureCursor
 from hotspare.vm.host import VmHandle
-from hotspare.vm.local import file_lock
 
 log = logging.getLogger(__name__)
 

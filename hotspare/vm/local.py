@@ -15,19 +15,17 @@ Files in the work directory: ``handle.json``, ``qmp.sock``, ``qemu.pid``,
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from hotspare.demodisk import qemu_accel
 from hotspare.errors import HotspareError
+from hotspare.localfile import file_lock
 from hotspare.vm.host import VmHandle, VmSpec, load_handle, save_handle
 from hotspare.vm.qemu_cmd import (DISK_DEVICE, QMP_SOCKET, QemuHost, check_same_disks, prepare_disks, qemu_args,
                                   screendump, serial_name)
@@ -38,18 +36,6 @@ PID_FILE = "qemu.pid"
 # QEMU processes this Python process started, kept so that their exit is reaped (a dead
 # child that nobody waits for stays a zombie, and would look alive to kill(pid, 0)).
 _children: dict[int, subprocess.Popen[bytes]] = {}
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes (and threads: each call opens its own fd)."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
 
 
 def _reap_unrecorded(workdir: Path, machine: str) -> None:

@@ -1,5 +1,5 @@
 """The fault suite (issue 11). Its short tier runs in the tests; ``HOTSPARE_FAULT_SUITE=long``
-runs the long one by hand (eight times the random kills).
+runs the long one by hand (four to eight times the random kills).
 
 1. Machine m1 on the scan tracker through protect, agent, ingest and consolidate, on
    SeaweedFS behind a fault-injecting proxy: store faults in every step, a log damaged at

@@ -17,6 +17,7 @@ from tests import faultsuite
 from tests.faultproxy import FaultProxy
 
 
+@pytest.mark.timeout(3600 if faultsuite.LONG else 1200)  # about 7 minutes here; the long tier about 25
 def test_fault_suite_loses_nothing_and_stalls_nothing_silently(tmp_path: Path, s3_env, prefect_api: str,
                                                              demo_disk: Path, monkeypatch: pytest.MonkeyPatch,
                                                              record_property) -> None:

@@ -87,6 +87,8 @@ def failback(machine: str, store: str | None = None, store_block: str | None = N
     state = load_state(st, machine)
     if state.state == "protected":
         done = state.step == "failed-back"
+        if done:  # a run killed after its last commit: the VM's last writes may wait for a point (idempotent)
+            consolidate(machine=machine, store=st.url if store_block is None else None, store_block=store_block)
         msg = f"{machine} is protected in epoch {state.epoch}: " + ("its failback is finished" if done else "nothing to fail back")
         return (Completed if done else Cancelled)(
             message=msg, data=FailbackResult(machine=machine, outcome="already" if done else "refused", message=msg))
@@ -426,6 +428,7 @@ class _Failback:
         moved = bytes_per_phase(self.orders())
         self.commit(state="protected", epoch=new_epoch, phase="", step="failed-back", vm=None,
                     fb={"moved": moved, "downtime_s": downtime, "finished_at": utcnow().isoformat()})
+        crash_point("failback-before-last-consolidation")  # a re-run must still make that point
         try:  # the VM's last writes into a recovery point, now that the machine serves again
             consolidate(**self._store_params())
         except Exception as err:  # noqa: BLE001 - the scheduled consolidation catches up

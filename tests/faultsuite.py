@@ -22,6 +22,7 @@ line the suite prints: ``N faults, M crash points, 0 bytes lost, 0 silent stalls
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -215,12 +216,12 @@ class Suite:
         try:
             self.some_writes()
             other = dict(self.env, HOTSPARE_AGENT_STATE=str(self.tmp / "other-agent"))
-            before = {o.key for o in self.store.list(layout.machine_prefix(self.machine))}
             r = cli("agent", self.machine, "--once", "--quiet", env=other, check=False)
             assert r.returncode == 1 and f"another agent ships {self.machine}" in r.stderr, r.stderr
             assert str(self.tmp / "agent") in r.stderr and "Traceback" not in r.stderr, r.stderr
-            shipped = {o.key for o in self.store.list(layout.machine_prefix(self.machine))} - before
-            assert not [k for k in shipped if "/epochs/" in k and str(self.tmp / "other-agent") in k], shipped
+            lease = json.loads(self.store.get(f"{layout.machine_prefix(self.machine)}agent-lease.json"))
+            assert lease["state_dir"] == str(self.tmp / "agent" / self.machine), lease  # still the first's
+            assert not (self.tmp / "other-agent" / self.machine / f"{DISK}.json").exists(), "the second kept no state"
             self.figures.faults += 1
             for _ in range(3):
                 self.some_writes()

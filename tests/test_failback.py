@@ -297,3 +297,24 @@ def test_restore_heartbeat_starts_failback_and_protection_resumes_in_a_new_epoch
             worker.kill()
         agent.stop()
         stop_vm(env)
+
+
+def test_a_failback_killed_after_its_last_commit_still_gets_its_last_point(tmp_path: Path, demo_disk: Path) -> None:
+    """Killed after it committed "protected" and before the consolidation that gives the newest
+    point the VM's last writes: the re-run says it is finished and makes that point."""
+    env = fail_over(tmp_path, demo_disk)
+    st = open_store(env["HOTSPARE_STORE"])
+    agent = RestoreAgent(env, tmp_path)
+    try:
+        agent.wait_restore_heartbeat(st)
+        r = cli("failback", "demo", "--approve", env={**env, "HOTSPARE_CRASH_AT": "failback-before-last-consolidation"},
+                check=False)
+        assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+        ms = load_state(st, "demo")
+        assert (ms.state, ms.step) == ("protected", "failed-back")
+        r = cli("failback", "demo", env=env)
+        assert "its failback is finished" in r.stdout, r.stdout
+    finally:
+        agent.stop()
+        stop_vm(env)
+    assert_same_image(demo_disk, final_replica(st, tmp_path, demo_disk.stat().st_size))

@@ -38,27 +38,36 @@ PID_FILE = "qemu.pid"
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
+def _live_args(pid: int) -> list[bytes] | None:
+    """The command line of process ``pid``, or None when it is gone or a zombie (dead, not
+    yet reaped by its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if stat.rsplit(")", 1)[-1].split()[:1] in (["Z"], ["X"]) else args
+
+
 def _reap_unrecorded(workdir: Path, machine: str) -> None:
     """Stop a QEMU that a launch started but never recorded (it died between the start and
     the handle's save): it still holds the work directory's pid file, and its guest never
     ran, because a guest starts only after its handle is saved."""
     try:
         pid = int((workdir / PID_FILE).read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return
-    if f"guest={machine}-".encode() not in b" ".join(cmdline):
+    args = _live_args(pid)
+    if args is None or not any(a.startswith(f"guest={machine}-".encode()) for a in args):
         return
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 30
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
-        if stat.rsplit(")", 1)[-1].split()[:1] in (["Z"], ["X"]):
-            break  # a zombie holds no lock; its parent was the launch that died
+    while _live_args(pid) is not None and time.monotonic() < deadline:  # a zombie holds no lock
         time.sleep(0.05)
+
 
 class LocalQemuHost(QemuHost):
     kind = "local-qemu"
@@ -128,14 +137,8 @@ class LocalQemuHost(QemuHost):
         if proc is not None and proc.poll() is not None:
             del _children[pid]
             return False
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            return False
-        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
-            return False  # dead, not yet reaped by its parent
-        return f"guest={handle.vm_id}".encode() in cmdline
+        args = _live_args(pid)
+        return args is not None and f"guest={handle.vm_id}".encode() in args
 
     def screendump(self, handle: VmHandle, path: str | os.PathLike[str]) -> Path:
         target = Path(os.path.abspath(path))

@@ -64,6 +64,7 @@ from hotspare.extentlog.schema import SECTOR
 from hotspare.ingest import epoch_of
 from hotspare.layout import num
 from hotspare.machine import DiskSpec, list_machines, load_machine
+from hotspare.replica.dedup import read_shard
 from hotspare.replica.index import IndexRoot, pack_id, read_page, read_root
 from hotspare.replica.packs import TOC, TRAILER, read_toc
 from hotspare.state import MachineState
@@ -403,6 +404,7 @@ class _Checker:
             dk.roots[p.id] = root
         packs = self.packs(dk)
         self.pages(dk, packs)
+        self.shards(dk)
 
     def packs(self, dk: _Disk) -> dict[str, np.ndarray | None]:
         """Each pack the retained roots name -> its table of contents (None when damaged)."""
@@ -538,6 +540,24 @@ class _Checker:
                     self.find("damaged", _root_key(dk, point),
                               f"index root of point {point} says {ref.refs} entries read pack {pid}, its pages "
                               f"hold {got.get(pid, 0)}", machine=dk.machine, disk=dk.spec.name, points=[point])
+
+    def shards(self, dk: _Disk) -> None:
+        """The dedup index's shards: a bad one loses only deduplication (a build treats it as
+        empty), so it is a warning."""
+        users: dict[tuple[str, int], list[str]] = defaultdict(list)  # (key, shard) -> points
+        for point, root in dk.roots.items():
+            for n, ref in root.dedup.items():
+                users[(ref.key, n)].append(point)
+        for (key, n), pts in users.items():
+            dk.referenced.add(key)
+            self.report.objects += 1
+            root = dk.roots[pts[0]]
+            try:
+                read_shard(self.store, root, n)
+            except InvalidObject as err:
+                self.find("warning", key, f"dedup shard {n} of point(s) {', '.join(pts)}: {err.reason}; "
+                                          "consolidation treats it as empty (only deduplication is lost)",
+                          machine=dk.machine, disk=dk.spec.name, points=pts)
 
     def entries(self, dk: _Disk, key: str, root: IndexRoot, n: int, ents: np.ndarray,
                 tocs: dict[str, np.ndarray | None], pts: list[str]) -> dict[str, int]:

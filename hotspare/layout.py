@@ -151,6 +151,10 @@ def index_page_key(directory: str, page: int) -> str:
     return f"{directory}{num(page)}.page"
 
 
+def index_shard_key(directory: str, shard: int) -> str:
+    return f"{directory}{num(shard)}.dedup"
+
+
 def written_for(key: str) -> int | None:
     """The catalog version a pack, VHD object or index build (any of its objects) was
     written for, or None: the number that starts its name, else its directory's."""

@@ -6,10 +6,10 @@
 2. :meth:`PointBuild.jobs` and :func:`run_part`: each part job is a run of index pages. It
    reads its pages of the previous point, the log rows whose bytes survive, and, only for
    blocks a partial write merges with, the previous chunks; it writes new chunks into packs,
-   create-only, deduplicated against the chunks of its pages and of the job, and writes its
-   new pages create-only. Jobs are self-contained, so mapped tasks run them on any worker.
-3. :func:`finish_root`: the new root, the previous one with the new pages and pack counts,
-   written create-only; :func:`commit_point` the catalog naming it.
+   create-only, deduplicated against the chunks of its pages, the disk-wide dedup index
+   (:mod:`hotspare.replica.dedup`) and the job's own, and writes its new pages create-only. Jobs are self-contained, so mapped tasks run them on any worker.
+3. :func:`finish_root`: the new root, the previous one with the new pages, pack counts and
+   the dedup shards the new chunks touch, written create-only; :func:`commit_point` the catalog naming it.
 
 Every object a build writes is under a key of the catalog version it builds and a random
 token, so racing builds never overwrite each other, and a build that loses the commit race
@@ -36,10 +36,10 @@ from hotspare.consolidate.sources import KEEP, ZERO, BlockSources, RowData, RowR
 from hotspare.extentlog.schema import SECTOR
 from hotspare.errors import InvalidObject
 from hotspare.faults import crash_point
+from hotspare.replica import dedup
 from hotspare.replica.index import (
     PAGE_CHUNKS,
     IndexRoot,
-    digest_of,
     PackRef,
     PageRef,
     page_bytes,
@@ -90,6 +90,7 @@ class PartResult:
     chunks_deduplicated: int = 0
     chunks_zero: int = 0
     bytes_read: int = 0  # of logs and previous chunks
+    new_chunks: np.ndarray = field(default_factory=lambda: dedup.rows([]))  # dedup.ROW of the chunks written
 
 
 @dataclass
@@ -111,6 +112,7 @@ class PointBuild:
     legacy_vhd: str | None = None
     replaces: str | None = None  # converting the current point itself: its id
     results: list[PartResult] = field(default_factory=list)
+    dedup_uploaded: int = 0  # bytes of the dedup shards finish_root wrote
 
     @property
     def directory(self) -> str:
@@ -236,10 +238,19 @@ def run_part(store: Store, job: PartJob) -> PartResult:
     bodies: dict[int, bytes | None] = {}
     old_chunks = _previous_chunks(store, job, [b for b, s in job.blocks.items() if s.needs_previous])
     res.bytes_read += sum(len(c) for c in old_chunks.values())
+    # Where this point can read a chunk of a given digest: the chunks of its pages first, then
+    # the disk-wide dedup index for the rest, then the chunks this job writes.
+    known: dict[bytes, tuple[int, int, int]] = {}
+    olds: dict[int, np.ndarray] = {}
+    news: dict[int, np.ndarray] = {}
+    todo: list[tuple[np.ndarray, int, bytes, bytearray]] = []  # (page entries, index, digest, chunk)
     for page in job.pages:
-        old = prev.page(page)
-        new = old.copy()
-        known = {digest_of(e): e for e in old[old["length"] > 0]}
+        old = olds[page] = prev.page(page)
+        new = news[page] = old.copy()
+        live = old[old["length"] > 0]
+        for d, p, o, n in zip(live["digest"].tolist(), live["pack"].tolist(), live["offset"].tolist(),
+                              live["length"].tolist()):
+            known.setdefault(d.ljust(32, b"\0"), (p, o, n))
         first = page * job.page_chunks
         for b in sorted(b for b in job.blocks if b // job.page_chunks == page):
             length = root.chunk_length(b)
@@ -250,16 +261,24 @@ def run_part(store: Store, job: PartJob) -> PartResult:
                 e["digest"], e["pack"], e["offset"], e["length"] = b"", 0, 0, 0
                 res.chunks_zero += 1
                 continue
-            digest = hashlib.sha256(chunk).digest()
-            same = known.get(digest)
-            if same is not None:
-                e["digest"], e["pack"], e["offset"], e["length"] = digest, same["pack"], same["offset"], same["length"]
-                res.chunks_deduplicated += 1
-                continue
+            todo.append((new, b - first, hashlib.sha256(chunk).digest(), chunk))
+    for d, where in dedup.lookup(store, job.previous, sorted({t[2] for t in todo} - known.keys())).items():
+        known.setdefault(d, where)
+    written: list[tuple[bytes, int, int, int]] = []
+    for entries, i, digest, chunk in todo:
+        where = known.get(digest)
+        if where is None:
             pid, at = packs.add(digest, chunk)
-            e["digest"], e["pack"], e["offset"], e["length"] = digest, pid, at, len(chunk)
-            known[digest] = e.copy()
+            where = known[digest] = (pid, at, len(chunk))
+            written.append((digest, *where))
             res.chunks_written += 1
+        else:
+            res.chunks_deduplicated += 1
+        e = entries[i]
+        e["digest"], (e["pack"], e["offset"], e["length"]) = digest, where
+    res.new_chunks = dedup.rows(written)
+    for page in job.pages:
+        old, new = olds[page], news[page]
         for p, n in zip(*np.unique(old["pack"][old["length"] > 0], return_counts=True)):
             refs[int(p)] -= int(n)
         for p, n in zip(*np.unique(new["pack"][new["length"] > 0], return_counts=True)):
@@ -304,6 +323,8 @@ def finish_root(store: Store, build: PointBuild, results: list[PartResult]) -> t
         for pid, n in r.refs.items():
             root.packs[pid].refs += n
     root.packs = {k: v for k, v in root.packs.items() if v.refs > 0}
+    new = np.concatenate([r.new_chunks for r in results]) if results else dedup.rows([])
+    build.dedup_uploaded = dedup.update(store, build.directory, prev, root, new)
     key = layout.index_root_key(build.directory)
     crash_point("consolidate-before-root")
     store.put(key, root_bytes(root), create_only=True)

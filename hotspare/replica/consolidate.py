@@ -40,7 +40,7 @@ class DiskConsolidation(BaseModel):
     logs: int = 0
     bytes_applied: int = 0  # bytes the logs' extents cover, superseded ones included
     bytes_read: int = 0  # log data and previous chunks downloaded
-    bytes_uploaded: int = 0  # packs and index pages
+    bytes_uploaded: int = 0  # packs, index pages and dedup shards
     parts: int = 0
     packs_written: int = 0
     pages_written: int = 0
@@ -131,6 +131,7 @@ def consolidate_disk(store: Store, machine: str, disk: DiskSpec, policy: Policy,
 def _report(out: DiskConsolidation, build: PointBuild, results: list[PartResult], root_key: str) -> None:
     out.point, out.root, out.converted = build.point_id, root_key, build.legacy_vhd is not None
     out.logs, out.bytes_applied, out.parts = len(build.logs), build.sources.applied_bytes, len(results)
+    out.bytes_uploaded += build.dedup_uploaded
     for r in results:
         out.bytes_read += r.bytes_read
         out.bytes_uploaded += r.uploaded

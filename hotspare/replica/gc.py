@@ -71,7 +71,8 @@ def collect_garbage(store: Store, catalog: Catalog) -> Garbage:
     g = Garbage()
     roots = retained_roots(store, catalog)
     packs = {ref.key for r in roots for ref in r.packs.values()}
-    index = {ref.key for r in roots for ref in r.pages.values()} | {p.root for p in catalog.points if p.root}
+    index = {ref.key for r in roots for ref in [*r.pages.values(), *r.dedup.values()]}
+    index |= {p.root for p in catalog.points if p.root}
     legacy = set(catalog.vhd.values())
     vhds = set(catalog.vhd_objects.values()) | legacy
 

@@ -38,7 +38,8 @@ class PackRef(BaseModel):
 
 class IndexRoot(BaseModel):
     """A point's index. ``pages`` maps page number to page (absent: all zeros); ``packs``
-    maps pack id (16 hex digits) to the pack, for every pack the pages reference."""
+    maps pack id (16 hex digits) to the pack, for every pack the pages reference; ``dedup``
+    maps shard number to a shard of the dedup index."""
 
     format_version: int = INDEX_FORMAT
     machine: str
@@ -49,6 +50,9 @@ class IndexRoot(BaseModel):
     page_chunks: int = Field(PAGE_CHUNKS, gt=0)
     pages: dict[int, PageRef] = Field(default_factory=dict)
     packs: dict[str, PackRef] = Field(default_factory=dict)
+    # The disk-wide dedup index (hotspare.replica.dedup); None in roots written before it.
+    dedup_bits: int | None = Field(None, ge=0, le=16)
+    dedup: dict[int, PageRef] = Field(default_factory=dict)
 
     @property
     def chunks(self) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 
 from hotspare import layout
 from hotspare.catalog import Catalog
+from hotspare.replica import dedup
 from hotspare.replica.index import (
     IndexRoot,
     digest_of,
@@ -70,6 +71,7 @@ def repack(store: Store, catalog: Catalog, packs: list[str]) -> tuple[Catalog, i
     writer = PackWriter(store, catalog.machine, catalog.disk, version)
     moved: dict[tuple[int, int], tuple[int, int]] = {}  # (old pack, offset) -> (new pack, offset)
     pages = {}
+    rows: list[tuple[bytes, int, int, int]] = []  # the moved chunks, for the dedup index
     for page in sorted(old.pages):
         entries = read_page(store, old, page)
         hit = np.isin(entries["pack"], list(moving)) & (entries["length"] > 0)
@@ -84,6 +86,7 @@ def repack(store: Store, catalog: Catalog, packs: list[str]) -> tuple[Catalog, i
             where = (int(e["pack"]), int(e["offset"]))
             if where not in moved:
                 moved[where] = writer.add(digest_of(e), chunks[b])
+                rows.append((digest_of(e), *moved[where], int(e["length"])))
             e["pack"], e["offset"] = moved[where]
         pages[page] = new
     writer.flush()
@@ -102,7 +105,8 @@ def repack(store: Store, catalog: Catalog, packs: list[str]) -> tuple[Catalog, i
             if pack_id(int(p)) in writer.written:
                 root.packs[pack_id(int(p))].refs += int(n)
     assert sum(moved_refs.values()) == sum(root.packs[p].refs for p in writer.written), "repack lost an entry"
+    uploaded = writer.uploaded + dedup.update(store, directory, old, root, dedup.rows(rows))
     key = layout.index_root_key(directory)
     store.put(key, root_bytes(root), create_only=True)
     points = [p.model_copy(update={"root": key}) if p.id == cur.id else p for p in catalog.points]
-    return catalog.next(points=points), writer.uploaded
+    return catalog.next(points=points), uploaded

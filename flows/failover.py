@@ -119,8 +119,7 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
     fence(st, machine, cfg.disks, old_epoch, f"failover run {flow_run.id}")
     _step("fenced", machine, state, epoch=old_epoch)
     consolidate(machine=machine, store=st.url if store_block is None else None, store_block=store_block)
-    # EC2 builds its EBS snapshot from a local image: it cannot read a served point (yet).
-    backings = disk_backings(st, machine, cfg.disks, workdir, serve=policy.host != "ec2")
+    backings = disk_backings(st, machine, cfg.disks, workdir, policy.host)
     points = {vd.name: point for point, vd in backings}
     _step("materialised", machine, state, points=points)
     host = resolve_vm_host(policy.host)

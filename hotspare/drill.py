@@ -11,7 +11,8 @@ Terms:
   failed), committed into the catalog of every disk drilled (:class:`DrillVerdict`).
 
 A drill serves each disk's point read-only over NBD and gives the VM throw-away qcow2
-overlays over them; the VM has no network (every QEMU host runs ``-nic none``). It never
+overlays over them (on EC2: the point's EBS snapshot, which stays as the next one's parent);
+the VM has no network (every QEMU host runs ``-nic none``). It never
 fences, never ingests or consolidates, and changes nothing in the catalog but the verdict.
 Everything it started is torn down in a ``finally``; a drill that died (kill -9) leaves its
 VM's handle and the servers' pid files in the drill directory, and the next drill cleans
@@ -233,9 +234,8 @@ def drill(store: Store, cfg: MachineConfig, host: VmHost, workdir: Path, *, poin
     handle: VmHandle | None = None
     try:
         try:
-            # EC2 boots from an EBS snapshot, made from an exported image, as its failover does.
-            disks = [disk_backing(store, cfg.name, cfg.disk(d), workdir, point=p, serve=host.kind != "ec2")[1]
-                     for d, p in chosen]
+            # As the failover does: QEMU hosts read the served point, EC2 its EBS snapshot.
+            disks = [disk_backing(store, cfg.name, cfg.disk(d), workdir, point=p, host=host)[1] for d, p in chosen]
             t0 = time.monotonic()
             handle = host.launch(VmSpec(machine=cfg.name, disks=disks, cpus=policy.vm_cpus,
                                         memory_mib=policy.vm_memory_mib, workdir=workdir))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from hotspare.catalog import RecoveryPoint, load_catalog
-from hotspare.consolidate.export import export_point, find_point
+from hotspare.consolidate.export import find_point
 from hotspare.errors import HotspareError, UsageError
 from hotspare.heartbeat import load_heartbeat
 from hotspare.machine import DiskSpec, MachineConfig
@@ -89,25 +89,23 @@ def serve_dir(workdir: Path) -> Path:
     return workdir / "serve"
 
 
-def disk_backing(store: Store, machine: str, disk: DiskSpec, workdir: Path, *, serve: bool = True,
+def disk_backing(store: Store, machine: str, disk: DiskSpec, workdir: Path, *, host: VmHost | None = None,
                  point: RecoveryPoint | None = None) -> tuple[str, VmDisk]:
     """The recovery point the VM's ``disk`` starts from, served read-only over NBD (nbdkit
     over the point's chunks, :mod:`hotspare.replica.serve`), as the backing of the VM's
     overlay: the VM boots at once, whatever the disk's size, and :mod:`hotspare.vm.stream`
     pulls the disk local in the background. A re-run adopts a server that still runs.
-    ``serve=False`` exports the point as a raw image in the work directory instead (for a
-    host that cannot read NBD; its cost grows with the disk). ``point``: that point instead
-    of the newest (crash-consistent) one."""
+    A ``host`` that cannot read NBD makes the disk itself (:meth:`VmHost.point_disk`: EC2
+    makes the point's EBS snapshot from its chunks). ``point``: that point instead of the
+    newest (crash-consistent) one."""
     cat = load_catalog(store, machine, disk.name, disk.size)
     if point is None:
         point = find_point(cat, prefer_consistent=True)
-    if not serve:
+    if host is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-        image = workdir / f"{disk.name}-{point.id}.raw"
-        if not image.exists():  # export_point publishes by rename: an existing file is whole
-            export_point(store, cat, point, "raw", image)
-        return point.id, VmDisk(name=disk.name, backing=str(image), backing_format="raw", size=disk.size,
-                                block_size=disk.block_size)
+        own = host.point_disk(store, cat, disk, point, workdir)
+        if own is not None:
+            return point.id, own
     if not point.root:
         raise UsageError(f"{machine}/{disk.name} point {point.id} is in the layout before chunks: run "
                          f"`hotspare consolidate {machine}` once to convert the disk")

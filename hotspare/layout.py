@@ -169,6 +169,16 @@ def vhd_object_key(machine: str, disk: str, version: int, point: str) -> str:
     return vhd_key(machine, disk, f"{num(version)}-{point}")
 
 
+def ebs_prefix(machine: str, region: str, disk: str) -> str:
+    """The records of which EBS snapshot (in ``region``) holds which point of a disk."""
+    return f"machines/{machine}/ebs/{region}/{disk}/"
+
+
+def ebs_snapshot_key(machine: str, region: str, disk: str, point: str) -> str:
+    """The create-only record of the EBS snapshot made from ``point`` in ``region``."""
+    return f"{ebs_prefix(machine, region, disk)}{point}.json"
+
+
 def quarantine_key(key: str) -> str:
     return QUARANTINE + key
 

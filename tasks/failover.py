@@ -30,11 +30,12 @@ def fence(store: Store, machine: str, disks: list[DiskSpec], epoch: int, reason:
 
 @task(name="disk-backings", **STORE_RETRY)
 def disk_backings(store: Store, machine: str, disks: list[DiskSpec], workdir: Path,
-                  serve: bool = True) -> list[tuple[str, VmDisk]]:
+                  host_kind: str) -> list[tuple[str, VmDisk]]:
     """Per disk of the machine, in its order: the point it starts from and the backing the
-    VM's overlay reads: the point served over NBD, or (``serve=False``, a host that cannot
-    read NBD) exported as a local raw image."""
-    return [engine.disk_backing(store, machine, d, workdir, serve=serve) for d in disks]
+    VM's overlay reads: the point served over NBD, or what the host makes of it when it
+    cannot read NBD (EC2: the point's EBS snapshot)."""
+    host = resolve_vm_host(host_kind)
+    return [engine.disk_backing(store, machine, d, workdir, host=host) for d in disks]
 
 
 @task(name="launch-vm", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -5,6 +5,7 @@
 - ``own_seaweedfs``: a server of one test's own, which it may stop and start again.
 - ``s3_env``: the AWS environment variables pointing at it.
 - ``store_url`` / ``store``: a fresh, empty store per test, once per backend (local, s3).
+- ``aws`` / ``ec2_host``: moto's EC2 and EBS, and an EC2 host on it (tests/fixtures_aws.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from hotspare.store import Store, open_store
+from tests.fixtures_aws import aws, ec2_host  # noqa: F401
 from tests.fixtures_demo import demo_disk, demo_disk_image, qemu_system  # noqa: F401
 from tests.fixtures_docker import dockerd, qemu_runner_image  # noqa: F401
 from tests.fixtures_prefect import prefect_api  # noqa: F401

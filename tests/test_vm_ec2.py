@@ -12,15 +12,14 @@ host: what is tested and what is not". S3 is never mocked: nothing here uses S3.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("moto")
-from moto import mock_aws  # noqa: E402
 
+from hotspare import layout  # noqa: E402
 from hotspare.errors import HotspareError, UsageError  # noqa: E402
 from hotspare.extentlog import iter_extents, validate_log  # noqa: E402
 from hotspare.store import open_store  # noqa: E402
@@ -37,34 +36,19 @@ from hotspare.vm.ebs import (  # noqa: E402
     snapshot_blocks,
     upload_snapshot,
 )
+from hotspare.vm.ebs_points import PointSnapshot  # noqa: E402
 from hotspare.vm.ec2 import TAG_VM, Ec2Host, Ec2HostConfig  # noqa: E402
 from hotspare.vm.ec2_capture import Ec2DeltaCapture  # noqa: E402
+from tests.fixtures_aws import REGION  # noqa: E402
 
-REGION = "eu-west-1"
 # 10.125 blocks: the last 512 KiB block is partial, as a disk's size need not be a multiple.
 SIZE = 10 * EBS_BLOCK + 64 * 1024
 DATA_BLOCKS = [0, 3, 4, 7, 10]
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """moto's EC2 and EBS, with dummy credentials: nothing can reach a real account."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    with mock_aws():
-        yield
-
-
-@pytest.fixture
-def host(aws: None) -> Ec2Host:
-    return Ec2Host(Ec2HostConfig(region=REGION, poll_interval=0.01, boot_timeout=10, snapshot_timeout=10))
+def host(ec2_host: Ec2Host) -> Ec2Host:
+    return ec2_host  # tests/fixtures_aws.py: moto's EC2 and EBS, dummy credentials
 
 
 def write_image(path: Path, blocks: dict[int, bytes], size: int = SIZE) -> Path:
@@ -285,9 +269,10 @@ def test_delta_capture_by_listings_replays_parent_into_child(host: Ec2Host, tmp_
 
 
 def test_a_drill_on_the_ec2_host_boots_the_point_and_releases_everything(host: Ec2Host, tmp_path: Path) -> None:
-    """A drill of a machine on the ec2 host: the point is exported, uploaded as an EBS
-    snapshot and booted as an instance, its console is read for the boot pattern (moto's
-    canned console text here), and the instance, image, snapshots and volume are gone after."""
+    """A drill of a machine on the ec2 host: the point becomes an EBS snapshot made from its
+    chunks (no local image) and is booted as an instance, its console is read for the boot
+    pattern (moto's canned console text here), and the instance, image, capture snapshots and
+    volume are gone after; the point's snapshot stays, recorded, as the next one's parent."""
     from hotspare.capture.agent import Agent
     from hotspare.drill import drill
     from hotspare.ingest import ingest_disk
@@ -311,3 +296,10 @@ def test_a_drill_on_the_ec2_host_boots_the_point_and_releases_everything(host: E
     assert out.vm_id and "Linux version" in out.console_tail
     assert tagged(host, out.vm_id) == {"images": [], "snapshots": [], "volumes": [], "instances": []}
     assert {p.suffix for p in workdir.iterdir()} <= {".jpg", ".log", ".png"}, list(workdir.iterdir())  # no image left
+    [point] = out.points.values()
+    rec = PointSnapshot.model_validate_json(st.get(layout.ebs_snapshot_key("m1", REGION, "root", point)))
+    snap = host.ec2.describe_snapshots(SnapshotIds=[rec.snapshot_id])["Snapshots"][0]
+    assert snap["State"] == "completed" and rec.blocks_put > 0
+    data = image.read_bytes()
+    nonzero = [i for i in range(-(-len(data) // EBS_BLOCK)) if data[i * EBS_BLOCK:(i + 1) * EBS_BLOCK].strip(b"\0")]
+    assert sorted(snapshot_blocks(host.ebs, rec.snapshot_id)) == nonzero

@@ -1,5 +1,7 @@
-"""EBS snapshots block by block, through the EBS direct APIs: build one from a local disk
-image, list what changed between two, read blocks back with their checksums verified.
+"""EBS snapshots block by block, through the EBS direct APIs: build one from any source of
+blocks (:func:`build_snapshot`; a local disk image, :func:`upload_snapshot`; a recovery
+point's chunks, :mod:`hotspare.vm.ebs_chunks`), list what changed between two, read blocks
+back with their checksums verified.
 
 References: AWS "EBS direct APIs" API reference (StartSnapshot, PutSnapshotBlock,
 CompleteSnapshot, ListSnapshotBlocks, ListChangedBlocks, GetSnapshotBlock).
@@ -188,43 +190,59 @@ def upload_snapshot(
             bad = [i for i in indices if not 0 <= i < count]
             if bad:
                 raise UsageError(f"{path}: changed block {bad[0]} is outside the image's {count} blocks")
-        gib = volume_gib(image.size)
-        args: dict[str, Any] = dict(VolumeSize=gib, Description=description,
-                                    Timeout=max(10, min(4320, pending_minutes)))
-        if tags:
-            args["Tags"] = [{"Key": k, "Value": v} for k, v in tags.items()]
-        if parent_snapshot_id is not None:
-            args["ParentSnapshotId"] = parent_snapshot_id
-        with aws_call("StartSnapshot", f"{path} ({gib} GiB)"):
-            snapshot_id = ebs.start_snapshot(**args)["SnapshotId"]
-        log.info("snapshot %s started for %s (%d GiB, parent %s)", snapshot_id, path, gib, parent_snapshot_id)
-        try:
-            put = _put_blocks(ebs, snapshot_id, image, indices, skip_zero=parent_snapshot_id is None,
-                              workers=workers)
-            with aws_call("CompleteSnapshot", snapshot_id):
-                status = ebs.complete_snapshot(SnapshotId=snapshot_id, ChangedBlocksCount=put)["Status"]
-            if status == "error":
-                raise Ec2Error("CompleteSnapshot", snapshot_id, "snapshot status is error", code="SnapshotError")
-            wait_snapshot(ec2, snapshot_id, timeout=timeout, interval=poll_interval)
-        except BaseException:
-            _discard(ec2, snapshot_id)
-            raise
-    log.info("snapshot %s completed: %d blocks of %d put", snapshot_id, put, count)
+        skip_zero = parent_snapshot_id is None  # over a parent, a zero block overrides the parent's data
+
+        def blocks() -> Iterator[tuple[int, bytes]]:
+            for index in indices:
+                data = image.block(index)
+                if not (skip_zero and data == ZERO_BLOCK):  # a block a snapshot does not hold reads as zeros
+                    yield index, data
+
+        return build_snapshot(ebs, ec2, os.fspath(path), image.size, blocks(), parent_snapshot_id=parent_snapshot_id,
+                              tags=tags, description=description, workers=workers, timeout=timeout,
+                              poll_interval=poll_interval, pending_minutes=pending_minutes)
+
+
+def build_snapshot(
+    ebs: Any, ec2: Any, what: str, size: int, blocks: Iterable[tuple[int, bytes]], *,
+    parent_snapshot_id: str | None = None, tags: dict[str, str] | None = None, description: str = "",
+    workers: int = 8, timeout: float = 3600.0, poll_interval: float = 5.0, pending_minutes: int = 1440,
+) -> UploadResult:
+    """A completed snapshot of a ``size``-byte disk (``what`` names it in messages) holding
+    ``blocks``, ``(index, 512 KiB of data)`` pairs pulled one at a time as the puts go
+    (over ``parent_snapshot_id``, on top of the parent's blocks). A snapshot whose build
+    fails is deleted. See :func:`upload_snapshot` for the timing arguments."""
+    gib = volume_gib(size)
+    args: dict[str, Any] = dict(VolumeSize=gib, Description=description, Timeout=max(10, min(4320, pending_minutes)))
+    if tags:
+        args["Tags"] = [{"Key": k, "Value": v} for k, v in tags.items()]
+    if parent_snapshot_id is not None:
+        args["ParentSnapshotId"] = parent_snapshot_id
+    with aws_call("StartSnapshot", f"{what} ({gib} GiB)"):
+        snapshot_id = ebs.start_snapshot(**args)["SnapshotId"]
+    log.info("snapshot %s started for %s (%d GiB, parent %s)", snapshot_id, what, gib, parent_snapshot_id)
+    try:
+        put = _put_blocks(ebs, snapshot_id, blocks, workers=workers)
+        with aws_call("CompleteSnapshot", snapshot_id):
+            status = ebs.complete_snapshot(SnapshotId=snapshot_id, ChangedBlocksCount=put)["Status"]
+        if status == "error":
+            raise Ec2Error("CompleteSnapshot", snapshot_id, "snapshot status is error", code="SnapshotError")
+        wait_snapshot(ec2, snapshot_id, timeout=timeout, interval=poll_interval)
+    except BaseException:
+        discard_snapshot(ec2, snapshot_id)
+        raise
+    log.info("snapshot %s completed: %d blocks of %d put", snapshot_id, put, block_count(size))
     return UploadResult(snapshot_id=snapshot_id, volume_gib=gib, blocks_put=put)
 
 
-def _put_blocks(ebs: Any, snapshot_id: str, image: DiskImage, indices: Iterable[int], *,
-                skip_zero: bool, workers: int) -> int:
-    """Put the blocks; returns how many. Blocks are read here, one thread, and sent by
-    ``workers`` threads; at most 2 x workers blocks of 512 KiB wait in memory."""
+def _put_blocks(ebs: Any, snapshot_id: str, blocks: Iterable[tuple[int, bytes]], *, workers: int) -> int:
+    """Put the blocks; returns how many. Blocks are pulled from ``blocks`` here, one
+    thread, and sent by ``workers`` threads; at most 2 x workers blocks wait in memory."""
     put = 0
     pending: set[Future[None]] = set()
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ebs-put") as pool:
         try:
-            for index in indices:
-                data = image.block(index)
-                if skip_zero and data == ZERO_BLOCK:
-                    continue  # a block a snapshot does not hold reads as zeros
+            for index, data in blocks:
                 pending.add(pool.submit(_put_block, ebs, snapshot_id, index, data))
                 put += 1
                 if len(pending) >= 2 * workers:
@@ -262,7 +280,7 @@ def wait_snapshot(ec2: Any, snapshot_id: str, *, timeout: float, interval: float
     poll(f"snapshot {snapshot_id}", probe, timeout=timeout, interval=interval)
 
 
-def _discard(ec2: Any, snapshot_id: str) -> None:
+def discard_snapshot(ec2: Any, snapshot_id: str) -> None:
     """Best effort: a snapshot whose upload failed is useless. (A pending one that AWS
     refuses to delete ends in state error when its StartSnapshot timeout runs out.)"""
     try:

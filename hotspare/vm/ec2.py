@@ -2,10 +2,12 @@
 
 Launch, in order, every AWS resource tagged ``hotspare:vm-id`` (and ``hotspare:machine``):
 
-1. boot snapshot: the replica disk as an EBS snapshot, one of two ways
+1. boot snapshot: the replica disk as an EBS snapshot. A failover or drill gives the point's
+   own snapshot (``ebs-snapshot://`` backing, made by :meth:`Ec2Host.point_disk` before the
+   launch): nothing is uploaded here. A local image is uploaded one of two ways
    (``Ec2HostConfig.disk_source``):
-   - ``ebs-direct``: the local raw or VHD image uploaded block by block through the EBS
-     direct APIs (:func:`hotspare.vm.ebs.upload_snapshot`), zero blocks skipped;
+   - ``ebs-direct``: block by block through the EBS direct APIs
+     (:func:`hotspare.vm.ebs.upload_snapshot`), zero blocks skipped;
    - ``import-snapshot``: the image staged in S3 (``import_bucket``/``import_prefix``) and
      converted by EC2 VM Import (``ImportSnapshot``, needs the ``vmimport`` service role),
      or :meth:`Ec2Host.import_snapshot` of a VHD already in S3;
@@ -19,6 +21,11 @@ and again once the instance exists. Why the instance id goes in ``container_id``
 before any AWS resource exists and written on all of them as a tag, so a launch that
 crashed half-way is found (and cleaned up, or adopted) by its tag; the instance id is the
 provider's id of what runs the VM, which is what ``container_id`` holds for Docker.
+
+Points on EBS (:meth:`Ec2Host.point_disk`, ``disk_source`` ``ebs-direct``): a point's
+snapshot is made straight from its chunks, over the snapshot of an older point of the disk
+when one is recorded in the store (only the blocks that differ are put), and recorded for
+the next; see :mod:`hotspare.vm.ebs_points`. It carries no VM id: a VM's release leaves it.
 
 Ending: :meth:`Ec2Host.stop` stops the instance (its disk then no longer changes), runs the
 final capture, terminates it and releases everything tagged with the VM id (image,
@@ -41,7 +48,7 @@ import uuid
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import boto3
 
@@ -50,9 +57,24 @@ from hotspare.localfile import file_lock
 from hotspare.vm import ec2_resources
 from hotspare.vm.aws import CLIENT_CONFIG, Ec2Error, aws_call, poll
 from hotspare.vm.ebs import upload_snapshot
+from hotspare.vm.ebs_points import point_snapshot
 from hotspare.vm.ec2_config import Ec2HostConfig  # re-exported: the host and its config go together
 from hotspare.vm.ec2_resources import ROOT_DEVICE, TAG_MACHINE, TAG_ROLE, TAG_VM, tag_list
-from hotspare.vm.host import VmHandle, VmHost, VmSpec, load_handle, save_handle
+from hotspare.vm.host import (
+    EBS_SNAPSHOT_PREFIX,
+    VmDisk,
+    VmHandle,
+    VmHost,
+    VmSpec,
+    ebs_snapshot_of,
+    load_handle,
+    save_handle,
+)
+
+if TYPE_CHECKING:
+    from hotspare.catalog import Catalog, RecoveryPoint
+    from hotspare.machine import DiskSpec
+    from hotspare.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +123,14 @@ class Ec2Host(VmHost):
         workdir = spec.workdir
         workdir.mkdir(parents=True, exist_ok=True)
         with file_lock(workdir / "launch.lock"):
+            boot = spec.disks[0].backing  # not spec.boot_disk: a Path would mangle ebs-snapshot://
             previous = load_handle(workdir)
             if previous is not None and previous.host == self.kind:
                 inst = self._instance(previous)
                 if inst is not None and inst["State"]["Name"] in ALIVE:
-                    if previous.boot_disk != str(spec.boot_disk):
+                    if previous.boot_disk != boot:
                         raise HotspareError(f"{workdir}: VM {previous.vm_id} already runs there from "
-                                            f"{previous.boot_disk}, not {spec.boot_disk}")
+                                            f"{previous.boot_disk}, not {boot}")
                     if previous.container_id != inst["InstanceId"]:  # launch crashed before saving it
                         previous.container_id = inst["InstanceId"]
                         save_handle(previous)
@@ -118,13 +141,13 @@ class Ec2Host(VmHost):
                                         f"root volume {kept[0]['VolumeId']} is kept: ship its last writes "
                                         "(Ec2DeltaCapture.final_capture) or drop them (Ec2Host.stop), then launch")
                 self.release(previous, wait=self.config.boot_timeout)  # left by a launch that failed there
-            if not spec.boot_disk.is_file():
+            if ebs_snapshot_of(boot) is None and not spec.boot_disk.is_file():
                 raise HotspareError(f"cannot launch VM of {spec.machine}: boot disk {spec.boot_disk} not found")
             vm_id = f"{spec.machine}-{uuid.uuid4().hex[:8]}"
             # accel: EC2 runs the guest with hardware virtualisation (Nitro or Xen HVM),
             # never emulation; the handle field is required, and "kvm" is the closest value.
             handle = VmHandle(host=self.kind, vm_id=vm_id, machine=spec.machine, workdir=str(workdir),
-                              boot_disk=str(spec.boot_disk), format=spec.format, accel="kvm",
+                              boot_disk=boot, format=spec.format, accel="kvm",
                               serial_log=str(workdir / f"serial-{vm_id}.log"), disk_device=ROOT_DEVICE)
             save_handle(handle)  # before any resource exists: their tag leads back to it
             try:
@@ -149,6 +172,9 @@ class Ec2Host(VmHost):
             return handle
 
     def _boot_snapshot(self, spec: VmSpec, vm_id: str) -> str:
+        ready = ebs_snapshot_of(spec.disks[0].backing)
+        if ready is not None:
+            return ready  # a point's snapshot: made before the launch, and not the launch's to release
         cfg = self.config
         tags = self.resource_tags(spec.machine, vm_id, **{TAG_ROLE: "boot"})
         description = f"hotspare boot disk of {spec.machine} ({vm_id})"
@@ -163,6 +189,26 @@ class Ec2Host(VmHost):
             bucket=cfg.import_bucket, key=f"{cfg.import_prefix}{vm_id}.{'vhd' if spec.format == 'vpc' else 'raw'}",
             description=description, tags=tags, role_name=cfg.import_role_name, timeout=cfg.import_timeout,
             interval=cfg.poll_interval)
+
+    def point_disk(self, store: Store, catalog: Catalog, disk: DiskSpec, point: RecoveryPoint,
+                   workdir: Path) -> VmDisk:
+        """The VM disk of ``point``: with ``disk_source`` ``ebs-direct``, the point's EBS
+        snapshot, made from its chunks (over an older point's snapshot when there is one)
+        or found already made; with ``import-snapshot``, which converts an image VM Import
+        reads from S3, the point exported as a local raw image in ``workdir``."""
+        cfg = self.config
+        if cfg.disk_source == "import-snapshot":
+            from hotspare.consolidate.export import export_point
+
+            workdir.mkdir(parents=True, exist_ok=True)
+            image = workdir / f"{disk.name}-{point.id}.raw"
+            if not image.exists():  # export_point publishes by rename: an existing file is whole
+                export_point(store, catalog, point, "raw", image)
+            return VmDisk(name=disk.name, backing=str(image), size=disk.size, block_size=disk.block_size)
+        rec = point_snapshot(self.ebs, self.ec2, store, catalog, point, region=cfg.region, tags=cfg.tags,
+                             workers=cfg.upload_workers, timeout=cfg.snapshot_timeout, poll_interval=cfg.poll_interval)
+        return VmDisk(name=disk.name, backing=f"{EBS_SNAPSHOT_PREFIX}{rec.snapshot_id}", size=disk.size,
+                      block_size=disk.block_size)
 
     def import_snapshot(self, bucket: str, key: str, *, fmt: Literal["VHD", "RAW"] = "VHD",
                         description: str = "", tags: dict[str, str] | None = None) -> str:
@@ -349,8 +395,8 @@ class Ec2Host(VmHost):
 
     # -- for the capture -----------------------------------------------------------------
     def boot_snapshot_id(self, handle: VmHandle) -> str:
-        """The snapshot the VM booted from."""
-        return ec2_resources.boot_snapshot_id(self.ec2, handle.vm_id)
+        """The snapshot the VM booted from: its point's, or the one its launch uploaded."""
+        return ebs_snapshot_of(handle.boot_disk) or ec2_resources.boot_snapshot_id(self.ec2, handle.vm_id)
 
     def root_volume_id(self, handle: VmHandle) -> str:
         """The instance's root volume; once the instance is gone, the kept volume by its tag."""

@@ -43,7 +43,7 @@ from pydantic import Field
 
 from hotspare import layout
 from hotspare.capture.upload import DEFAULT_LOG_TARGET
-from hotspare.errors import HotspareError
+from hotspare.errors import HotspareError, UsageError
 from hotspare.localfile import file_lock, load_model, write_atomic
 from hotspare.store.base import Store
 from hotspare.vm.aws import Ec2Error, aws_call
@@ -59,7 +59,7 @@ from hotspare.vm.ebs import (
 )
 from hotspare.vm.ec2 import TAG_ROLE, Ec2Host, tag_list
 from hotspare.vm.capture_state import CaptureCursor
-from hotspare.vm.host import VmHandle
+from hotspare.vm.host import VmHandle, ebs_snapshot_of
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ class Ec2DeltaCapture:
                  disk_size: int | None = None, method: ChangeMethod = "list-changed-blocks") -> None:
         self.host, self.handle, self.store, self.method = host, handle, store, method
         self.workdir = Path(handle.workdir)
+        if disk_size is None and ebs_snapshot_of(handle.boot_disk) is not None:
+            raise UsageError(f"VM {handle.vm_id} boots from {handle.boot_disk}, a point's snapshot: give the "
+                             "disk's size (disk_size), EBS volumes are whole GiB")
         size = image_size(handle.boot_disk, handle.format) if disk_size is None else disk_size
         self.state_path = self.workdir / f"ec2-capture-{layout.check_name('disk', disk)}.json"
         self._lock = threading.Lock()

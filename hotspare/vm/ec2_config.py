@@ -26,7 +26,8 @@ class Ec2HostConfig(BaseModel):
     security_group_ids: list[str] = Field(default_factory=list, title="Security groups")
     disk_source: Literal["ebs-direct", "import-snapshot"] = Field(
         "ebs-direct", title="Boot disk upload",
-        description="ebs-direct: EBS direct APIs from the local image; import-snapshot: VM Import from S3")
+        description="ebs-direct: EBS direct APIs, a point's snapshot from its chunks (over the last one's); "
+                    "import-snapshot: VM Import from S3 of the point exported as a local image")
     import_bucket: str | None = Field(None, title="Import bucket", description="S3 bucket for import-snapshot")
     import_prefix: str = Field("hotspare-imports/", title="Import key prefix")
     import_role_name: str | None = Field(None, title="VM Import role", description="empty: vmimport")

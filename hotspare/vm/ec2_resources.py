@@ -1,13 +1,16 @@
 """The AWS resources of one EC2 launch: made, found by tag, released.
 
-Every resource a launch makes (boot snapshot, image, instance, root volume, capture
-snapshots) carries the tag ``hotspare:vm-id`` = the VM id, minted before the first of them,
-so that whatever a crashed launch or stop left behind is found again by that tag alone.
+Every resource a launch makes (boot snapshot of a local image, image, instance, root volume,
+capture snapshots) carries the tag ``hotspare:vm-id`` = the VM id, minted before the first of
+them, so that whatever a crashed launch or stop left behind is found again by that tag alone.
+A point's snapshot is not the launch's: it carries no VM id, and :func:`release` leaves it.
 
 Terms:
-- boot snapshot: the replica disk as an EBS snapshot (tag ``hotspare:role`` = ``boot``),
-  made by the EBS direct APIs (:mod:`hotspare.vm.ebs`) or by EC2 VM Import
-  (:func:`import_snapshot`, from a disk image in S3);
+- boot snapshot: the replica disk as an EBS snapshot. Of a recovery point, the point's own
+  snapshot (:mod:`hotspare.vm.ebs_points`, role ``point``), which carries no VM id and
+  outlives the VM; of a local image, one made for the launch (role ``boot``) by the EBS
+  direct APIs (:mod:`hotspare.vm.ebs`) or by EC2 VM Import (:func:`import_snapshot`, from
+  a disk image in S3);
 - image: the AMI registered on the boot snapshot (:func:`register_image`);
 - kept volume: the instance's root volume, created with ``DeleteOnTermination`` false so
   that it outlives the instance until :func:`release`.
@@ -28,7 +31,9 @@ log = logging.getLogger(__name__)
 ROOT_DEVICE = "/dev/xvda"
 TAG_VM = "hotspare:vm-id"
 TAG_MACHINE = "hotspare:machine"
-TAG_ROLE = "hotspare:role"  # boot (the launch snapshot) or capture
+TAG_ROLE = "hotspare:role"  # boot (the launch snapshot), capture, or point (see hotspare.vm.ebs_points)
+TAG_DISK = "hotspare:disk"
+TAG_POINT = "hotspare:point"
 
 
 def tag_list(tags: dict[str, str]) -> list[dict[str, str]]:

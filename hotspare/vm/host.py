@@ -11,12 +11,13 @@ another one.
 from __future__ import annotations
 
 import os
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,6 +27,11 @@ from hotspare.errors import HotspareError
 from hotspare.localfile import load_model, write_atomic
 from hotspare.machine import DEFAULT_BLOCK_SIZE
 
+if TYPE_CHECKING:
+    from hotspare.catalog import Catalog, RecoveryPoint
+    from hotspare.machine import DiskSpec
+    from hotspare.store.base import Store
+
 HostKind = Literal["local-qemu", "docker-qemu", "ec2"]
 DiskFormat = Literal["raw", "vpc"]
 Accel = Literal["kvm", "tcg"]
@@ -33,6 +39,16 @@ HANDLE_FILE = "handle.json"
 
 
 NBD_PREFIX = "nbd+unix://"
+# A disk already on EBS (a point's snapshot, made before the launch): the EC2 host boots it
+# without an upload.
+EBS_SNAPSHOT_PREFIX = "ebs-snapshot://"
+_EBS_SNAPSHOT = re.compile(r"ebs-snapshot://(snap-[0-9a-f]{8,32})")
+
+
+def ebs_snapshot_of(backing: str) -> str | None:
+    """The snapshot id of an ``ebs-snapshot://SNAPSHOT`` backing, else None."""
+    m = _EBS_SNAPSHOT.fullmatch(backing)
+    return m.group(1) if m else None
 
 
 def nbd_socket_of(backing: str) -> str | None:
@@ -57,7 +73,8 @@ class VmDisk(BaseModel):
     which the VM never writes. ``backing`` is a local image file (raw, or vpc for a VHD)
     or a read-only NBD export on a unix socket, ``nbd+unix:///EXPORT?socket=PATH`` (what
     ``hotspare serve`` gives): the VM boots at once and reads what it has not pulled local
-    from there, until :func:`hotspare.vm.stream.start_streams` has copied it all."""
+    from there, until :func:`hotspare.vm.stream.start_streams` has copied it all. For the
+    EC2 host, ``ebs-snapshot://SNAPSHOT``: a point's EBS snapshot (:meth:`VmHost.point_disk`)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -82,8 +99,11 @@ class VmDisk(BaseModel):
             if not os.path.isabs(sock):
                 raise ValueError(f"NBD backing {v!r}: the socket path must be absolute")
             return v
+        if ebs_snapshot_of(v) is not None:
+            return v
         if "://" in v:
-            raise ValueError(f"backing {v!r}: want a local image path or nbd+unix:///EXPORT?socket=PATH")
+            raise ValueError(f"backing {v!r}: want a local image path, nbd+unix:///EXPORT?socket=PATH "
+                             "or ebs-snapshot://snap-...")
         return os.path.abspath(v)  # QEMU resolves it from the work directory
 
     @property
@@ -249,6 +269,12 @@ class VmHost(ABC):
     @abstractmethod
     def kill(self, handle: VmHandle) -> None:
         """End the VM at once (no capture); killing a gone VM does nothing."""
+
+    def point_disk(self, store: Store, catalog: Catalog, disk: DiskSpec, point: RecoveryPoint,
+                   workdir: Path) -> VmDisk | None:
+        """The VM disk of ``point``, for a host that cannot read a point served over NBD
+        (EC2: the point's EBS snapshot); None, as for every QEMU host: serve the point."""
+        return None
 
     def release(self, handle: VmHandle, *, wait: float = 0.0) -> None:
         """Delete what the VM's launch made besides the VM and its work directory (a cloud

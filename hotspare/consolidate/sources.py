@@ -8,6 +8,9 @@ zeros) need no download at all.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,24 +138,40 @@ def compute_sources(store: Store, log_keys: list[str], disk_size: int, block_siz
 class RowData:
     """Row data, read one (log, row group) data column at a time and kept while this object
     lives. Each row group's checksums are verified when it is read (InvalidLog naming the
-    log and row)."""
+    log and row). :meth:`prefetch` starts the reads of the row groups a job will use on a
+    thread pool, so their downloads overlap."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.cache: dict[tuple[str, int], object] = {}
+        self.cache: dict[tuple[str, int], Future] = {}
+        self._lock = threading.Lock()
         self.bytes_read = 0
+
+    def _load(self, log: str, row_group: int):
+        with open_accepted(self.store, log) as f:
+            t, row0 = read_row_group(f, log, row_group, ["length", "data", "checksum"])
+        col = t.column("data")
+        check_rows(log, row0, t.column("length").to_numpy(), col, t.column("checksum").to_numpy())
+        with self._lock:
+            self.bytes_read += col.nbytes
+        return col
+
+    def prefetch(self, pool: Executor, refs: Iterable[RowRef]) -> None:
+        for k in {(r.log, r.row_group) for r in refs}:
+            if k not in self.cache:
+                self.cache[k] = pool.submit(self._load, *k)
 
     def data(self, ref: RowRef) -> memoryview:
         k = (ref.log, ref.row_group)
-        col = self.cache.get(k)
-        if col is None:
-            with open_accepted(self.store, ref.log) as f:
-                t, row0 = read_row_group(f, ref.log, ref.row_group, ["length", "data", "checksum"])
-            col = t.column("data")
-            check_rows(ref.log, row0, t.column("length").to_numpy(), col, t.column("checksum").to_numpy())
-            self.bytes_read += col.nbytes
-            self.cache[k] = col
-        buf = col[ref.row].as_buffer()  # type: ignore[index]
+        fut = self.cache.get(k)
+        if fut is None:
+            fut = self.cache[k] = Future()
+            try:
+                fut.set_result(self._load(*k))
+            except BaseException as err:
+                fut.set_exception(err)
+        col = fut.result()
+        buf = col[ref.row].as_buffer()
         if buf is None:
             raise HotspareError(f"{ref.log}: row {ref.row} of row group {ref.row_group} has no data but a data checksum")
         return memoryview(buf)

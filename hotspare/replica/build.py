@@ -54,6 +54,8 @@ from hotspare.store.base import Store
 
 JOB_BYTES = 64 << 20  # changed bytes per part job
 PAGE_PUTS = 8  # index pages a part job writes at once
+FETCHES = 8  # reads a part job has in flight (pages, log row groups)
+PACK_UPLOADS = 2  # packs a part job uploads at once while it fills the next
 
 
 @lru_cache(maxsize=8)
@@ -212,7 +214,7 @@ def _chunk(src: BlockSources, old: bytes | None, length: int, rows: dict[int, Ro
     return out
 
 
-def _previous_chunks(store: Store, job: PartJob, blocks: list[int]) -> dict[int, bytes]:
+def _previous_chunks(store: Store, job: PartJob, reader: ChunkReader, blocks: list[int]) -> dict[int, bytes]:
     """The previous content of ``blocks`` (the ones a partial write merges with)."""
     if not blocks:
         return {}
@@ -222,30 +224,38 @@ def _previous_chunks(store: Store, job: PartJob, blocks: list[int]) -> dict[int,
         return read_legacy(store, job.legacy_vhd, blocks, job.chunk_size, job.disk_size)
     if job.previous is None:
         return {}
-    reader = ChunkReader(store, job.previous, readahead=0)
     return reader.blocks(blocks)
 
 
 def run_part(store: Store, job: PartJob) -> PartResult:
-    """Build and write the chunks and pages of ``job``."""
+    """Build and write the chunks and pages of ``job``. Its reads (previous pages, log row
+    groups) run at once on a pool, and full packs upload while the next one fills: a job
+    waits for round trips once, not once per object."""
+    with ThreadPoolExecutor(FETCHES) as reads, ThreadPoolExecutor(PACK_UPLOADS) as uploads:
+        return _build_part(store, job, reads, uploads)
+
+
+def _build_part(store: Store, job: PartJob, reads: ThreadPoolExecutor, uploads: ThreadPoolExecutor) -> PartResult:
     root = job.previous or IndexRoot(machine=job.machine, disk=job.disk, point="", disk_size=job.disk_size,
                                      chunk_size=job.chunk_size, page_chunks=job.page_chunks)
     prev = ChunkReader(store, root, readahead=0)
+    pages = {page: reads.submit(prev.page, page) for page in job.pages}
     data = RowData(store)
-    packs = PackWriter(store, job.machine, job.disk, job.version, target=job.pack_target)
+    data.prefetch(reads, job.rows.values())
+    packs = PackWriter(store, job.machine, job.disk, job.version, target=job.pack_target, uploader=uploads)
     res = PartResult(pages={}, packs={}, refs={})
     refs: Counter[int] = Counter()
     bodies: dict[int, bytes | None] = {}
-    old_chunks = _previous_chunks(store, job, [b for b, s in job.blocks.items() if s.needs_previous])
+    olds: dict[int, np.ndarray] = {page: f.result() for page, f in pages.items()}  # now in the reader's cache
+    old_chunks = _previous_chunks(store, job, prev, [b for b, s in job.blocks.items() if s.needs_previous])
     res.bytes_read += sum(len(c) for c in old_chunks.values())
     # Where this point can read a chunk of a given digest: the chunks of its pages first, then
     # the disk-wide dedup index for the rest, then the chunks this job writes.
     known: dict[bytes, tuple[int, int, int]] = {}
-    olds: dict[int, np.ndarray] = {}
     news: dict[int, np.ndarray] = {}
     todo: list[tuple[np.ndarray, int, bytes, bytearray]] = []  # (page entries, index, digest, chunk)
     for page in job.pages:
-        old = olds[page] = prev.page(page)
+        old = olds[page]
         new = news[page] = old.copy()
         live = old[old["length"] > 0]
         for d, p, o, n in zip(live["digest"].tolist(), live["pack"].tolist(), live["offset"].tolist(),
@@ -284,7 +294,7 @@ def run_part(store: Store, job: PartJob) -> PartResult:
         for p, n in zip(*np.unique(new["pack"][new["length"] > 0], return_counts=True)):
             refs[int(p)] += int(n)
         bodies[page] = page_bytes(page, new) if new["length"].any() else None
-    packs.flush()  # before the pages: a page never names a pack that is not in the store
+    packs.wait()  # before the pages: a page never names a pack that is not in the store
 
     def put_page(page: int, body: bytes) -> tuple[int, PageRef]:
         key = layout.index_page_key(job.directory, page)

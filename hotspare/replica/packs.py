@@ -9,6 +9,7 @@ repack reads it instead of an index.
 from __future__ import annotations
 
 import secrets
+from concurrent.futures import Executor, Future
 
 import numpy as np
 import xxhash
@@ -25,12 +26,19 @@ TRAILER = 32
 
 
 class PackWriter:
-    """Collects chunks into packs of about ``target`` bytes and writes each create-only."""
+    """Collects chunks into packs of about ``target`` bytes and writes each create-only.
 
-    def __init__(self, store: Store, machine: str, disk: str, version: int, *, target: int = PACK_TARGET) -> None:
+    With an ``uploader``, a full pack is uploaded on it while the caller goes on adding
+    chunks; :meth:`wait` returns once every pack is in the store (``written`` names only
+    packs that are)."""
+
+    def __init__(self, store: Store, machine: str, disk: str, version: int, *, target: int = PACK_TARGET,
+                 uploader: Executor | None = None) -> None:
         self.store, self.machine, self.disk, self.version, self.target = store, machine, disk, version, target
+        self.uploader = uploader
         self.written: dict[str, PackRef] = {}
         self.uploaded = 0
+        self._pending: list[tuple[Future, str, PackRef]] = []
         self._start()
 
     def _start(self) -> None:
@@ -56,10 +64,27 @@ class PackWriter:
         trailer = PACK_MAGIC + np.array([self.size, len(self.toc), xxhash.xxh3_64_intdigest(toc)], dtype="<u8").tobytes()
         data = b"".join([*self.parts, toc, trailer])
         key = layout.pack_key(self.machine, self.disk, self.version, self.id)
-        self.store.put(key, data, create_only=True)
-        self.written[pack_id(self.id)] = PackRef(key=key, size=len(data), chunks=len(self.toc), refs=0)
-        self.uploaded += len(data)
+        ref = PackRef(key=key, size=len(data), chunks=len(self.toc), refs=0)
+        if self.uploader is None:
+            self.store.put(key, data, create_only=True)
+            self._done(pack_id(self.id), ref)
+        else:
+            self._pending.append((self.uploader.submit(self.store.put, key, data, create_only=True), pack_id(self.id), ref))
         self._start()
+
+    def _done(self, pid: str, ref: PackRef) -> None:
+        self.written[pid] = ref
+        self.uploaded += ref.size
+
+    def wait(self) -> None:
+        """Flush, then wait for every pack's upload (the first failure is raised)."""
+        self.flush()
+        pending, self._pending = self._pending, []
+        for fut, _, _ in pending:
+            fut.exception()  # all of them finish before any error propagates
+        for fut, pid, ref in pending:
+            fut.result()
+            self._done(pid, ref)
 
 
 def read_toc(store: Store, key: str) -> np.ndarray:

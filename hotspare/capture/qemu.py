@@ -23,6 +23,11 @@ trusted (the daemon was killed or the machine lost power: bitmaps missing or
 *rescan*: a fresh bitmap and a view in one transaction, and the view is compared against
 the hash map, so only blocks that really differ ship, and the cut is still consistent.
 
+With ``scan_every_cycle`` (the agent's ``--tracker scan`` on served disks) every cycle is such
+a rescan: no bitmap is trusted, the whole frozen view is compared with the hash map, and the
+cut is consistent. Each cycle still leaves a fresh recording bitmap behind, so a later
+``--tracker qemu`` agent goes on from the last cut without a scan.
+
 The tracker drives any block layer that has the storage daemon's interface
 (:class:`~hotspare.capture.daemon.StorageDaemon`): the failed-over VM's QEMU is one
 (:class:`hotspare.vm.capture.VmBlockLayer`), with the disk nodes named as the daemon's.
@@ -55,6 +60,7 @@ from hotspare.machine import DiskSpec
 from hotspare.store.base import Store
 
 READ = 4 << 20  # bytes per read of the view (a multiple of every block size)
+EVERY_CYCLE = "the scan tracker compares every cut with the hash map"
 
 
 @dataclass
@@ -79,8 +85,9 @@ class QemuTracker:
     """Drives the machine's daemon for the agent; one instance per agent process."""
 
     def __init__(self, daemon: StorageDaemon, state_dir: StateDir, store: Store, machine: str, *,
-                 log_target: int, say: Callable[[str], None] | None = None) -> None:
+                 log_target: int, say: Callable[[str], None] | None = None, scan_every_cycle: bool = False) -> None:
         self.daemon = daemon
+        self.scan_every_cycle = scan_every_cycle
         self.state_dir = state_dir
         self.store = store
         self.machine = machine
@@ -138,6 +145,9 @@ class QemuTracker:
             raise
 
     def _cycle(self, work: list[DiskWork]) -> None:
+        if self.scan_every_cycle:
+            for w in work:
+                w.rescan = w.rescan or EVERY_CYCLE
         if not self.started:
             self.start(work)
         busy = [w for w in work if w.rescan is not None or self._dirty(w)]
@@ -235,8 +245,9 @@ class QemuTracker:
     def _ship_rescan(self, w: DiskWork, view: ViewSource) -> None:
         """Compare the whole view with the hash map: only blocks that differ ship."""
         spec, state = w.spec, w.state
-        self.say(f"{spec.name}: scanning a frozen view against the hash map: {w.rescan}")
-        w.scanned = w.rescan
+        if w.rescan != EVERY_CYCLE:  # the routine scan of the scan tracker is no news
+            self.say(f"{spec.name}: scanning a frozen view against the hash map: {w.rescan}")
+            w.scanned = w.rescan
         work = np.array(state.hashes)  # the shipped map changes only after the uploads
         if w.resync_from is not None:
             work ^= np.uint64(0xFFFFFFFFFFFFFFFF)  # every block differs: the whole disk is re-sent

@@ -228,6 +228,22 @@ def test_agent_killed_at_a_crash_point_resends_only_the_frozen_blocks(tmp_path: 
     assert replica_equals(tmp_path, store, cfg, image)
 
 
+def test_a_served_scan_killed_after_an_upload_ships_a_block_that_returns_to_its_old_content(tmp_path: Path) -> None:
+    """Every cycle of the served scan tracker compares a view with the hash map: the map
+    marks the blocks in flight, so a block written back to what the saved map knew after a
+    crash ships again (as on the live scan: tests/test_capture.py)."""
+    image, store, cfg = setup_machine(tmp_path, 8 << 20, fill=0)
+    env = {**_env(tmp_path, store), "HOTSPARE_TRACKER": "scan"}
+    qemu_io(str(image), "write -P 0x22 0 64k")  # the saved map starts as all zeros
+    crashed = cli("agent", "m1", "--once", "--serve", env={**env, "HOTSPARE_CRASH_AT": "agent-after-upload"},
+                  check=False)
+    assert crashed.returncode == -signal.SIGKILL
+    qemu_io(f"nbd+unix:///root?socket={tmp_path / 'state' / 'm1' / 'serve' / 'root.sock'}", "write -z 0 64k")
+    r = cli("agent", "m1", "--once", env=env)  # no --serve: the running daemon serves the disk
+    assert "serves the disks" in r.stdout and "shipped 1 log(s)" in r.stdout, r.stdout
+    assert replica_equals(tmp_path, store, cfg, image)
+
+
 def test_agent_killed_at_random_moments_of_a_workload_loses_nothing(tmp_path: Path) -> None:
     image, store, cfg = setup_machine(tmp_path, 32 << 20)
     env = {**os.environ, **_env(tmp_path, store)}

@@ -159,11 +159,16 @@ def agent(
                                                      help="agent state directory (default ./.hotspare/agent)")] = None,
     tracker: Annotated[str, typer.Option(envvar="HOTSPARE_TRACKER",
                                          help="qemu: serve the disks through qemu-storage-daemon and ship every "
-                                              "write at crash-consistent cuts; scan: re-read disks the agent "
-                                              "cannot serve (points not crash-consistent)")] = "qemu",
+                                              "write at crash-consistent cuts; scan: re-read the whole disk each "
+                                              "cycle, from a frozen view when the disks are served (--serve, or "
+                                              "the machine's daemon runs: crash-consistent points), else the live "
+                                              "disk (points not crash-consistent)")] = "qemu",
     serve_dir: Annotated[Optional[str], typer.Option(help="where the daemon serves each disk: DIR/DISK.sock (NBD), "
                                                           "or DIR/DISK.img with --fuse (default STATE/MACHINE/serve)")] = None,
     fuse: Annotated[bool, typer.Option("--fuse", help="serve each disk as a FUSE file instead of NBD")] = False,
+    serve: Annotated[bool, typer.Option("--serve", help="with --tracker scan: serve the disks through the storage "
+                                        "daemon as the qemu tracker does, so each cycle scans a frozen view "
+                                        "(crash-consistent points); the qemu tracker always serves")] = False,
     log_target_mib: Annotated[int, typer.Option(help="target size of one extent log, MiB")] = 64,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     restore: Annotated[bool, typer.Option("--restore", help="the machine returns after a failover: ship nothing, "
@@ -172,7 +177,11 @@ def agent(
                                                       "seconds (default 0: wait for it for ever)")] = 0.0,
 ) -> None:
     """Capture MACHINE's disks and ship their changes as extent logs, with a heartbeat per cycle.
-    With --restore, fail back instead, then continue protecting in the new epoch."""
+    With --restore, fail back instead, then continue protecting in the new epoch.
+
+    --tracker scan without --serve is for disks the agent cannot serve: it reads the live
+    disk, and its points are marked not crash-consistent, unless the machine's storage
+    daemon already serves the disks (then it scans frozen views, as with --serve)."""
     import math
 
     from hotspare.capture.agent import TRACKERS, Agent, CycleReport
@@ -185,6 +194,11 @@ def agent(
         raise typer.BadParameter("--give-up-after must be a number of seconds, 0 for never")
     if tracker not in TRACKERS:
         raise typer.BadParameter(f"--tracker {tracker!r}: use one of {', '.join(TRACKERS)}")
+    if tracker == "scan" and not serve and (fuse or serve_dir):
+        # Said, not guessed: serving a disk whose writers bypass the daemon would mark
+        # fuzzy cuts consistent.
+        raise typer.BadParameter("--fuse and --serve-dir say how the disks are served: with --tracker scan, "
+                                 "add --serve to serve them")
     st = _store(store)
     cfg = load_machine(st, machine)
     if interval * 2 > cfg.policy.heartbeat_window:
@@ -203,7 +217,7 @@ def agent(
         return
     cfg = load_machine(st, machine)  # a failback to replacement disks changed their paths
     with Agent(st, cfg, _agent_state_dir(state_dir, machine), tracker=tracker, serve_dir=serve_dir,  # type: ignore[arg-type]
-               fuse=fuse, log_target=log_target_mib << 20, emit=emit, alarm=alarm,
+               fuse=fuse, serve=serve, log_target=log_target_mib << 20, emit=emit, alarm=alarm,
                say=lambda s: console.print(f"{machine}/{s}", markup=False, highlight=False)) as ag:
         ag.progress = None if quiet or not console.is_terminal else bar_factory(console)
         _stop_on_signals(ag, "log")
@@ -547,7 +561,7 @@ def machine_status(st, machine: str) -> dict:
             "logs_not_consolidated": (len(catalog_logs(st, cat, after=cur.position)) if cur else cat.log_count),
             "logs_accepted": cat.log_count, "manifests": len(cat.manifests),
             "fenced_epochs": [f.epoch for f in cat.fences],
-            "capture": hb.disks.get(d.name) if hb else None,  # tracker, where it is served
+            "capture": hb.disks.get(d.name) if hb else None,  # tracker, served (where), consistent
         }
     return {
         "machine": machine, "state": state.state, "epoch": state.epoch,

@@ -3,6 +3,7 @@ durability rules. The qemu tracker has tests/test_tracker.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -163,12 +164,29 @@ def test_a_block_that_returns_to_its_old_content_after_a_crash_still_ships(tmp_p
 
 
 def test_scan_points_are_marked_not_crash_consistent(tmp_path: Path) -> None:
+    """No daemon serves the disk: each cycle reads the live disk, and its cuts, heartbeat,
+    points and `hotspare points` say not crash-consistent (a served disk's scan tracker is
+    in tests/test_tracker.py)."""
+    from hotspare.replica.consolidate import consolidate_disk
+
     image, store, cfg = setup_machine(tmp_path, 8 << 20)
     with Agent(store, cfg, tmp_path / "state", tracker="scan") as agent:
-        agent.cycle()
-    cat = ingest_all(store, cfg)
-    last = catalog_logs(store, cat)[-1]
-    assert last.cut and not last.consistent
+        for i in range(2):  # two points
+            r = agent.cycle().disks[0]
+            assert (r.tracker, r.served, r.served_at, r.consistent) == ("scan", False, None, False)
+            cat = ingest_all(store, cfg)
+            last = catalog_logs(store, cat)[-1]
+            assert last.cut and not last.consistent
+            assert consolidate_disk(store, "m1", cfg.disks[0], cfg.policy).point is not None
+            qemu_io(image, f"write -P 0x{i + 0x21:x} 1M 64k")
+    hb = json.loads(store.get(layout.heartbeat_key("m1")))["disks"]["root"]
+    assert (hb["tracker"], hb["served"], hb["consistent"]) == ("scan", False, False)
+    assert not (tmp_path / "state" / "qsd").exists(), "no daemon was started for it"
+    env = {"HOTSPARE_STORE": store.url}
+    pts = json.loads(cli("points", "m1", "--json", env=env).stdout)["root"]
+    assert len(pts) == 2 and not any(p["consistent"] for p in pts)
+    table = cli("points", "m1", env={**env, "COLUMNS": "200"}).stdout
+    assert table.count("NO (a scan of a live disk)") == 2, table
 
 
 def test_an_interval_longer_than_half_the_heartbeat_window_is_refused(tmp_path: Path) -> None:

@@ -1,8 +1,11 @@
 """The qemu tracker: the machine's disks served by qemu-storage-daemon, every write shipped
-at crash-consistent cuts, and no write lost or re-sent in bulk after a crash."""
+at crash-consistent cuts, and no write lost or re-sent in bulk after a crash. The scan
+tracker on served disks (a frozen view scanned each cycle) is here too; on disks the agent
+does not serve it has tests/test_capture.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -88,8 +91,18 @@ def test_ships_exactly_the_writes_and_an_idle_cycle_ships_nothing(tmp_path: Path
     assert b'"tracker": "qemu"' in hb.replace(b'":"', b'": "') or b"qemu" in hb
 
 
+def _same_content(a: Path, b: Path) -> None:
+    """Byte for byte, without reading the holes of two sparse raw files."""
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, f"{a} and {b} differ: {r.stdout}{r.stderr}"
+
+
 def test_cost_follows_the_writes_on_a_large_disk(tmp_path: Path) -> None:
-    """An 8 GiB (sparse) disk: a cycle reads the dirty blocks, never the disk."""
+    """An 8 GiB (sparse) disk: a cycle reads the dirty blocks, never the disk. Then a scan
+    agent finds the daemon serving the disk: it scans a frozen view (the whole disk, by
+    design) and ships exactly the changes at a consistent cut, and a qemu agent after it
+    goes on from its bitmap without a scan."""
     image = tmp_path / "big.img"
     with open(image, "wb") as f:
         f.truncate(8 << 30)
@@ -105,10 +118,20 @@ def test_cost_follows_the_writes_on_a_large_disk(tmp_path: Path) -> None:
         seconds = time.monotonic() - t0
     assert r.scanned_bytes == BS + (256 << 10) + BS and r.data_bytes == r.scanned_bytes
     assert seconds < 5, f"a 3-write cycle on 8 GiB took {seconds:.1f}s"
+    with Agent(store, cfg, tmp_path / "state" / "m1", tracker="scan") as ag:  # no --serve: it adopts the daemon
+        qemu_io(uri, "write -P 0x44 7G 128k", "write -z 5G 64k", f"write -P 0x55 {(8 << 30) - 512} 512")
+        r = ag.cycle().disks[0]
+    assert (r.tracker, r.served, r.consistent, r.scanned_bytes) == ("scan", True, True, 8 << 30)
+    assert (r.data_bytes, r.zero_bytes) == ((128 << 10) + BS, BS) and r.rescan is None, "exactly the changed blocks"
+    with Agent(store, cfg, tmp_path / "state" / "m1") as ag:
+        qemu_io(uri, "write -P 0x66 1G 4k")
+        r = ag.cycle().disks[0]
+    assert (r.rescan, r.scanned_bytes) == (None, BS), "the scan's cut left a bitmap the qemu tracker trusts"
     cat = ingest_all(store, cfg)
+    assert all(lg.consistent for lg in catalog_logs(store, cat) if lg.cut)
     replica = tmp_path / "replica.raw"
     replay_catalog(store, cat, replica)
-    assert same_file(image, replica)
+    _same_content(image, replica)
 
 
 def _run_agent_thread(ag: Agent, interval: float) -> threading.Thread:
@@ -139,26 +162,33 @@ def _cuts_are_crash_consistent(tmp_path: Path, store, cfg) -> int:
     return cuts
 
 
-@pytest.mark.parametrize("served", ["fuse", "nbd"])
-def test_every_cut_of_a_journaling_writer_is_crash_consistent(tmp_path: Path, served: str) -> None:
+@pytest.mark.parametrize("served,tracker", [("fuse", "qemu"), ("nbd", "qemu"), ("fuse", "scan")])
+def test_every_cut_of_a_journaling_writer_is_crash_consistent(tmp_path: Path, served: str, tracker: str) -> None:
+    """Also the scan tracker on a served disk: each cycle scans a frozen view, never the
+    live disk the writer races (a live scan's cuts break the journal's rule)."""
     image, store, cfg = setup_machine(tmp_path, 16 << 20, fill=0)
-    with Agent(store, cfg, tmp_path / "state" / "m1", fuse=served == "fuse") as ag:
+    seconds = 6 if tracker == "qemu" else 4  # new CI time kept short: 4 s still give ~30 cuts
+    with Agent(store, cfg, tmp_path / "state" / "m1", fuse=served == "fuse", tracker=tracker,
+               serve=True) as ag:  # (the qemu tracker serves anyway)
         ag.cycle()
         target = ag.daemon.served_at("root")
         t = _run_agent_thread(ag, 0.1)
-        writer = subprocess.run([sys.executable, "-m", "tests.journal_writer", served, target, "6",
+        writer = subprocess.run([sys.executable, "-m", "tests.journal_writer", served, target, str(seconds),
                                  str(cfg.disks[0].size)], capture_output=True, text=True, timeout=120,
                                 cwd=Path(__file__).parent.parent)
         assert writer.returncode == 0, writer.stderr
         ag.stop_requested = True
         t.join(30)
         ag.stop_requested = False
-        ag.cycle()
+        last = ag.cycle().disks[0]
+    assert (last.tracker, last.served, last.consistent) == (tracker, True, True)
     commits = int(writer.stdout)
     assert commits > 20
     cuts = _cuts_are_crash_consistent(tmp_path, store, cfg)
-    assert cuts >= 10, f"only {cuts} cuts in 6 s at 0.1 s cycles"
+    assert cuts >= 10, f"only {cuts} cuts in {seconds} s at 0.1 s cycles"
     assert replica_equals(tmp_path, store, cfg, image)
+    hb = json.loads(store.get(layout.heartbeat_key("m1")))["disks"]["root"]
+    assert (hb["tracker"], hb["served"], hb["consistent"], hb["rescan"]) == (tracker, True, True, None)
 
 
 def test_fio_zipf_random_writes_replicate_exactly(tmp_path: Path) -> None:
@@ -195,6 +225,22 @@ def test_agent_killed_at_a_crash_point_resends_only_the_frozen_blocks(tmp_path: 
     r = cli("agent", "m1", "--once", env=env)
     assert "merged 1 bitmap" in r.stdout and "scanning" not in r.stdout, r.stdout
     assert f"{4 * BS} data bytes" in r.stdout, "exactly the 3 frozen blocks and the new one ship again"
+    assert replica_equals(tmp_path, store, cfg, image)
+
+
+def test_a_served_scan_killed_after_an_upload_ships_a_block_that_returns_to_its_old_content(tmp_path: Path) -> None:
+    """Every cycle of the served scan tracker compares a view with the hash map: the map
+    marks the blocks in flight, so a block written back to what the saved map knew after a
+    crash ships again (as on the live scan: tests/test_capture.py)."""
+    image, store, cfg = setup_machine(tmp_path, 8 << 20, fill=0)
+    env = {**_env(tmp_path, store), "HOTSPARE_TRACKER": "scan"}
+    qemu_io(str(image), "write -P 0x22 0 64k")  # the saved map starts as all zeros
+    crashed = cli("agent", "m1", "--once", "--serve", env={**env, "HOTSPARE_CRASH_AT": "agent-after-upload"},
+                  check=False)
+    assert crashed.returncode == -signal.SIGKILL
+    qemu_io(f"nbd+unix:///root?socket={tmp_path / 'state' / 'm1' / 'serve' / 'root.sock'}", "write -z 0 64k")
+    r = cli("agent", "m1", "--once", env=env)  # no --serve: the running daemon serves the disk
+    assert "serves the disks" in r.stdout and "shipped 1 log(s)" in r.stdout, r.stdout
     assert replica_equals(tmp_path, store, cfg, image)
 
 
@@ -265,15 +311,20 @@ def test_state_that_the_store_does_not_hold_is_reseeded(tmp_path: Path) -> None:
 
 
 def test_status_shows_where_each_disk_is_served(tmp_path: Path) -> None:
-    import json
-
     image, store, cfg = setup_machine(tmp_path, 8 << 20)
     env = _env(tmp_path, store)
     cli("agent", "m1", "--once", "--fuse", env=env)
     st = json.loads(cli("status", "m1", "--json", env=env).stdout)
     cap = st["disks"]["root"]["capture"]
-    assert cap["tracker"] == "qemu" and cap["served_at"] == str(tmp_path / "state" / "m1" / "serve" / "root.img")
-    assert cap["consistent"] is True
+    fuse_file = str(tmp_path / "state" / "m1" / "serve" / "root.img")
+    assert cap["tracker"] == "qemu" and cap["served_at"] == fuse_file
+    assert cap["served"] is True and cap["consistent"] is True
+    # The scan tracker is told to serve; --fuse alone would leave that to a guess.
+    r = cli("agent", "m1", "--once", "--tracker", "scan", "--fuse", env=env, check=False)
+    assert r.returncode == 2 and "--serve" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    cli("agent", "m1", "--once", "--tracker", "scan", "--serve", "--fuse", env=env)
+    cap = json.loads(cli("status", "m1", "--json", env=env).stdout)["disks"]["root"]["capture"]
+    assert (cap["tracker"], cap["served"], cap["served_at"], cap["consistent"]) == ("scan", True, fuse_file, True)
 
 
 def test_a_client_with_reconnect_delay_stalls_across_a_daemon_restart(tmp_path: Path) -> None:

@@ -4,7 +4,10 @@ Terms:
 - block: a fixed-size piece of the disk (the machine's block size, default 64 KiB): the
   unit of the dirty bitmaps and of the hash map.
 - tracker: how a cycle finds the changed blocks: ``qemu`` (the storage daemon's dirty
-  bitmaps, :mod:`.qemu`) or ``scan`` (re-reading the disk, :mod:`.scan`).
+  bitmaps, :mod:`.qemu`) or ``scan`` (re-reading the disk, :mod:`.scan`: a frozen view of a
+  served disk, else the live disk).
+- served: the disk's I/O goes through the storage daemon (always for ``qemu``; for ``scan``
+  with ``--serve``, or when the machine's daemon already runs).
 - storage daemon: the machine's ``qemu-storage-daemon`` (:mod:`.daemon`), which serves its
   disks for the machine's own I/O and records every write.
 - cut: the state at the end of a cycle; the last log of a cycle says so. Taken from a frozen

@@ -6,9 +6,20 @@ Two trackers find the changes:
 - ``qemu`` (default, :mod:`hotspare.capture.qemu`): the machine's storage daemon serves the
   disks and records every write in a dirty bitmap; each cycle freezes it with a view of the
   disks and ships exactly the dirty blocks, at a crash-consistent cut.
-- ``scan`` (:mod:`hotspare.capture.scan`): for disks the agent cannot serve, each cycle
-  re-reads the live disk against the hash map. That read is fuzzy, so its cuts are marked
-  not consistent.
+- ``scan`` (:mod:`hotspare.capture.scan`): each cycle re-reads the whole disk against the
+  hash map. What it reads depends on whether the disks are *served* (their I/O goes through
+  the machine's storage daemon):
+
+  - served (``serve=True``, ``--serve``: the agent starts or adopts the daemon as for
+    ``qemu``; or the machine's daemon already runs, started by an earlier agent): each cycle
+    scans a frozen view of every disk (the qemu tracker's rescan, run every cycle), so its
+    cuts are crash-consistent and marked so;
+  - not served (the default when no daemon runs: disks the agent cannot serve, e.g. a
+    mounted block device): each cycle reads the live disk. That read is fuzzy, so its cuts
+    are marked not consistent, and failover prefers the newest consistent point.
+
+  Once a daemon serves the disks the agent keeps them served (it restarts a daemon that
+  dies, as for ``qemu``): the machine's I/O depends on it.
 
 Durability rule, both trackers: a log is uploaded create-only first; the hash map that shows
 its blocks as shipped is persisted after, and while the upload is in flight the map holds
@@ -68,7 +79,9 @@ class DiskReport:
     seconds: float = 0.0
     resync: bool = False
     tracker: str = "qemu"
-    served_at: str | None = None  # where the machine reaches the disk (qemu tracker)
+    served: bool = False  # the disk's I/O goes through the storage daemon
+    served_at: str | None = None  # where the machine reaches the disk, when served
+    consistent: bool = False  # the cycle read a frozen view: its cut is crash-consistent
     rescan: str | None = None  # why this cycle compared a frozen view with the hash map
 
 
@@ -92,6 +105,7 @@ class Agent:
         tracker: Tracker = "qemu",
         serve_dir: str | os.PathLike | None = None,
         fuse: bool = False,
+        serve: bool = False,
         log_target: int = DEFAULT_LOG_TARGET,
         emit: Callable[[dict], None] | None = None,
         progress: ProgressFactory | None = None,
@@ -111,8 +125,11 @@ class Agent:
         self.stop_requested = False
         self._lock_fd: int | None = None
         self.daemon = StorageDaemon(self.state.root, config, serve_dir=serve_dir, fuse=fuse)
-        self.qemu = QemuTracker(self.daemon, self.state, store, config.name, log_target=log_target, say=self.say) \
-            if tracker == "qemu" else None
+        # The qemu tracker always serves; the scan tracker when told to, or once it finds the
+        # machine's daemon running (see the module's docstring).
+        self.served = tracker == "qemu" or serve
+        self.qemu = QemuTracker(self.daemon, self.state, store, config.name, log_target=log_target, say=self.say,
+                                scan_every_cycle=tracker == "scan")
         self._work: dict[str, DiskWork] = {}
         self._last_beat = -HEARTBEAT_SPACING
         self.lease = AgentLease(store, config.name, self.state.root)
@@ -155,8 +172,11 @@ class Agent:
     def cycle(self) -> CycleReport:
         if not self.lease.held:
             self.lease.acquire()  # one shipping agent per machine
-        if self.qemu is not None:
-            reports = self._qemu_cycle()
+        if not self.served and self.daemon.running():
+            self.served = True
+            self.say("the storage daemon serves the disks: scanning frozen views (crash-consistent cuts)")
+        if self.served:
+            reports = self._served_cycle()
         else:
             reports = []
             for spec in self.config.disks:
@@ -219,8 +239,8 @@ class Agent:
             work.rescan = f"the store asked for a resync from seq {catalog.resync_from}"
         return work
 
-    def _qemu_cycle(self) -> list[DiskReport]:
-        assert self.qemu is not None
+    def _served_cycle(self) -> list[DiskReport]:
+        """One cycle of every disk through the storage daemon: a frozen view each, one cut."""
         t0 = time.monotonic()
         work = []
         for spec in self.config.disks:
@@ -239,13 +259,14 @@ class Agent:
                                       rescan=w.scanned,
                                       extents=w.extents, data_bytes=w.data_bytes, zero_bytes=w.zero_bytes,
                                       last_seq=w.state.last_seq, seconds=seconds, resync=w.resync_from is not None,
-                                      tracker="qemu", served_at=self.daemon.served_at(w.spec.name)))
+                                      tracker=self.tracker, served=True, consistent=True,
+                                      served_at=self.daemon.served_at(w.spec.name)))
             w.keys, w.extents, w.data_bytes, w.zero_bytes, w.read_bytes, w.resync_from, w.scanned = \
                 [], 0, 0, 0, 0, None, None
         return reports
 
     def ship_disk(self, spec: DiskSpec) -> DiskReport:
-        """One scan-tracker cycle of ``spec``: the live disk against the hash map."""
+        """One cycle of ``spec`` on the scan tracker, not served: the live disk against the hash map."""
         t0 = time.monotonic()
         w = self._prepare(spec, in_place=False)
         state = w.state
@@ -338,8 +359,8 @@ class Agent:
     def heartbeat(self, reports: list[DiskReport]) -> dict:
         ended = self.watch.ending()
         self._disks_sent = {r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
-                                     "tracker": r.tracker, "served_at": r.served_at,
-                                     "consistent": r.tracker == "qemu", "rescan": r.rescan} for r in reports}
+                                     "tracker": r.tracker, "served": r.served, "served_at": r.served_at,
+                                     "consistent": r.consistent, "rescan": r.rescan} for r in reports}
         payload = send_heartbeat(self.store, self.config.name, mode="normal",
                                  epoch=max((r.epoch for r in reports), default=0), emit=self.emit, last_stall=ended,
                                  stalls=self._store_stalls(), disks=self._disks_sent)
@@ -402,7 +423,7 @@ class Agent:
                     raise
                 self._stuck_cycle(err)
             except Exception as err:
-                if once or self.qemu is None or not self._daemon_failed(err):
+                if once or not self.served or not self._daemon_failed(err):
                     raise
                 # The storage daemon died (killed, crashed): the machine's I/O stalls until a
                 # new one serves it, which the next cycle starts; its bitmap is gone, so that

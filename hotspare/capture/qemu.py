@@ -23,6 +23,11 @@ trusted (the daemon was killed or the machine lost power: bitmaps missing or
 *rescan*: a fresh bitmap and a view in one transaction, and the view is compared against
 the hash map, so only blocks that really differ ship, and the cut is still consistent.
 
+With ``scan_every_cycle`` (the agent's ``--tracker scan`` on served disks) every cycle is such
+a rescan: no bitmap is trusted, the whole frozen view is compared with the hash map, and the
+cut is consistent. Each cycle still leaves a fresh recording bitmap behind, so a later
+``--tracker qemu`` agent goes on from the last cut without a scan.
+
 The tracker drives any block layer that has the storage daemon's interface
 (:class:`~hotspare.capture.daemon.StorageDaemon`): the failed-over VM's QEMU is one
 (:class:`hotspare.vm.capture.VmBlockLayer`), with the disk nodes named as the daemon's.
@@ -49,12 +54,14 @@ from hotspare.capture.scan import ViewSource, scan
 from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
 from hotspare.capture.upload import ship_cycle
 from hotspare.errors import HotspareError
+from hotspare.extentlog import LogMeta
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.faults import crash_point
 from hotspare.machine import DiskSpec
 from hotspare.store.base import Store
 
 READ = 4 << 20  # bytes per read of the view (a multiple of every block size)
+EVERY_CYCLE = "the scan tracker compares every cut with the hash map"
 
 
 @dataclass
@@ -79,8 +86,9 @@ class QemuTracker:
     """Drives the machine's daemon for the agent; one instance per agent process."""
 
     def __init__(self, daemon: StorageDaemon, state_dir: StateDir, store: Store, machine: str, *,
-                 log_target: int, say: Callable[[str], None] | None = None) -> None:
+                 log_target: int, say: Callable[[str], None] | None = None, scan_every_cycle: bool = False) -> None:
         self.daemon = daemon
+        self.scan_every_cycle = scan_every_cycle
         self.state_dir = state_dir
         self.store = store
         self.machine = machine
@@ -138,6 +146,9 @@ class QemuTracker:
             raise
 
     def _cycle(self, work: list[DiskWork]) -> None:
+        if self.scan_every_cycle:
+            for w in work:
+                w.rescan = w.rescan or EVERY_CYCLE
         if not self.started:
             self.start(work)
         busy = [w for w in work if w.rescan is not None or self._dirty(w)]
@@ -235,24 +246,42 @@ class QemuTracker:
     def _ship_rescan(self, w: DiskWork, view: ViewSource) -> None:
         """Compare the whole view with the hash map: only blocks that differ ship."""
         spec, state = w.spec, w.state
-        self.say(f"{spec.name}: scanning a frozen view against the hash map: {w.rescan}")
-        w.scanned = w.rescan
-        work = np.array(state.hashes)  # the shipped map changes only after the uploads
+        if w.rescan != EVERY_CYCLE:  # the routine scan of the scan tracker is no news
+            self.say(f"{spec.name}: scanning a frozen view against the hash map: {w.rescan}")
+            w.scanned = w.rescan
+        work = np.array(state.hashes)  # as scanned; the saved map takes it log by log, once uploaded
         if w.resync_from is not None:
             work ^= np.uint64(0xFFFFFFFFFFFFFFFF)  # every block differs: the whole disk is re-sent
+        runs: list[tuple[int, int]] = []  # (offset, length) of each extent yielded, in seq order
+        base, confirmed = state.last_seq + 1, 0  # extents [0, confirmed) are in uploaded logs
 
         def extents() -> Iterator[tuple[int, int, bytes | None]]:
             for chunk in scan(view, work, spec.block_size, spec.size, max_run=MAX_EXTENT):
                 w.read_bytes = chunk.end
                 for run in chunk.runs:
+                    runs.append((run.offset, run.length))
                     yield run.offset, run.length, run.data
 
-        self._upload(w, extents(), consistent=True)
+        def in_flight() -> None:
+            # A crash from here until the map holds their hashes re-sends these blocks, also
+            # one written back to the content the saved map knew (as the live scan does).
+            self.state_dir.update_hashes(state, _blocks_of(runs[confirmed:], spec.block_size), UNSHIPPED)
+
+        def uploaded(meta: LogMeta) -> None:
+            nonlocal confirmed
+            upto = meta.last_seq - base + 1
+            done = _blocks_of(runs[confirmed:upto], spec.block_size)
+            self.state_dir.update_hashes(state, done, work[done])
+            confirmed = upto
+
+        self._upload(w, extents(), consistent=True, before_upload=in_flight, after_upload=uploaded)
         self.state_dir.update_hashes(state, slice(None), work)  # type: ignore[arg-type]
         state.bitmap = w.next
         self.state_dir.save_meta(spec.name, state)
 
-    def _upload(self, w: DiskWork, extents: Iterator[tuple[int, int, bytes | None]], *, consistent: bool) -> None:
+    def _upload(self, w: DiskWork, extents: Iterator[tuple[int, int, bytes | None]], *, consistent: bool,
+                before_upload: Callable[[], None] | None = None,
+                after_upload: Callable[[LogMeta], None] | None = None) -> None:
         spec, state = w.spec, w.state
 
         def counted() -> Iterator[tuple[int, int, bytes | None]]:
@@ -264,15 +293,18 @@ class QemuTracker:
                     w.data_bytes += length
                 yield off, length, data
 
-        def uploaded(key: str, meta) -> None:
+        def uploaded(key: str, meta: LogMeta) -> None:
             crash_point("agent-after-upload")
+            if after_upload:
+                after_upload(meta)
             state.last_seq = meta.last_seq
             self.state_dir.save_meta(spec.name, state)
             w.keys.append(key)
 
         ship_cycle(self.store, counted(), machine=self.machine, disk=spec.name, epoch=state.epoch,
                    disk_size=spec.size, last_seq=state.last_seq, workdir=self.state_dir.root, consistent=consistent,
-                   log_target=self.log_target, resync_from=w.resync_from, who="agent", on_upload=uploaded)
+                   log_target=self.log_target, resync_from=w.resync_from, who="agent", on_upload=uploaded,
+                   before_upload=before_upload)
         if w.resync_from is not None:
             state.resynced_for = w.resync_from
 

@@ -41,7 +41,7 @@ from hotspare import failover as engine
 from hotspare import layout
 from hotspare.catalog import load_catalog
 from hotspare.catalog.model import utcnow
-from hotspare.errors import AlreadyExists, HotspareError, UsageError
+from hotspare.errors import AlreadyExists, HotspareError, LostRace, Outcome, UsageError
 from hotspare.failback import ranges as rg
 from hotspare.failback.content import differing_ranges
 from hotspare.failback.orders import Order, RestoreProgress, applied_upto, bytes_per_phase, load_orders
@@ -63,7 +63,7 @@ VM_STOP_SECONDS = 5.0
 
 class FailbackResult(BaseModel):
     machine: str
-    outcome: str  # failed-back, refused, rejected, timed-out, already
+    outcome: Outcome
     message: str
     epoch: int | None = None
     bytes_moved: dict[str, int] = {}
@@ -111,7 +111,7 @@ def failback(machine: str, store: str | None = None, store_block: str | None = N
             run.state = commit_state(st, state.next(flow_run_id=str(flow_run.id)))
     except AlreadyExists:
         msg = f"another flow moved {machine} first; not failing back twice"
-        return Cancelled(message=msg, data=FailbackResult(machine=machine, outcome="already", message=msg))
+        return Cancelled(message=msg, data=FailbackResult(machine=machine, outcome="lost-race", message=msg))
     run.targets = run.state.failback.get("targets", {}) if run.state.failback else {}
 
     while True:
@@ -176,7 +176,7 @@ class _Failback:
         try:
             self.state = commit_state(self.st, self.state.next(**changes))
         except AlreadyExists:
-            raise HotspareError(f"{self.machine}'s state moved under this failback (another run?); stopping") from None
+            raise LostRace(f"{self.machine}'s state moved under this failback (another run?); stopping") from None
         return self.state
 
     def orders(self) -> list[Order]:

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from flows.approval import Approval, ApprovalRequest, ask_approval, machine_facts
 from flows.consolidate import consolidate
 from hotspare import failover as engine
-from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.errors import AlreadyExists, HotspareError, LostRace, MachineLive, Outcome, Refused, VmFailed
 from hotspare.faults import crash_point
 from hotspare.machine import load_machine
 from hotspare.state import MachineState, commit_state, load_state
@@ -38,7 +38,7 @@ from tasks.failover import disk_backings, fence, launch_vm, stream_disks, wait_d
 
 class FailoverResult(BaseModel):
     machine: str
-    outcome: str  # failed-over, refused, rejected, timed-out, already
+    outcome: Outcome
     message: str
     epoch: int | None = None
     vm_id: str | None = None
@@ -76,11 +76,11 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
         msg = f"{machine} is already failed over (epoch {state.epoch}, VM {state.vm and state.vm.get('vm_id')})"
         return Completed(message=msg, data=FailoverResult(machine=machine, outcome="already", message=msg))
     if state.state == "failing-back":
-        raise HotspareError(f"{machine} is failing back; a failover now would fight it")
+        raise Refused(f"{machine} is failing back; a failover now would fight it")
     if state.state == "protected":
         try:
             silence = engine.check_silent(st, cfg, state)
-        except engine.MachineAlive as err:
+        except MachineLive as err:
             _step("refused", machine, state, reason=str(err))
             return Cancelled(message=str(err), data=FailoverResult(machine=machine, outcome="refused", message=str(err)))
         _step("silent", machine, state, detail=silence)
@@ -105,7 +105,7 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
         # The machine may have come back while the operator decided.
         try:
             engine.check_silent(st, cfg, state)
-        except engine.MachineAlive as err:
+        except MachineLive as err:
             return Cancelled(message=str(err), data=FailoverResult(machine=machine, outcome="refused", message=str(err)))
         try:
             state = commit_state(st, state.next(state="failing-over", step="approved", reason=silence,
@@ -113,7 +113,7 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
                                                 approval=answer.model_dump()))
         except AlreadyExists:
             msg = f"another flow moved {machine} first; not failing over twice"
-            return Cancelled(message=msg, data=FailoverResult(machine=machine, outcome="already", message=msg))
+            return Cancelled(message=msg, data=FailoverResult(machine=machine, outcome="lost-race", message=msg))
     # state is failing-over: continue from its last step.
     old_epoch = state.epoch
     fence(st, machine, cfg.disks, old_epoch, f"failover run {flow_run.id}")
@@ -132,7 +132,7 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
         marker = host.wait_for_marker(handle, timeout=boot_timeout).counter if expect_marker else None
         status = host.status(handle)
         if status != "running":
-            raise HotspareError(f"VM {handle.vm_id} of {machine} is {status}, not running")
+            raise VmFailed(f"VM {handle.vm_id} of {machine} is {status}, not running")
         shot = host.screendump(handle, workdir / "screen.png")
         create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(Path(shot).read_bytes()).decode(),
                               key=f"failover-screen-{artifact_slug(machine)}",
@@ -153,8 +153,10 @@ def failover(machine: str, store: str | None = None, store_block: str | None = N
             with contextlib.suppress(AlreadyExists):
                 state = commit_state(st, state.next(step="boot-failed", vm=None, reason=f"{type(err).__name__}: {err}"))
         _step("boot-failed", machine, state, vm_id=handle.vm_id, error=str(err), stopped=stopped)
+        if isinstance(err, LostRace):
+            raise
         if isinstance(err, Exception):
-            raise HotspareError(f"failover of {machine}: VM {handle.vm_id} was launched, then failed: {err}. "
+            raise VmFailed(f"failover of {machine}: VM {handle.vm_id} was launched, then failed: {err}. "
                                 f"{stopped}. {machine} stays fenced (state failing-over): fix the cause and run "
                                 f"the failover again") from err
         raise
@@ -200,7 +202,7 @@ def _commit(st, state: MachineState) -> MachineState:
     try:
         return commit_state(st, state)
     except AlreadyExists:
-        raise HotspareError(f"{state.machine}'s state moved under this failover (another flow?); stopping") from None
+        raise LostRace(f"{state.machine}'s state moved under this failover (another flow?); stopping") from None
 
 
 def artifact_slug(machine: str) -> str:

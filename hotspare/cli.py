@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hotspare.errors import HotspareError
+from hotspare.errors import HotspareError, LostRace, MachineLive, NotApproved, OutcomeError, Refused
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="hotspare: a running-ready virtual twin for every protected machine.")
@@ -702,13 +702,17 @@ def failback_cmd(machine: MachineArg, store: StoreOpt = None,
 
 
 def _report(state, what: str) -> None:
-    """A flow's final state in one line; an error exits 1 without a traceback."""
+    """A flow's final state in one line; an error exits without a traceback, with the
+    code of its outcome (README, "Exit codes")."""
     if state.is_completed():
         result = state.result()
         console.print(result.message if hasattr(result, "message") else str(result))
         return
     if state.is_cancelled():
-        raise HotspareError(state.message or f"{what} cancelled")
+        outcome = getattr(state.result(raise_on_failure=False), "outcome", None)
+        error = {"refused": MachineLive if what == "failover" else Refused, "rejected": NotApproved,
+                 "timed-out": NotApproved, "lost-race": LostRace}.get(outcome, HotspareError)
+        raise error(state.message or f"{what} cancelled")
     state.result()  # re-raises the flow's error, printed in one line by main()
 
 
@@ -930,7 +934,7 @@ def run() -> int:
         return rv if isinstance(rv, int) else 0
     except HotspareError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False)
-        return 1
+        return err.exit_code if isinstance(err, OutcomeError) else 1
     except (typer.Exit, SystemExit) as ex:
         code = getattr(ex, "exit_code", None)
         if code is None:

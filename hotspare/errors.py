@@ -8,6 +8,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 
 class HotspareError(Exception):
@@ -16,6 +17,47 @@ class HotspareError(Exception):
 
 class UsageError(HotspareError):
     """A bad argument or configuration given by the user."""
+
+
+# How a failover or failback run ended (its result's ``outcome``): done, done by an earlier
+# run (a re-run), or one of the errors below.
+Outcome = Literal["failed-over", "failed-back", "already", "refused", "rejected", "timed-out", "lost-race"]
+
+
+class OutcomeError(HotspareError):
+    """An orchestration outcome that callers branch on; the CLI exits with ``exit_code``
+    (README, "Exit codes")."""
+
+    exit_code = 1
+
+
+class Refused(OutcomeError):
+    """The machine is not in a state for this step (failing back a machine that is not
+    failed over, or whose agent is not in restore mode; failing over one that fails back)."""
+
+    exit_code = 4
+
+
+class MachineLive(Refused):
+    """The machine still sends heartbeats: failing over would make two writers."""
+
+
+class NotApproved(OutcomeError):
+    """The operator rejected the step, or nobody answered by the deadline."""
+
+    exit_code = 5
+
+
+class VmFailed(OutcomeError):
+    """The VM died or failed its checks after its launch (it was stopped)."""
+
+    exit_code = 6
+
+
+class LostRace(OutcomeError):
+    """Another run moved the machine's state (or committed the same object) first."""
+
+    exit_code = 7
 
 
 class StoreError(HotspareError):

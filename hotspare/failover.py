@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hotspare.catalog import RecoveryPoint, load_catalog
 from hotspare.consolidate.export import find_point
-from hotspare.errors import HotspareError, UsageError
+from hotspare.errors import MachineLive, UsageError
 from hotspare.heartbeat import load_heartbeat
 from hotspare.machine import DiskSpec, MachineConfig
 from hotspare.replica.serve import read_pid, server_alive, start_detached_server, stop_server
@@ -27,23 +27,19 @@ from hotspare.vm.host import VmDisk, VmHandle, VmHost
 RESOURCE_PREFIX = "hotspare.machine."
 
 
-class MachineAlive(HotspareError):
-    """The machine still sends heartbeats: failing over would make two writers."""
-
-
 def machine_name(value: str) -> str:
     """A machine name, also when an automation passes the event's resource id."""
     return value.removeprefix(RESOURCE_PREFIX)
 
 
 def check_silent(store: Store, cfg: MachineConfig, state: MachineState) -> str:
-    """Raise MachineAlive if the machine's heartbeat is fresh; else say how silent it is."""
+    """Raise MachineLive if the machine's heartbeat is fresh; else say how silent it is."""
     hb = load_heartbeat(store, cfg.name)
     window = cfg.policy.heartbeat_window
     if hb is None:
         return "no heartbeat ever received"
     if hb.mode == "normal" and hb.epoch == state.epoch and hb.age <= window:
-        raise MachineAlive(f"machine {cfg.name} sent a heartbeat {hb.age:.0f}s ago (window {window}s): "
+        raise MachineLive(f"machine {cfg.name} sent a heartbeat {hb.age:.0f}s ago (window {window}s): "
                            "refusing to fail over a live machine")
     return f"last heartbeat {hb.age:.0f}s ago (window {window}s)"
 

@@ -13,7 +13,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from hotspare.catalog import load_catalog
-from hotspare.errors import AlreadyExists, HotspareError
+from hotspare.errors import AlreadyExists, HotspareError, LostRace
 from hotspare.failback import ranges as rg
 from hotspare.failback.content import hashes_at, point_hashes, materialise, replica_at, write_data_logs
 from hotspare.failback.orders import DiskOrder, Order, RestoreProgress, commit_order, load_orders
@@ -35,7 +35,7 @@ def _commit(store: Store, order: Order) -> Order:
     try:
         return commit_order(store, order)
     except AlreadyExists:
-        raise HotspareError(f"failback order {order.version} of {order.machine} was committed by another run") from None
+        raise LostRace(f"failback order {order.version} of {order.machine} was committed by another run") from None
 
 
 @task(name="publish-apply", **STORE_RETRY)

@@ -76,3 +76,29 @@ def test_the_cli_ends_with_its_exit_code_after_exit_handlers_and_all_output(tmp_
     full = subprocess.run([sys.executable, "-c", probe, "x", "points", "m1", "--json"], capture_output=True,
                           text=True, env=env, timeout=120, check=True)
     assert json.loads(full.stdout), "the piped JSON is whole"
+
+
+def test_each_failover_and_failback_outcome_has_its_exit_code(capsys) -> None:
+    """A run's ending, as Prefect states the flows return, through the CLI's report: each
+    outcome a caller branches on becomes its typed error and exit code (README, Exit codes)."""
+    import pytest
+    from prefect.states import Cancelled, Completed
+
+    from flows.failback import FailbackResult
+    from flows.failover import FailoverResult
+    from hotspare import cli
+    from hotspare.errors import LostRace, MachineLive, NotApproved, Refused
+
+    cli._report(Completed(data=FailoverResult(machine="m", outcome="already", message="already failed over")),
+                "failover")
+    assert "already failed over" in capsys.readouterr().out  # a re-run's success: exit 0
+    for outcome, error, code in [("refused", MachineLive, 4), ("rejected", NotApproved, 5),
+                                 ("timed-out", NotApproved, 5), ("lost-race", LostRace, 7)]:
+        with pytest.raises(error, match="the run's message") as got:
+            cli._report(Cancelled(message="the run's message", data=FailoverResult(machine="m", outcome=outcome,
+                                                                                    message="x")), "failover")
+        assert got.value.exit_code == code, outcome
+    with pytest.raises(Refused) as got:
+        cli._report(Cancelled(message="not failed over", data=FailbackResult(machine="m", outcome="refused",
+                                                                             message="x")), "failback")
+    assert not isinstance(got.value, MachineLive) and got.value.exit_code == 4

@@ -41,7 +41,7 @@ def stop_vm(env: dict[str, str]) -> None:
 def test_failover_is_refused_while_the_heartbeat_is_fresh(tmp_path: Path, demo_disk: Path) -> None:
     env = protect_demo(tmp_path, demo_disk)
     r = cli("failover", "demo", "--approve", env=env, check=False)
-    assert r.returncode == 1 and "refusing to fail over a live machine" in r.stderr
+    assert r.returncode == 4 and "refusing to fail over a live machine" in r.stderr  # MachineLive
     assert "Traceback" not in r.stderr
     assert load_state(open_store(env["HOTSPARE_STORE"]), "demo").state == "protected"
     assert not (tmp_path / "vms" / "demo" / "handle.json").exists(), "nothing launched"

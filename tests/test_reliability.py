@@ -343,14 +343,15 @@ def _skewed_heartbeat(st, skew: timedelta) -> None:
 
 def test_a_live_machine_with_a_slow_clock_is_not_failed_over(tmp_path: Path, store) -> None:
     from hotspare.cli import machine_status
-    from hotspare.failover import MachineAlive, check_silent
+    from hotspare.errors import MachineLive
+    from hotspare.failover import check_silent
     from hotspare.machine import load_machine
     from hotspare.state import load_state
 
     _protected(tmp_path, store)
     _skewed_heartbeat(store, -timedelta(minutes=10))  # sent just now, by a clock 10 min slow
     cfg = load_machine(store, "m1")
-    with pytest.raises(MachineAlive, match="refusing"):
+    with pytest.raises(MachineLive, match="refusing"):
         check_silent(store, cfg, load_state(store, "m1"))
     hb = machine_status(store, "m1")["heartbeat"]
     assert hb["fresh"] and hb["age_seconds"] < 30 and hb["clock_skewed"], hb
@@ -497,6 +498,7 @@ def test_a_failover_that_fails_after_the_launch_stops_its_vm(tmp_path: Path, dem
     handle = load_handle(tmp_path / "vms" / "demo")
     try:
         line = _one_line_error(r)
+        assert r.returncode == 6, r.returncode  # VmFailed
         assert handle is not None and handle.vm_id in line and "stopped" in line and "no marker" in line, line
         assert _qemus(handle.vm_id) == [], "the failed failover's VM still runs"
         state = load_state(open_store(env["HOTSPARE_STORE"]), "demo")

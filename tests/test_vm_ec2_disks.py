@@ -89,7 +89,11 @@ def test_failover_of_two_disks_maps_both_in_order_and_release_keeps_the_points(e
         assert contents(host, sid) == written[name]  # different bytes on each disk
 
     registered = RegisterCalls(host)
-    handle = host.launch(VmSpec(machine="m2", disks=disks, workdir=workdir))
+    spec = VmSpec(machine="m2", disks=disks, workdir=workdir)
+    handle = host.launch(spec)
+    assert Ec2Host(host.config).launch(spec) == handle  # a re-run adopts the VM of both disks
+    with pytest.raises(HotspareError, match="already runs there from"):  # not one of the root alone
+        host.launch(VmSpec(machine="m2", disks=disks[:1], workdir=workdir))
 
     # The image: the root from the first disk's snapshot, the data disk next, each sized to hold its disk.
     [mappings] = registered.mappings

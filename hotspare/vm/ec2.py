@@ -19,11 +19,12 @@ Launch, in order, every AWS resource tagged ``hotspare:vm-id`` (and ``hotspare:m
    so a retried call never starts a second one; it gets one volume per disk.
 
 The handle is saved (``<workdir>/handle.json``) before step 1, with ``container_id`` empty,
-again with every disk's snapshot and device (``ebs_disks``), and once the instance exists. Why the instance id goes in ``container_id`` and not in
-``vm_id``: ``vm_id`` is hotspare's own name for the launch (``<machine>-<8 hex>``), minted
-before any AWS resource exists and written on all of them as a tag, so a launch that
-crashed half-way is found (and cleaned up, or adopted) by its tag; the instance id is the
-provider's id of what runs the VM, which is what ``container_id`` holds for Docker.
+again with every disk's snapshot and device (``ebs_disks``), and once the instance exists.
+Why the instance id goes in ``container_id`` and not in ``vm_id``: ``vm_id`` is hotspare's
+own name for the launch (``<machine>-<8 hex>``), minted before any AWS resource exists and
+written on all of them as a tag, so a launch that crashed half-way is found (and cleaned
+up, or adopted) by its tag; the instance id is the provider's id of what runs the VM, which
+is what ``container_id`` holds for Docker.
 
 Points on EBS (:meth:`Ec2Host.point_disk`, ``disk_source`` ``ebs-direct``): a point's
 snapshot is made straight from its chunks, over the snapshot of an older point of the disk

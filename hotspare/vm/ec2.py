@@ -1,38 +1,43 @@
-"""Ec2Host: the stand-in VM as an EC2 instance booted from the replica's disk.
+"""Ec2Host: the stand-in VM as an EC2 instance booted from the replica's disks.
 
 Launch, in order, every AWS resource tagged ``hotspare:vm-id`` (and ``hotspare:machine``):
 
-1. boot snapshot: the replica disk as an EBS snapshot. A failover or drill gives the point's
-   own snapshot (``ebs-snapshot://`` backing, made by :meth:`Ec2Host.point_disk` before the
-   launch): nothing is uploaded here. A local image is uploaded one of two ways
-   (``Ec2HostConfig.disk_source``):
+1. disk snapshots: every replica disk of the VmSpec as an EBS snapshot, in the machine's
+   order. A failover or drill gives each disk's point's own snapshot (``ebs-snapshot://``
+   backing, made by :meth:`Ec2Host.point_disk` before the launch): nothing is uploaded
+   here. A local image is uploaded one of two ways (``Ec2HostConfig.disk_source``):
    - ``ebs-direct``: block by block through the EBS direct APIs
      (:func:`hotspare.vm.ebs.upload_snapshot`), zero blocks skipped;
    - ``import-snapshot``: the image staged in S3 (``import_bucket``/``import_prefix``) and
      converted by EC2 VM Import (``ImportSnapshot``, needs the ``vmimport`` service role),
      or :meth:`Ec2Host.import_snapshot` of a VHD already in S3;
-2. image: ``RegisterImage`` on that snapshot (hvm, legacy BIOS, root ``/dev/xvda``);
+2. image: ``RegisterImage`` of every disk (hvm, legacy BIOS): the first disk's snapshot is
+   the root ``/dev/xvda``, the others further block device mappings ``/dev/sdf``,
+   ``/dev/sdg``, ... (:data:`hotspare.vm.ec2_resources.DATA_DEVICES`), each volume of the
+   whole GiB that hold its disk;
 3. instance: ``RunInstances`` of one instance, its ``ClientToken`` derived from the VM id,
-   so a retried call never starts a second one.
+   so a retried call never starts a second one; it gets one volume per disk.
 
 The handle is saved (``<workdir>/handle.json``) before step 1, with ``container_id`` empty,
-and again once the instance exists. Why the instance id goes in ``container_id`` and not in
-``vm_id``: ``vm_id`` is hotspare's own name for the launch (``<machine>-<8 hex>``), minted
-before any AWS resource exists and written on all of them as a tag, so a launch that
-crashed half-way is found (and cleaned up, or adopted) by its tag; the instance id is the
-provider's id of what runs the VM, which is what ``container_id`` holds for Docker.
+again with every disk's snapshot and device (``ebs_disks``), and once the instance exists.
+Why the instance id goes in ``container_id`` and not in ``vm_id``: ``vm_id`` is hotspare's
+own name for the launch (``<machine>-<8 hex>``), minted before any AWS resource exists and
+written on all of them as a tag, so a launch that crashed half-way is found (and cleaned
+up, or adopted) by its tag; the instance id is the provider's id of what runs the VM, which
+is what ``container_id`` holds for Docker.
 
 Points on EBS (:meth:`Ec2Host.point_disk`, ``disk_source`` ``ebs-direct``): a point's
 snapshot is made straight from its chunks, over the snapshot of an older point of the disk
 when one is recorded in the store (only the blocks that differ are put), and recorded for
 the next; see :mod:`hotspare.vm.ebs_points`. It carries no VM id: a VM's release leaves it.
 
-Ending: :meth:`Ec2Host.stop` stops the instance (its disk then no longer changes), runs the
+Ending: :meth:`Ec2Host.stop` stops the instance (its disks then no longer change), runs the
 final capture, terminates it and releases everything tagged with the VM id (image,
-snapshots, root volume). The root volume is kept when an instance ends otherwise
+snapshots, every disk's volume). The volumes are kept when an instance ends otherwise
 (``DeleteOnTermination`` false), so that the writes of a killed or crashed instance can still
 be captured offline (:mod:`hotspare.vm.ec2_capture`); a later ``stop`` of the gone VM, or
-:meth:`Ec2Host.release`, deletes it.
+:meth:`Ec2Host.release`, deletes them (by their tag, which every volume of the launch has).
+Point snapshots are never released: they are the next point's parent.
 
 What is tested where: see README "EC2 host: what is tested and what is not".
 """
@@ -56,12 +61,13 @@ from hotspare.errors import HotspareError, UsageError
 from hotspare.localfile import file_lock
 from hotspare.vm import ec2_resources
 from hotspare.vm.aws import CLIENT_CONFIG, Ec2Error, aws_call, poll
-from hotspare.vm.ebs import upload_snapshot
+from hotspare.vm.ebs import GIB, image_size, upload_snapshot
 from hotspare.vm.ebs_points import point_snapshot
 from hotspare.vm.ec2_config import Ec2HostConfig  # re-exported: the host and its config go together
-from hotspare.vm.ec2_resources import ROOT_DEVICE, TAG_MACHINE, TAG_ROLE, TAG_VM, tag_list
+from hotspare.vm.ec2_resources import ROOT_DEVICE, TAG_DISK, TAG_MACHINE, TAG_ROLE, TAG_VM, tag_list
 from hotspare.vm.host import (
     EBS_SNAPSHOT_PREFIX,
+    EbsDisk,
     VmDisk,
     VmHandle,
     VmHost,
@@ -124,13 +130,17 @@ class Ec2Host(VmHost):
         workdir.mkdir(parents=True, exist_ok=True)
         with file_lock(workdir / "launch.lock"):
             boot = spec.disks[0].backing  # not spec.boot_disk: a Path would mangle ebs-snapshot://
+            backings = [d.backing for d in spec.disks]
+            devices = ec2_resources.device_names(spec.machine, len(spec.disks))  # refuses before any resource
             previous = load_handle(workdir)
             if previous is not None and previous.host == self.kind:
                 inst = self._instance(previous)
                 if inst is not None and inst["State"]["Name"] in ALIVE:
-                    if previous.boot_disk != boot:
+                    # A handle from before every disk was recorded names its boot disk only.
+                    ran = [d.backing for d in previous.ebs_disks] or [previous.boot_disk]
+                    if ran != backings:
                         raise HotspareError(f"{workdir}: VM {previous.vm_id} already runs there from "
-                                            f"{previous.boot_disk}, not {boot}")
+                                            f"{', '.join(ran)}, not {', '.join(backings)}")
                     if previous.container_id != inst["InstanceId"]:  # launch crashed before saving it
                         previous.container_id = inst["InstanceId"]
                         save_handle(previous)
@@ -138,11 +148,12 @@ class Ec2Host(VmHost):
                 kept = ec2_resources.volumes(self.ec2, previous.vm_id)
                 if kept and (previous.container_id or inst is not None):  # it ran: its disk holds writes
                     raise HotspareError(f"{workdir}: VM {previous.vm_id} ended without a final capture and its "
-                                        f"root volume {kept[0]['VolumeId']} is kept: ship its last writes "
-                                        "(Ec2DeltaCapture.final_capture) or drop them (Ec2Host.stop), then launch")
+                                        f"volumes {', '.join(v['VolumeId'] for v in kept)} are kept: ship its last "
+                                        "writes (ec2_capture.final_capture) or drop them (Ec2Host.stop), then launch")
                 self.release(previous, wait=self.config.boot_timeout)  # left by a launch that failed there
-            if ebs_snapshot_of(boot) is None and not spec.boot_disk.is_file():
-                raise HotspareError(f"cannot launch VM of {spec.machine}: boot disk {spec.boot_disk} not found")
+            for d in spec.disks:
+                if ebs_snapshot_of(d.backing) is None and not Path(d.backing).is_file():
+                    raise HotspareError(f"cannot launch VM of {spec.machine}: disk {d.name} image {d.backing} not found")
             vm_id = f"{spec.machine}-{uuid.uuid4().hex[:8]}"
             # accel: EC2 runs the guest with hardware virtualisation (Nitro or Xen HVM),
             # never emulation; the handle field is required, and "kvm" is the closest value.
@@ -151,13 +162,15 @@ class Ec2Host(VmHost):
                               serial_log=str(workdir / f"serial-{vm_id}.log"), disk_device=ROOT_DEVICE)
             save_handle(handle)  # before any resource exists: their tag leads back to it
             try:
-                snapshot_id = self._boot_snapshot(spec, vm_id)
+                handle.ebs_disks = [self._disk_snapshot(spec, d, vm_id, device) for d, device in zip(spec.disks, devices)]
+                save_handle(handle)  # the capture finds each disk's first base here
                 image_id = ec2_resources.register_image(
-                    self.ec2, snapshot_id, name=f"hotspare-{vm_id}", description=f"hotspare stand-in for {spec.machine}",
+                    self.ec2, handle.ebs_disks, name=f"hotspare-{vm_id}",
+                    description=f"hotspare stand-in for {spec.machine}",
                     tags=self.resource_tags(spec.machine, vm_id), boot_mode=self.config.boot_mode,
                     ena_support=self.config.ena_support, volume_type=self.config.volume_type,
                     timeout=self.config.snapshot_timeout, interval=self.config.poll_interval)
-                handle.container_id = self._run_instance(spec.machine, vm_id, image_id)
+                handle.container_id = self._run_instance(spec.machine, vm_id, image_id, handle.ebs_disks)
                 save_handle(handle)
                 self._wait_running(handle)
             except BaseException:
@@ -167,28 +180,40 @@ class Ec2Host(VmHost):
                 except HotspareError as err:  # tagged: the next launch there releases it
                     log.warning("VM %s: cleanup after a failed launch failed too: %s", vm_id, err)
                 raise
-            log.info("VM %s runs as instance %s (image %s, snapshot %s)", vm_id, handle.container_id,
-                     image_id, snapshot_id)
+            log.info("VM %s runs as instance %s (image %s, disks %s)", vm_id, handle.container_id, image_id,
+                     ", ".join(f"{d.name}={d.snapshot_id} at {d.device}" for d in handle.ebs_disks))
             return handle
 
-    def _boot_snapshot(self, spec: VmSpec, vm_id: str) -> str:
-        ready = ebs_snapshot_of(spec.disks[0].backing)
-        if ready is not None:
-            return ready  # a point's snapshot: made before the launch, and not the launch's to release
+    def _disk_snapshot(self, spec: VmSpec, disk: VmDisk, vm_id: str, device: str) -> EbsDisk:
+        """The snapshot ``disk`` is launched from: its point's, or one uploaded now."""
+        ready = ebs_snapshot_of(disk.backing)
+        if ready is not None:  # a point's snapshot: made before the launch, and not the launch's to release
+            size = disk.size or self._snapshot_gib(ready) * GIB
+            return EbsDisk(name=disk.name, backing=disk.backing, snapshot_id=ready, device=device, size=size)
         cfg = self.config
-        tags = self.resource_tags(spec.machine, vm_id, **{TAG_ROLE: "boot"})
-        description = f"hotspare boot disk of {spec.machine} ({vm_id})"
+        fmt = disk.backing_format
+        size = disk.size or image_size(disk.backing, fmt)
+        tags = self.resource_tags(spec.machine, vm_id, **{TAG_ROLE: "boot", TAG_DISK: disk.name})
+        description = f"hotspare disk {disk.name} of {spec.machine} ({vm_id})"
         if cfg.disk_source == "ebs-direct":
-            return upload_snapshot(self.ebs, self.ec2, spec.boot_disk, spec.format, tags=tags,
-                                   description=description, workers=cfg.upload_workers,
-                                   timeout=cfg.snapshot_timeout, poll_interval=cfg.poll_interval).snapshot_id
-        if not cfg.import_bucket:
-            raise UsageError("disk_source import-snapshot needs import_bucket (the S3 bucket VM Import reads)")
-        return ec2_resources.import_local_image(
-            self._client("s3"), self.ec2, spec.boot_disk, "VHD" if spec.format == "vpc" else "RAW",
-            bucket=cfg.import_bucket, key=f"{cfg.import_prefix}{vm_id}.{'vhd' if spec.format == 'vpc' else 'raw'}",
-            description=description, tags=tags, role_name=cfg.import_role_name, timeout=cfg.import_timeout,
-            interval=cfg.poll_interval)
+            sid = upload_snapshot(self.ebs, self.ec2, disk.backing, fmt, tags=tags, description=description,
+                                  workers=cfg.upload_workers, timeout=cfg.snapshot_timeout,
+                                  poll_interval=cfg.poll_interval).snapshot_id
+        else:
+            if not cfg.import_bucket:
+                raise UsageError(f"cannot launch VM of {spec.machine}: disk_source import-snapshot needs "
+                                 "import_bucket (the S3 bucket VM Import reads)")
+            ext = "vhd" if fmt == "vpc" else "raw"
+            sid = ec2_resources.import_local_image(  # one import per disk, each under its own key
+                self._client("s3"), self.ec2, disk.backing, "VHD" if fmt == "vpc" else "RAW",
+                bucket=cfg.import_bucket, key=f"{cfg.import_prefix}{vm_id}-{disk.name}.{ext}",
+                description=description, tags=tags, role_name=cfg.import_role_name, timeout=cfg.import_timeout,
+                interval=cfg.poll_interval)
+        return EbsDisk(name=disk.name, backing=disk.backing, snapshot_id=sid, device=device, size=size)
+
+    def _snapshot_gib(self, snapshot_id: str) -> int:
+        with aws_call("DescribeSnapshots", snapshot_id):
+            return int(self.ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]["VolumeSize"])
 
     def point_disk(self, store: Store, catalog: Catalog, disk: DiskSpec, point: RecoveryPoint,
                    workdir: Path) -> VmDisk:
@@ -219,12 +244,17 @@ class Ec2Host(VmHost):
                                              role_name=cfg.import_role_name, timeout=cfg.import_timeout,
                                              interval=cfg.poll_interval)
 
-    def _run_instance(self, machine: str, vm_id: str, image_id: str) -> str:
+    def _run_instance(self, machine: str, vm_id: str, image_id: str, disks: list[EbsDisk]) -> str:
         cfg = self.config
         tags = tag_list(self.resource_tags(machine, vm_id))
         args: dict[str, Any] = dict(
             ImageId=image_id, InstanceType=cfg.instance_type, MinCount=1, MaxCount=1,
+            # The image's mappings again: EC2 takes them from the image anyway, but an
+            # endpoint that ignores an image's mappings (moto) then still attaches every disk.
+            BlockDeviceMappings=ec2_resources.block_device_mappings(disks, volume_type=cfg.volume_type,
+                                                                    root_snapshot=False),
             ClientToken=hashlib.sha256(vm_id.encode()).hexdigest()[:32],  # at most 64 characters
+            # Volume tags go on every volume the launch creates, one per disk: release finds them so.
             TagSpecifications=[{"ResourceType": "instance", "Tags": tags},
                                {"ResourceType": "volume", "Tags": tags}])
         if cfg.subnet_id:
@@ -368,7 +398,7 @@ class Ec2Host(VmHost):
         self.release(handle, wait=self.config.boot_timeout)
 
     def kill(self, handle: VmHandle) -> None:
-        """Terminate the instance at once. Its root volume, image and snapshots stay until
+        """Terminate the instance at once. Its volumes, image and snapshots stay until
         :meth:`release` (or a ``stop`` of the gone VM), for an offline capture."""
         inst = self._instance(handle)
         if inst is not None and inst["State"]["Name"] in ALIVE:
@@ -389,27 +419,53 @@ class Ec2Host(VmHost):
              timeout=timeout, interval=self.config.poll_interval)
 
     def release(self, handle: VmHandle, *, wait: float = 0.0) -> None:
-        """Delete what the VM's launch made (image, snapshots, its volume once detached,
-        waiting up to ``wait`` seconds for that). Call once its instance is gone; idempotent."""
+        """Delete what the VM's launch made (image, its own snapshots, every disk's volume
+        once detached, waiting up to ``wait`` seconds for that), not the point snapshots it
+        booted from. Call once its instance is gone; idempotent."""
         ec2_resources.release(self.ec2, handle.vm_id, timeout=wait, interval=self.config.poll_interval)
 
     # -- for the capture -----------------------------------------------------------------
-    def boot_snapshot_id(self, handle: VmHandle) -> str:
-        """The snapshot the VM booted from: its point's, or the one its launch uploaded."""
+    def ebs_disk(self, handle: VmHandle, disk: str | None = None) -> EbsDisk | None:
+        """The VM's ``disk`` (None: its first) as its launch recorded it; None for a handle
+        from before the launch recorded its disks (a VM of one disk)."""
+        if not handle.ebs_disks:
+            return None
+        if disk is None:
+            return handle.ebs_disks[0]
+        for d in handle.ebs_disks:
+            if d.name == disk:
+                return d
+        raise HotspareError(f"VM {handle.vm_id} has no disk {disk!r} (it has {[d.name for d in handle.ebs_disks]})")
+
+    def boot_snapshot_id(self, handle: VmHandle, disk: str | None = None) -> str:
+        """The snapshot the VM's ``disk`` (None: the boot disk) started from: its point's,
+        or the one its launch uploaded."""
+        rec = self.ebs_disk(handle, disk)
+        if rec is not None:
+            return rec.snapshot_id
         return ebs_snapshot_of(handle.boot_disk) or ec2_resources.boot_snapshot_id(self.ec2, handle.vm_id)
 
-    def root_volume_id(self, handle: VmHandle) -> str:
-        """The instance's root volume; once the instance is gone, the kept volume by its tag."""
+    def disk_volume_id(self, handle: VmHandle, disk: str | None = None) -> str:
+        """The volume of the VM's ``disk`` (None: the root): by its device name on the
+        instance; once the instance is gone, the kept volume made from the disk's snapshot."""
+        rec = self.ebs_disk(handle, disk)
         inst = self._instance(handle)
         if inst is not None and inst["State"]["Name"] in ALIVE:
-            root = inst.get("RootDeviceName", ROOT_DEVICE)
+            device = rec.device if rec is not None else inst.get("RootDeviceName", ROOT_DEVICE)
             for m in inst.get("BlockDeviceMappings", []):
-                if m.get("DeviceName") == root and "Ebs" in m:
+                if m.get("DeviceName") == device and "Ebs" in m:
                     return str(m["Ebs"]["VolumeId"])
         vols = ec2_resources.volumes(self.ec2, handle.vm_id)
+        if rec is not None and len(handle.ebs_disks) > 1:
+            # A detached volume keeps the snapshot it was made from, and each disk has its own.
+            vols = [v for v in vols if v.get("SnapshotId") == rec.snapshot_id]
         if not vols:
-            raise HotspareError(f"VM {handle.vm_id}: no root volume found (instance {handle.container_id} "
-                                "gone and its volume deleted)")
+            raise HotspareError(f"VM {handle.vm_id}: no volume of disk {rec.name if rec else 'root'} found "
+                                f"(instance {handle.container_id} gone and its volume deleted)")
         return str(vols[0]["VolumeId"])
+
+    def root_volume_id(self, handle: VmHandle) -> str:
+        """The instance's root volume (see :meth:`disk_volume_id`)."""
+        return self.disk_volume_id(handle)
 
 

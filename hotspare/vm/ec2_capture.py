@@ -1,22 +1,26 @@
 """Capture of an EC2 stand-in VM's writes as extent logs of a new epoch, by EBS snapshots.
 
-One capture step (:meth:`Ec2DeltaCapture.ship_once`):
+Every disk of the VM is captured on its own: one :class:`Ec2DeltaCapture` per disk, which
+snapshots that disk's volume and ships to that disk's log stream (its own state file too).
+:func:`final_capture` ends the VM once, shipping every disk's last writes while it is stopped.
 
-1. snapshot: ``CreateSnapshot`` of the instance's root volume (crash-consistent while it
-   runs; consistent once the instance is stopped, as in the final capture), waited for;
-2. compare: the blocks that differ between the previous snapshot (at first, the boot
-   snapshot the VM started from) and the new one;
+One capture step (:meth:`Ec2DeltaCapture.ship_once`), of one disk:
+
+1. snapshot: ``CreateSnapshot`` of the disk's volume (crash-consistent while the instance
+   runs; consistent once it is stopped, as in the final capture), waited for;
+2. compare: the blocks that differ between the previous snapshot (at first, the snapshot
+   the disk's volume was made from) and the new one;
 3. ship: those blocks read with ``GetSnapshotBlock`` (checksums verified), written as extent
    logs whose seqs continue the epoch's (one 512 KiB extent per block, null data for a
    block that reads as zeros, a new log past LOG_TARGET bytes), uploaded create-only to
    ``layout.log_key``; then the new snapshot becomes the previous one and the old one is
-   deleted (the boot snapshot stays: the image holds it).
+   deleted (the disk's first snapshot stays: the image holds it).
 
 Which blocks differ (``method``):
 
 - ``list-changed-blocks`` (the default, and what real AWS uses): EBS's ``ListChangedBlocks``
-  between the two snapshots, which are of one lineage (the root volume was made from the
-  boot snapshot). Not exercised by the tests: moto's answer was wrong once (it listed a
+  between the two snapshots, which are of one lineage (the disk's volume was made from the
+  disk's first snapshot). Not exercised by the tests: moto's answer was wrong once (it listed a
   block both snapshots hold and missed one only the second holds).
 - ``compare-listings``: ``ListSnapshotBlocks`` of both snapshots compared by index and
   token; where both hold a block under different tokens, both blocks are read and compared,
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -57,7 +61,7 @@ from hotspare.vm.ebs import (
     read_block,
     wait_snapshot,
 )
-from hotspare.vm.ec2 import TAG_ROLE, Ec2Host, tag_list
+from hotspare.vm.ec2 import TAG_DISK, TAG_ROLE, Ec2Host, tag_list
 from hotspare.vm.capture_state import CaptureCursor
 from hotspare.vm.host import VmHandle, ebs_snapshot_of
 
@@ -81,6 +85,10 @@ class Ec2DeltaCapture:
                  disk_size: int | None = None, method: ChangeMethod = "list-changed-blocks") -> None:
         self.host, self.handle, self.store, self.method = host, handle, store, method
         self.workdir = Path(handle.workdir)
+        # The launch's record of the disk (None for a handle of one disk from before it was kept).
+        self.ebs_disk = host.ebs_disk(handle, disk) if handle.ebs_disks else None
+        if disk_size is None and self.ebs_disk is not None:
+            disk_size = self.ebs_disk.size
         if disk_size is None and ebs_snapshot_of(handle.boot_disk) is not None:
             raise UsageError(f"VM {handle.vm_id} boots from {handle.boot_disk}, a point's snapshot: give the "
                              "disk's size (disk_size), EBS volumes are whole GiB")
@@ -95,13 +103,13 @@ class Ec2DeltaCapture:
 
     # -- steps ---------------------------------------------------------------------------
     def ship_once(self) -> list[str]:
-        """Snapshot the root volume and ship what changed since the previous snapshot;
+        """Snapshot the disk's volume and ship what changed since the previous snapshot;
         returns the keys of the logs uploaded (none when nothing changed)."""
         # One capture per disk at a time, across threads and processes (the state file).
         with self._lock, file_lock(self.state_path.with_suffix(".lock")):
-            boot = self.host.boot_snapshot_id(self.handle)
+            boot = self.host.boot_snapshot_id(self.handle, self._disk_name)
             base = self.state.base_snapshot or boot
-            new = self.snapshot_root()
+            new = self.snapshot_disk()
             keys = self.ship_delta(base, new)
             self.state.base_snapshot = new
             self._save()
@@ -114,24 +122,21 @@ class Ec2DeltaCapture:
             return keys
 
     def final_capture(self, timeout: float = 30.0) -> list[str]:
-        """Ship the VM's last writes and end it: a running VM is stopped first, so that its
-        disk no longer changes, and terminated after the capture; a gone VM's kept root
-        volume is shipped offline. Then everything the VM left is released."""
-        keys: list[str] = []
-        if self.host.is_alive(self.handle):
-            self.host.stop(self.handle, timeout, before_quit=lambda: keys.extend(self.ship_once()))
-        else:
-            keys += self.ship_once()
-            self.host.release(self.handle)
-        return keys
+        """:func:`final_capture` of this disk, for a VM of one disk."""
+        return final_capture([self], timeout)
 
-    def snapshot_root(self) -> str:
-        """A completed snapshot of the VM's root volume, tagged for release."""
-        volume = self.host.root_volume_id(self.handle)
-        tags = self.host.resource_tags(self.handle.machine, self.handle.vm_id, **{TAG_ROLE: "capture"})
+    @property
+    def _disk_name(self) -> str | None:
+        return self.ebs_disk.name if self.ebs_disk is not None else None
+
+    def snapshot_disk(self) -> str:
+        """A completed snapshot of the disk's volume, tagged for release."""
+        volume = self.host.disk_volume_id(self.handle, self._disk_name)
+        tags = self.host.resource_tags(self.handle.machine, self.handle.vm_id,
+                                       **{TAG_ROLE: "capture", TAG_DISK: self.state.disk})
         with aws_call("CreateSnapshot", volume):
             snap = self.host.ec2.create_snapshot(
-                VolumeId=volume, Description=f"hotspare capture of {self.handle.vm_id}",
+                VolumeId=volume, Description=f"hotspare capture of {self.handle.vm_id} disk {self.state.disk}",
                 TagSpecifications=[{"ResourceType": "snapshot", "Tags": tag_list(tags)}])["SnapshotId"]
         cfg = self.host.config
         wait_snapshot(self.host.ec2, snap, timeout=cfg.snapshot_timeout, interval=cfg.poll_interval)
@@ -199,3 +204,32 @@ class Ec2DeltaCapture:
 
     def _save(self) -> None:
         write_atomic(self.state_path, self.state.model_dump_json(indent=1))
+
+
+def final_capture(captures: Sequence[Ec2DeltaCapture], timeout: float = 30.0) -> list[str]:
+    """Ship the VM's last writes, every disk's, and end it: a running VM is stopped first,
+    so that its disks no longer change, each disk is shipped, and the VM is terminated; a
+    gone VM's kept volumes are shipped offline. Then everything the VM left is released.
+    ``captures``: one per disk of the VM, all of one handle; returns the keys uploaded."""
+    if not captures:
+        raise UsageError("final_capture needs the capture of every disk of the VM")
+    host, handle = captures[0].host, captures[0].handle
+    if any(c.handle.vm_id != handle.vm_id for c in captures):
+        raise UsageError(f"final_capture of VM {handle.vm_id}: the captures are of different VMs")
+    # Ending the VM with a disk left out would drop that disk's last writes for good.
+    missing = sorted({d.name for d in handle.ebs_disks} - {c.state.disk for c in captures})
+    if missing:
+        raise UsageError(f"final capture of VM {handle.vm_id} ({handle.machine}) misses disk(s) "
+                         f"{', '.join(missing)}: pass an Ec2DeltaCapture of every disk to ec2_capture.final_capture")
+    keys: list[str] = []
+
+    def ship_all() -> None:
+        for c in captures:
+            keys.extend(c.ship_once())
+
+    if host.is_alive(handle):
+        host.stop(handle, timeout, before_quit=ship_all)
+    else:
+        ship_all()
+        host.release(handle)
+    return keys

@@ -1,19 +1,21 @@
 """The AWS resources of one EC2 launch: made, found by tag, released.
 
-Every resource a launch makes (boot snapshot of a local image, image, instance, root volume,
-capture snapshots) carries the tag ``hotspare:vm-id`` = the VM id, minted before the first of
+Every resource a launch makes (disk snapshots of local images, image, instance, one volume
+per disk, capture snapshots) carries the tag ``hotspare:vm-id`` = the VM id, minted before the first of
 them, so that whatever a crashed launch or stop left behind is found again by that tag alone.
 A point's snapshot is not the launch's: it carries no VM id, and :func:`release` leaves it.
 
 Terms:
-- boot snapshot: the replica disk as an EBS snapshot. Of a recovery point, the point's own
-  snapshot (:mod:`hotspare.vm.ebs_points`, role ``point``), which carries no VM id and
-  outlives the VM; of a local image, one made for the launch (role ``boot``) by the EBS
-  direct APIs (:mod:`hotspare.vm.ebs`) or by EC2 VM Import (:func:`import_snapshot`, from
-  a disk image in S3);
-- image: the AMI registered on the boot snapshot (:func:`register_image`);
-- kept volume: the instance's root volume, created with ``DeleteOnTermination`` false so
-  that it outlives the instance until :func:`release`.
+- disk snapshot: a replica disk as an EBS snapshot, one per disk of the machine (the first,
+  the boot disk, is the image's root). Of a recovery point, the point's own snapshot
+  (:mod:`hotspare.vm.ebs_points`, role ``point``), which carries no VM id and outlives the
+  VM; of a local image, one made for the launch (role ``boot``, tagged with its disk) by
+  the EBS direct APIs (:mod:`hotspare.vm.ebs`) or by EC2 VM Import (:func:`import_snapshot`,
+  from a disk image in S3);
+- image: the AMI registered on the disk snapshots (:func:`register_image`): root
+  :data:`ROOT_DEVICE`, the other disks at :data:`DATA_DEVICES` in the machine's order;
+- kept volumes: the instance's volumes, one per disk, created with ``DeleteOnTermination``
+  false so that they outlive the instance until :func:`release`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,18 @@ from typing import Any, Literal
 
 from hotspare.errors import HotspareError
 from hotspare.vm.aws import Ec2Error, aws_call, poll
+from hotspare.vm.ebs import volume_gib
+from hotspare.vm.host import EbsDisk
 
 log = logging.getLogger(__name__)
 
 ROOT_DEVICE = "/dev/xvda"
+# The other disks, in the machine's order: the names AWS's "Device names for volumes on
+# Amazon EC2 instances" recommends for EBS volumes on Linux HVM instances (Xen and Nitro),
+# /dev/sd[f-z]. On Nitro the guest sees NVMe devices whatever the name (it is kept in the
+# controller's vendor data, where ebsnvme-id/udev rules find it), so the guest should mount
+# by UUID or label, as a machine with several disks usually does.
+DATA_DEVICES = tuple(f"/dev/sd{c}" for c in "fghijklmnopqrstuvwxyz")
 TAG_VM = "hotspare:vm-id"
 TAG_MACHINE = "hotspare:machine"
 TAG_ROLE = "hotspare:role"  # boot (the launch snapshot), capture, or point (see hotspare.vm.ebs_points)
@@ -38,6 +48,30 @@ TAG_POINT = "hotspare:point"
 
 def tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
     return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+
+def device_names(machine: str, count: int) -> list[str]:
+    """The block device names of a machine's ``count`` disks, root first."""
+    if count > 1 + len(DATA_DEVICES):
+        raise HotspareError(f"cannot launch VM of {machine} on EC2: it has {count} disks, the EC2 host maps at most "
+                            f"{1 + len(DATA_DEVICES)} ({ROOT_DEVICE}, {DATA_DEVICES[0]}-{DATA_DEVICES[-1]}); "
+                            "fail it over on a QEMU host")
+    return [ROOT_DEVICE, *DATA_DEVICES][:count]
+
+
+def block_device_mappings(disks: list[EbsDisk], *, volume_type: str, root_snapshot: bool = True) -> list[dict[str, Any]]:
+    """Every disk's mapping, in the machine's order: a volume from its snapshot, of the whole
+    GiB that hold the disk, kept past the instance (``DeleteOnTermination`` false: the
+    capture can still read a dead instance's writes; :func:`release` deletes it).
+    ``root_snapshot`` False leaves the root's snapshot out, for RunInstances: the image
+    fixes the root's snapshot, a launch only sizes it."""
+    out = []
+    for d in disks:
+        ebs: dict[str, Any] = {"VolumeSize": volume_gib(d.size), "VolumeType": volume_type, "DeleteOnTermination": False}
+        if root_snapshot or d.device != ROOT_DEVICE:
+            ebs["SnapshotId"] = d.snapshot_id
+        out.append({"DeviceName": d.device, "Ebs": ebs})
+    return out
 
 
 def _by_vm(vm_id: str) -> list[dict[str, Any]]:
@@ -108,19 +142,21 @@ def import_local_image(s3: Any, ec2: Any, path: str | os.PathLike[str], fmt: Lit
             log.warning("staged image not deleted: %s", err)
 
 
-def register_image(ec2: Any, snapshot_id: str, *, name: str, description: str, tags: dict[str, str],
+def register_image(ec2: Any, disks: list[EbsDisk], *, name: str, description: str, tags: dict[str, str],
                    boot_mode: str = "legacy-bios", ena_support: bool = True, volume_type: str = "gp3",
                    timeout: float = 3600.0, interval: float = 5.0) -> str:
-    """An available x86_64 HVM image whose root device (``/dev/xvda``) is made from
-    ``snapshot_id``; its root volumes survive their instance (``DeleteOnTermination``
-    false), so that a dead instance's last writes can still be captured."""
+    """An available x86_64 HVM image of every disk in ``disks`` (their device names given):
+    the first is the root device (``/dev/xvda``), each volume is made from the disk's
+    snapshot (:func:`block_device_mappings`), and survives its instance, so that a dead
+    instance's last writes can still be captured."""
+    if not disks or disks[0].device != ROOT_DEVICE:
+        raise HotspareError(f"image {name}: the first disk must be the root device {ROOT_DEVICE}")
     tagl = tag_list(tags)
-    with aws_call("RegisterImage", snapshot_id):
+    with aws_call("RegisterImage", ", ".join(d.snapshot_id for d in disks)):
         image_id = str(ec2.register_image(
             Name=name, Description=description, Architecture="x86_64", VirtualizationType="hvm",
             BootMode=boot_mode, EnaSupport=ena_support, RootDeviceName=ROOT_DEVICE,
-            BlockDeviceMappings=[{"DeviceName": ROOT_DEVICE, "Ebs": {
-                "SnapshotId": snapshot_id, "VolumeType": volume_type, "DeleteOnTermination": False}}],
+            BlockDeviceMappings=block_device_mappings(disks, volume_type=volume_type),
             TagSpecifications=[{"ResourceType": "image", "Tags": tagl}])["ImageId"])
     # Tagged again: some endpoints (moto) ignore RegisterImage's TagSpecifications, and an
     # untagged image would never be released.
@@ -139,18 +175,22 @@ def register_image(ec2: Any, snapshot_id: str, *, name: str, description: str, t
     return image_id
 
 
-def boot_snapshot_id(ec2: Any, vm_id: str) -> str:
-    """The snapshot VM ``vm_id`` booted from."""
+def boot_snapshot_id(ec2: Any, vm_id: str, disk: str | None = None) -> str:
+    """The snapshot VM ``vm_id``'s launch made of ``disk`` (None: any, for a VM of one disk
+    launched before the snapshots were tagged with their disk)."""
     filters = [*_by_vm(vm_id), {"Name": f"tag:{TAG_ROLE}", "Values": ["boot"]}]
-    with aws_call("DescribeSnapshots", f"boot snapshot of VM {vm_id}"):
+    if disk is not None:
+        filters.append({"Name": f"tag:{TAG_DISK}", "Values": [disk]})
+    with aws_call("DescribeSnapshots", f"launch snapshot of VM {vm_id}"):
         snaps = ec2.describe_snapshots(OwnerIds=["self"], Filters=filters)["Snapshots"]
     if not snaps:
-        raise HotspareError(f"VM {vm_id}: no boot snapshot tagged {TAG_VM}={vm_id} (released already?)")
+        raise HotspareError(f"VM {vm_id}: no launch snapshot tagged {TAG_VM}={vm_id}"
+                            f"{f' {TAG_DISK}={disk}' if disk else ''} (released already?)")
     return str(snaps[0]["SnapshotId"])
 
 
 def volumes(ec2: Any, vm_id: str) -> list[dict[str, Any]]:
-    """The VM's volumes that still exist (its root volume, attached or kept)."""
+    """The VM's volumes that still exist (one per disk, attached or kept)."""
     with aws_call("DescribeVolumes", f"volumes tagged {TAG_VM}={vm_id}"):
         vols = ec2.describe_volumes(Filters=_by_vm(vm_id))["Volumes"]
     return [v for v in vols if v["State"] not in ("deleting", "deleted")]

@@ -178,6 +178,17 @@ class HandleDisk(BaseModel):
                                                    "the server of an NBD backing may stop")
 
 
+class EbsDisk(BaseModel):
+    """One disk of an EC2 VM: the EBS snapshot its volume is made from, and the device
+    name its block device mapping gives it."""
+
+    name: str
+    backing: str = Field(description="the spec's backing: a local image path or ebs-snapshot://SNAPSHOT")
+    snapshot_id: str = Field(description="the snapshot the volume is made from (the capture's first base)")
+    device: str = Field(description="the block device mapping's name, e.g. /dev/xvda (root), /dev/sdf")
+    size: int = Field(gt=0, description="bytes of the replica's disk (the volume is whole GiB, maybe larger)")
+
+
 class VmHandle(BaseModel):
     """Everything needed to find and drive a launched VM again, from any process."""
 
@@ -193,6 +204,7 @@ class VmHandle(BaseModel):
     qmp_socket: str | None = None
     serial_log: str
     disks: list[HandleDisk] = Field(default_factory=list, description="QEMU hosts: every disk, in the machine's order")
+    ebs_disks: list[EbsDisk] = Field(default_factory=list, description="EC2 host: every disk, in the machine's order")
     disk_device: str = Field("disk0", description="the boot disk's qdev id (for QMP)")
     started_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 

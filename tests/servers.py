@@ -356,19 +356,28 @@ def kind_of(key: str) -> str:
 class CountingStore(Store):
     """A delegate that counts the bytes that cross the store interface, by kind of key
     (:func:`kind_of`): ``uploaded`` and ``puts`` (objects written), ``read``. With
+    ``record_reads``, ``reads`` also lists every read as (key, offset, bytes). With
     ``on_put``, that is called with each key once its upload has returned (when a log
     reached the store). Thread-safe: part jobs run on several threads."""
 
-    def __init__(self, inner: Store, on_put: Callable[[str], None] | None = None) -> None:
+    def __init__(self, inner: Store, *, record_reads: bool = False,
+                 on_put: Callable[[str], None] | None = None) -> None:
         self.inner, self.url, self.on_put = inner, inner.url, on_put
         self.uploaded: Counter[str] = Counter()
         self.read: Counter[str] = Counter()
         self.puts: Counter[str] = Counter()
+        self.record_reads = record_reads
+        self.reads: list[tuple[str, int, int]] = []
         self._lock = threading.Lock()
 
     def reset(self) -> None:
         with self._lock:
-            self.uploaded.clear(), self.read.clear(), self.puts.clear()
+            self.uploaded.clear(), self.read.clear(), self.puts.clear(), self.reads.clear()
+
+    def read_bytes(self, prefix: str = "") -> int:
+        """Bytes read from keys under ``prefix`` (``record_reads`` only)."""
+        with self._lock:
+            return sum(n for k, _, n in self.reads if k.startswith(prefix))
 
     def _up(self, key: str, n: int, *, whole: bool = True) -> None:
         with self._lock:
@@ -381,9 +390,11 @@ class CountingStore(Store):
         if self.on_put is not None:
             self.on_put(key)
 
-    def _down(self, key: str, n: int) -> None:
+    def _down(self, key: str, n: int, offset: int = 0) -> None:
         with self._lock:
             self.read[kind_of(key)] += n
+            if self.record_reads:
+                self.reads.append((key, offset, n))
 
     def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
         self.inner.put(key, data, create_only=create_only)
@@ -395,7 +406,7 @@ class CountingStore(Store):
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         data = self.inner.get_range(key, offset, length)
-        self._down(key, len(data))
+        self._down(key, len(data), offset)
         return data
 
     def get(self, key: str) -> bytes:

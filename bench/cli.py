@@ -20,16 +20,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.servers import running_prefect_server  # noqa: E402
+
 HOTSPARE = str(Path(sys.prefix) / "bin" / "hotspare")
-PREFECT = str(Path(sys.prefix) / "bin" / "prefect")
 
 
 def timed(args: list[str], env: dict[str, str], runs: int) -> float:
@@ -64,30 +66,8 @@ def main() -> None:
     rows = [(" ".join(c), timed(c, env, a.runs)) for c in (["--help"], ["status"], ["points", "m"])]
     base = rows[-1][1]
     rows.append(("ingest m, no server (temporary one)", timed(["ingest", "m"], env, a.runs)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env={**env, "PREFECT_API_URL": url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("prefect server did not start in 90 s") from None
-                time.sleep(0.5)
+    with running_prefect_server(work, env, timeout=90) as url:
         rows.append(("ingest m, running server", timed(["ingest", "m"], {**env, "PREFECT_API_URL": url}, a.runs)))
-    finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
     print(f"{'command':<40} {'seconds':>8} {'over points (engine reads)':>28}")
     for name, t in rows:
         print(f"{name:<40} {t:8.2f} {t - base:28.2f}")

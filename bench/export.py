@@ -47,8 +47,7 @@ from bench.consolidate import (  # noqa: E402
     MACHINE,
     make_image,
     protect,
-    start_seaweedfs,
-    stop_seaweedfs,
+    seaweedfs,
     threaded_jobs,
 )
 from bench.scratch import scratch  # noqa: E402
@@ -59,6 +58,7 @@ from hotspare.replica.consolidate import consolidate_disk  # noqa: E402
 from hotspare.replica.serve import nbd_uri, start_server, stop_server  # noqa: E402
 from hotspare.store import open_store  # noqa: E402
 from hotspare.store.base import Store  # noqa: E402
+from tests.servers import SeaweedFS  # noqa: E402
 
 MiB = 1 << 20
 console = Console(width=150)
@@ -151,17 +151,13 @@ def main() -> int:
         console.print("[red]--size-gib must be at least 16 MiB, --fill in [0, 1][/red]")
         return 2
     with scratch(args.workdir, "export", args.keep, console) as root:
-        server = start_seaweedfs(root / "seaweedfs")
-        try:
+        with seaweedfs(root / "seaweedfs") as server:
             return run(args, root, size, server)
-        finally:
-            stop_seaweedfs(server)
 
 
-def run(args: argparse.Namespace, root: Path, size: int, server) -> int:
+def run(args: argparse.Namespace, root: Path, size: int, server: SeaweedFS) -> int:
     rng = np.random.default_rng(args.seed)
     os.environ.update(server.env())
-    server.client().create_bucket(Bucket=BUCKET)
     image = root / "disk.img"
     t = time.perf_counter()
     data = make_image(image, size, args.fill, rng)

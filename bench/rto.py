@@ -32,12 +32,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +50,7 @@ from hotspare.demodisk import MARKER_RE, qemu_accel  # noqa: E402
 from hotspare.heartbeat import load_heartbeat  # noqa: E402
 from hotspare.machine import Policy  # noqa: E402
 from hotspare.store import open_store  # noqa: E402
+from tests.servers import Missing, running_dockerd, running_prefect_server, stop_group  # noqa: E402
 
 BIN = Path(sys.prefix) / "bin"
 PREFECT, HOTSPARE = str(BIN / "prefect"), str(BIN / "hotspare")
@@ -81,12 +80,6 @@ class Row:
 
 # ------------------------------------------------------------------------------ processes
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cmd: list[str], env: dict[str, str], what: str, cwd: Path = REPO, timeout: float = 600) -> str:
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
@@ -95,95 +88,6 @@ def run(cmd: list[str], env: dict[str, str], what: str, cwd: Path = REPO, timeou
         last = out.splitlines()[-1] if out else ""
         raise RuntimeError(f"{what} failed ({proc.returncode}): {last}\n{out[-3000:]}")
     return proc.stdout
-
-
-def stop_group(proc: subprocess.Popen | None, timeout: float = 20) -> None:
-    """SIGTERM the process group of a process we started with start_new_session, then SIGKILL."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
-def start_server(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env={**env, "PREFECT_API_URL": url}, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_group(proc)
-            raise RuntimeError(f"prefect server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-
-
-def start_dockerd() -> tuple[subprocess.Popen, Path, str]:
-    """A private dockerd as tests/fixtures_docker.py starts it: own socket, data root, exec root,
-    empty config, no bridge, no iptables. Needs root and Debian's docker.io."""
-    if os.geteuid() != 0:
-        raise RuntimeError("the docker host needs root, to run a private dockerd")
-    if shutil.which("dockerd") is None or shutil.which("docker") is None:
-        raise RuntimeError("dockerd and the docker client are missing (Debian package docker.io)")
-    root = Path(tempfile.mkdtemp(prefix="hs-bench-dockerd-", dir="/tmp"))  # short: socket paths < 108 bytes
-    (root / "daemon.json").write_text("{}\n")
-    base_url = f"unix://{root}/docker.sock"
-    cmd = ["dockerd", "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
-           "--config-file", str(root / "daemon.json"), "--data-root", str(root / "data"),
-           "--exec-root", str(root / "exec"), "--pidfile", str(root / "docker.pid"), "-H", base_url]
-    with open(root / "dockerd.log", "wb") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    import docker
-
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dockerd exited with {proc.returncode}: "
-                               f"{(root / 'dockerd.log').read_text(errors='replace')[-2000:]}")
-        try:
-            client = docker.DockerClient(base_url=base_url, timeout=5)
-            try:
-                client.ping()
-                return proc, root, base_url
-            finally:
-                client.close()
-        except Exception:  # noqa: BLE001 - not up yet; the deadline decides
-            if time.monotonic() > deadline:
-                stop_dockerd(proc, root)
-                raise RuntimeError(f"dockerd did not answer on {base_url} in 60 s") from None
-            time.sleep(0.2)
-
-
-def stop_dockerd(proc: subprocess.Popen | None, root: Path | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # it stops its containers (15 s grace), then exits
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if root is not None:
-        prefix = str(root) + os.sep
-        with open("/proc/mounts") as f:
-            points = [line.split()[1] for line in f]
-        for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -372,44 +276,46 @@ def bench(args: argparse.Namespace, hosts: list[str], root: Path) -> int:
                PREFECT_SERVER_UI_ENABLED="false", HOTSPARE_STORE=str(root / "store"),
                HOTSPARE_VM_DIR=str(root / "vms"), HOTSPARE_REPO=str(REPO), HOTSPARE_STORE_BLOCK="",
                HOTSPARE_MACHINE="demo-local")
-    server = worker = dockerd = None
-    docker_root = None
+    worker = None
     rows: list[Row] = []
     setup_failed: list[Row] = []
-    try:
-        server, url = start_server(root, env)
-        env["PREFECT_API_URL"] = url
-        os.environ["PREFECT_API_URL"] = url  # this process's client
-        run([PREFECT, "work-pool", "create", "hotspare", "--type", "process", "--overwrite"], env, "work-pool create")
-        run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "failover",
-             "--name", "failback"],
-            env, "prefect deploy")
-        build = None
-        if "docker" in hosts:
-            try:
-                dockerd, docker_root, base_url = start_dockerd()
-                env["DOCKER_HOST"] = base_url
-                started = time.monotonic()
-                run(["sh", str(BUILD_OFFLINE), RUNNER_IMAGE, base_url], env, "build-offline.sh", timeout=900)
-                build = time.monotonic() - started
-            except Exception as err:  # noqa: BLE001 - the local host can still be measured
-                hosts = [h for h in hosts if h != "docker"]
-                setup_failed.append(Row("docker", error=f"setup: {str(err).strip().splitlines()[0][:300]}"))
-        wenv = dict(env)
-        if args.worker_poll is not None:
-            wenv["PREFECT_WORKER_QUERY_SECONDS"] = str(args.worker_poll)
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "hotspare"], cwd=REPO, env=wenv,
-                                  stdin=subprocess.DEVNULL, stdout=open(root / "worker.log", "wb"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        for host in hosts:
-            console.print(f"measuring {host} ...")
-            rows.append(measure_host(host, root, env, args.window, args.timeout))
-        rows += setup_failed
-        report(rows, args, build)
-    finally:
-        stop_group(worker)
-        stop_dockerd(dockerd, docker_root)
-        stop_group(server)
+    # Stopped last to first: the worker, dockerd, the Prefect server.
+    with ExitStack() as servers:
+        try:
+            url = servers.enter_context(running_prefect_server(root, env))
+            env["PREFECT_API_URL"] = url
+            os.environ["PREFECT_API_URL"] = url  # this process's client
+            run([PREFECT, "work-pool", "create", "hotspare", "--type", "process", "--overwrite"], env,
+                "work-pool create")
+            run([PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "failover",
+                 "--name", "failback"],
+                env, "prefect deploy")
+            build = None
+            if "docker" in hosts:
+                try:
+                    if shutil.which("docker") is None:  # build-offline.sh drives the daemon with it
+                        raise Missing("the docker client (Debian package docker.io)")
+                    base_url = servers.enter_context(running_dockerd(prefix="hs-bench-dockerd-"))
+                    env["DOCKER_HOST"] = base_url
+                    started = time.monotonic()
+                    run(["sh", str(BUILD_OFFLINE), RUNNER_IMAGE, base_url], env, "build-offline.sh", timeout=900)
+                    build = time.monotonic() - started
+                except Exception as err:  # noqa: BLE001 - the local host can still be measured
+                    hosts = [h for h in hosts if h != "docker"]
+                    setup_failed.append(Row("docker", error=f"setup: {str(err).strip().splitlines()[0][:300]}"))
+            wenv = dict(env)
+            if args.worker_poll is not None:
+                wenv["PREFECT_WORKER_QUERY_SECONDS"] = str(args.worker_poll)
+            worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "hotspare"], cwd=REPO, env=wenv,
+                                      stdin=subprocess.DEVNULL, stdout=open(root / "worker.log", "wb"),
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+            for host in hosts:
+                console.print(f"measuring {host} ...")
+                rows.append(measure_host(host, root, env, args.window, args.timeout))
+            rows += setup_failed
+            report(rows, args, build)
+        finally:
+            stop_group(worker)
     return 0 if rows and all(not r.error for r in rows) else 1
 
 

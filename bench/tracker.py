@@ -47,6 +47,7 @@ import time
 import urllib.parse
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,7 @@ from hotspare.extentlog.reader import iter_extents
 from hotspare.machine import DEFAULT_BLOCK_SIZE, DiskSpec, MachineConfig, save_machine
 from hotspare.store import open_store
 from hotspare.store.base import Store
+from tests.servers import CountingStore
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BS = DEFAULT_BLOCK_SIZE
@@ -536,11 +538,13 @@ def rpo(args, root: Path, kind: str, store: Store, daemons: list) -> dict:
     puts: dict[str, float] = {}
     pending: dict = {}
 
-    with Agent(store, cfg, root / f"state-rpo-{kind}") as ag:
+    # The agent's store tells when each log reached the store (its upload returned).
+    counting = CountingStore(store)
+    with Agent(counting, cfg, root / f"state-rpo-{kind}") as ag:
         daemons.append(ag.daemon)
         ag.cycle()  # the seed
         assert ag.qemu is not None
-        orig_freeze, orig_put = ag.qemu._freeze, store.put_file
+        orig_freeze = ag.qemu._freeze
 
         def freeze(busy):
             pending["start"] = time.monotonic()
@@ -549,10 +553,8 @@ def rpo(args, root: Path, kind: str, store: Store, daemons: list) -> dict:
             finally:
                 pending["end"] = time.monotonic()
 
-        def put_file(key, path, **k):
-            r = orig_put(key, path, **k)
+        def put_done(key: str) -> None:
             puts[key] = time.monotonic()
-            return r
 
         def on_cycle(r: CycleReport) -> None:
             if "start" in pending:
@@ -563,7 +565,7 @@ def rpo(args, root: Path, kind: str, store: Store, daemons: list) -> dict:
                                    "shipped": sum(d.data_bytes + d.zero_bytes for d in r.disks)})
 
         ag.qemu._freeze = freeze  # type: ignore[method-assign]
-        store.put_file = put_file  # type: ignore[method-assign]
+        counting.on_put = put_done
         run = Running(ag)
         uri = ag.daemon.served_at(DISK)
         run.start(on_cycle)
@@ -589,7 +591,7 @@ def rpo(args, root: Path, kind: str, store: Store, daemons: list) -> dict:
         wall = time.monotonic() - t0
         run.stop()
         c1, d1 = cpu_self_children()[0], proc_cpu(ag.daemon.pid())
-        del store.put_file
+        counting.on_put = None
         ag.qemu._freeze = orig_freeze  # type: ignore[method-assign]
 
         # -- which cut holds each write: read every log back from the store --------------
@@ -839,20 +841,18 @@ def main() -> int:
         return 2
     patch_module_timers(lambda: _current_timers)
 
-    with scratch(args.workdir, "tracker", args.keep, console) as root:
+    with scratch(args.workdir, "tracker", args.keep, console) as root, ExitStack() as servers:
         daemons: list = []
-        server = None
         try:
             kinds = ["local", "s3"] if args.store == "both" else [args.store]
             stores: dict[str, Store] = {}
             if "local" in kinds or {"cost", "throughput"} & only:
                 stores["local"] = open_store(str(root / "store-local"))
             if "s3" in kinds and ({"rpo", "cost"} & only):
-                from bench.consolidate import start_seaweedfs
+                from bench.consolidate import seaweedfs
 
-                server = start_seaweedfs(root / "seaweedfs")
+                server = servers.enter_context(seaweedfs(root / "seaweedfs", bucket=BUCKET))  # after the daemons stop
                 os.environ.update(server.env())
-                server.client().create_bucket(Bucket=BUCKET)
                 stores["s3"] = open_store(f"s3://{BUCKET}/tracker")
             tp = rp = None
             if "throughput" in only:
@@ -891,10 +891,6 @@ def main() -> int:
                     d.stop()
                 except Exception as err:  # noqa: BLE001 - best effort: report and go on
                     console.print(f"[yellow]stopping a storage daemon: {err}[/yellow]")
-            if server is not None:
-                from bench.consolidate import stop_seaweedfs
-
-                stop_seaweedfs(server)
     return 0
 
 

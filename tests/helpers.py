@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.servers import stop_group  # noqa: F401 - the tests import it from here
 
 HOTSPARE = str(Path(sys.prefix) / "bin" / "hotspare")
 PREFECT = str(Path(sys.prefix) / "bin" / "prefect")
@@ -33,17 +34,6 @@ def qemu_io(image: Path, *commands: str) -> None:
     for c in commands:
         args += ["-c", c]
     subprocess.run([*args, str(image)], check=True, capture_output=True)
-
-
-def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM a process started with ``start_new_session=True`` and everything it started,
-    then SIGKILL what is left after ``timeout`` seconds."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def cli(*args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,8 @@ from hotspare.catalog import catalog_logs, load_catalog
 from hotspare.replica.index import IndexRoot, pack_id, read_page, read_root
 from hotspare.replica.packs import TOC, TRAILER, read_toc
 from hotspare.store import Store, open_store
-from hotspare.store.base import ObjectInfo, PartReceipt, Segment
 from tests.helpers import cli, qemu_io
+from tests.servers import CountingStore
 from tests.test_consolidate import SIZE, protect, random_writes
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -279,60 +279,6 @@ def test_the_flow_publishes_the_findings_and_fails_when_damaged(copy) -> None:
     assert key in json.dumps(art.data)
 
 
-class CountingStore(Store):
-    """A store that delegates every call to ``inner`` and records each read (key, offset, bytes)."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner, self.url = inner, inner.url
-        self.reads: list[tuple[str, int, int]] = []
-
-    def get(self, key: str) -> bytes:
-        data = self.inner.get(key)
-        self.reads.append((key, 0, len(data)))
-        return data
-
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        data = self.inner.get_range(key, offset, length)
-        self.reads.append((key, offset, len(data)))
-        return data
-
-    def put(self, key: str, data, *, create_only: bool = False) -> None:
-        self.inner.put(key, data, create_only=create_only)
-
-    def put_file(self, key: str, path: str, *, create_only: bool = False) -> None:
-        self.inner.put_file(key, path, create_only=create_only)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
-
-    def stat(self, key: str) -> ObjectInfo:
-        return self.inner.stat(key)
-
-    def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix, start_after=start_after)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def compose(self, key: str, segments: Sequence[Segment], *, create_only: bool = False) -> int:
-        return self.inner.compose(key, segments, create_only=create_only)
-
-    def begin_compose(self, key: str) -> str:
-        return self.inner.begin_compose(key)
-
-    def compose_part(self, key: str, token: str, number: int, offset: int, segments: Sequence[Segment]) -> PartReceipt:
-        return self.inner.compose_part(key, token, number, offset, segments)
-
-    def finish_compose(self, key: str, token: str, receipts: Sequence[PartReceipt], *, create_only: bool = False) -> None:
-        self.inner.finish_compose(key, token, receipts, create_only=create_only)
-
-    def abort_compose(self, key: str, token: str) -> None:
-        self.inner.abort_compose(key, token)
-
-    def read_bytes(self, prefix: str = "") -> int:
-        return sum(n for k, _, n in self.reads if k.startswith(prefix))
-
-
 @pytest.mark.parametrize("store_url", ["local"], indirect=True)  # the S3 side is covered by the tests above
 def test_a_check_of_a_disk_of_several_gib_reads_only_metadata(tmp_path: Path, store_url: str) -> None:
     from hotspare.check import check_store
@@ -353,7 +299,7 @@ def test_a_check_of_a_disk_of_several_gib_reads_only_metadata(tmp_path: Path, st
     cli("agent", "m1", "--once", env=env)
     cli("consolidate", "m1", env=env)
 
-    st = CountingStore(open_store(store_url))
+    st = CountingStore(open_store(store_url), record_reads=True)
     report = check_store(st, "m1")
     assert report.verdict == "clean", [f.line() for f in report.findings]
     packs = {o.key: o.size for o in st.list(layout.packs_prefix("m1", "root"))}

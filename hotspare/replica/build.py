@@ -53,8 +53,7 @@ from hotspare.replica.reader import ChunkReader
 from hotspare.store.base import Store
 
 JOB_BYTES = 64 << 20  # changed bytes per part job
-PAGE_PUTS = 8  # index pages a part job writes at once
-FETCHES = 8  # reads a part job has in flight (pages, log row groups)
+FETCHES = 8  # requests a part job has in flight (page and row group reads, page writes)
 PACK_UPLOADS = 2  # packs a part job uploads at once while it fills the next
 
 
@@ -274,19 +273,19 @@ def _build_part(store: Store, job: PartJob, reads: ThreadPoolExecutor, uploads: 
             todo.append((new, b - first, hashlib.sha256(chunk).digest(), chunk))
     for d, where in dedup.lookup(store, job.previous, sorted({t[2] for t in todo} - known.keys())).items():
         known.setdefault(d, where)
-    written: list[tuple[bytes, int, int, int]] = []
+    new_chunks: list[tuple[bytes, int, int, int]] = []
     for entries, i, digest, chunk in todo:
         where = known.get(digest)
         if where is None:
             pid, at = packs.add(digest, chunk)
             where = known[digest] = (pid, at, len(chunk))
-            written.append((digest, *where))
+            new_chunks.append((digest, *where))
             res.chunks_written += 1
         else:
             res.chunks_deduplicated += 1
         e = entries[i]
         e["digest"], (e["pack"], e["offset"], e["length"]) = digest, where
-    res.new_chunks = dedup.rows(written)
+    res.new_chunks = dedup.rows(new_chunks)
     for page in job.pages:
         old, new = olds[page], news[page]
         for p, n in zip(*np.unique(old["pack"][old["length"] > 0], return_counts=True)):
@@ -302,10 +301,9 @@ def _build_part(store: Store, job: PartJob, reads: ThreadPoolExecutor, uploads: 
         return page, page_ref(key, body)
 
     # Pages are small objects: written one at a time, a job of 64 pages waits for 64 round
-    # trips; PAGE_PUTS at once overlap them.
+    # trips; the read pool's threads overlap them.
     stored = [(p, body) for p, body in bodies.items() if body is not None]
-    with ThreadPoolExecutor(max(1, min(PAGE_PUTS, len(stored)))) as pool:
-        written = dict(pool.map(lambda item: put_page(*item), stored))
+    written = dict(reads.map(lambda item: put_page(*item), stored))
     for page, body in bodies.items():
         res.pages[page] = written[page] if body is not None else None
         res.uploaded += len(body) if body is not None else 0

@@ -7,13 +7,12 @@ hands out the engine's host object.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field
 
 from hotspare import failover as engine
 from hotspare.errors import UsageError
+from hotspare.vm.ec2_config import Ec2HostConfig
 from hotspare.vm.host import VmHost
 
 
@@ -31,8 +30,8 @@ class LocalQemuHostBlock(Block):
     ```
     """
 
-    qemu: str = Field("qemu-system-x86_64", title="QEMU binary")
-    start_timeout: float = Field(30.0, gt=0, title="Start timeout (s)")
+    qemu: str = Field("qemu-system-x86_64", title="QEMU binary", description='QEMU system emulator to run (a name on PATH or a path).')
+    start_timeout: float = Field(30.0, gt=0, title="Start timeout (s)", description="Seconds the VM's QEMU has to start and answer on QMP.")
 
     def host(self) -> VmHost:
         from hotspare.vm.local import LocalQemuHost
@@ -54,8 +53,8 @@ class DockerQemuHostBlock(Block):
     ```
     """
 
-    base_url: str | None = Field(None, title="Docker daemon", description="e.g. unix:///var/run/docker.sock; empty: DOCKER_HOST")
-    image: str = Field("hotspare/qemu-runner:bookworm", title="Runner image")
+    base_url: str | None = Field(None, title="Docker daemon", description='Docker daemon, e.g. unix:///var/run/docker.sock; empty: DOCKER_HOST.')
+    image: str = Field("hotspare/qemu-runner:bookworm", title="Runner image", description='Image of the QEMU runner container (built from deployments/docker).')
 
     def host(self) -> VmHost:
         from hotspare.vm.docker import DockerQemuHost
@@ -63,8 +62,9 @@ class DockerQemuHostBlock(Block):
         return DockerQemuHost(self.base_url, image=self.image)
 
 
-class Ec2HostBlock(Block):
-    """EC2 instances in one region; credentials as secrets (empty: the standard AWS chain)."""
+class Ec2HostBlock(Ec2HostConfig, Block):
+    """EC2 instances in one region; credentials as secrets (empty: the standard AWS chain).
+    Its fields are :class:`hotspare.vm.ec2_config.Ec2HostConfig`'s."""
 
     _block_type_name = "hotspare-ec2-host"
     _block_type_slug = "hotspare-ec2-host"
@@ -77,20 +77,10 @@ class Ec2HostBlock(Block):
     ```
     """
 
-    region: str = Field(title="Region")
-    instance_type: str = Field("t3.micro", title="Instance type")
-    subnet_id: str | None = Field(None, title="Subnet")
-    security_group_ids: list[str] = Field(default_factory=list, title="Security groups")
-    disk_source: Literal["ebs-direct", "import-snapshot"] = Field("ebs-direct", title="Boot disk upload")
-    import_bucket: str | None = Field(None, title="Import bucket")
-    access_key_id: str | None = Field(None, title="Access key ID")
-    secret_access_key: SecretStr | None = Field(None, title="Secret access key")
-
     def host(self) -> VmHost:
         from hotspare.vm.ec2 import Ec2Host
-        from hotspare.vm.ec2_config import Ec2HostConfig
 
-        return Ec2Host(Ec2HostConfig(**self.model_dump(include=set(Ec2HostConfig.model_fields) & set(type(self).model_fields))))
+        return Ec2Host(Ec2HostConfig.model_validate(self.model_dump(include=set(Ec2HostConfig.model_fields))))
 
 
 BLOCK_TYPES: tuple[type[Block], ...] = (LocalQemuHostBlock, DockerQemuHostBlock, Ec2HostBlock)

@@ -26,35 +26,25 @@ DRILL_PATTERN = r"hotspare-marker counter=\d+ boot="
 
 
 class Policy(BaseModel):
-    heartbeat_window: int = Field(60, ge=10, description="seconds without a heartbeat before the machine counts as down")
-    rpo: int = Field(900, ge=10, description="seconds a shipped log may wait to be accepted before the machine "
-                                             "counts as stalled (three runs of the 5-minute fleet ingest)")
-    auto_approve: bool = Field(False, description="fail over and cut over without waiting for an operator")
-    approval_timeout: int = Field(3600, ge=1, description="seconds to wait for an approval before rejecting")
-    host: str = Field("local", description="where the VM runs after a failover: local, docker, ec2, "
-                                           "or the name of a VM host block")
+    heartbeat_window: int = Field(60, title="Heartbeat window (s)", ge=10, description='Seconds without a heartbeat before the machine counts as down.')
+    rpo: int = Field(900, title="RPO (s)", ge=10, description='Seconds a shipped log may wait to be accepted before the machine counts as stalled (three runs of the 5-minute fleet ingest).')
+    auto_approve: bool = Field(False, title="Auto-approve", description='Fail over and cut over without waiting for an operator.')
+    approval_timeout: int = Field(3600, title="Approval timeout (s)", ge=1, description='Seconds to wait for an approval; then the request is rejected.')
+    host: str = Field("local", title="VM host", description='Where the VM runs after a failover: local, docker, ec2, or the name of a VM host block.')
 
     @field_validator("host")
     @classmethod
     def _host(cls, v: str) -> str:
         layout.check_name("VM host", v)
         return v
-    vm_cpus: int = Field(1, ge=1)
-    vm_memory_mib: int = Field(512, ge=64)
-    retention_points: int = Field(24, ge=1, description="recovery points kept")
-    retention_hours: float = Field(24.0, gt=0, description="age of the oldest recovery point kept")
-    notify_block: str = Field("", description="a Prefect notification block, TYPE-SLUG/NAME or NAME of a "
-                                              "custom-webhook block, that approval requests notify (applied "
-                                              "by hotspare deploy); empty: none")
-    drill_pattern: str = Field(DRILL_PATTERN, min_length=1,
-                               description="regular expression the booted guest must print on its serial console "
-                                           "(the default is the demo guest's marker line)")
-    drill_probes: list[str] = Field(default_factory=list,
-                                    description="commands run on the drill's host once the pattern showed, each "
-                                                "must exit 0; they get HOTSPARE_DRILL_SERIAL (the console log), "
-                                                "HOTSPARE_DRILL_QMP (the QMP socket) and HOTSPARE_DRILL_VM in "
-                                                "their environment (the VM has no network)")
-    drill_timeout: float = Field(300.0, gt=0, description="seconds a drilled VM has to show its boot evidence")
+    vm_cpus: int = Field(1, title="VM CPUs", ge=1, description='Virtual CPUs of the failed-over VM.')
+    vm_memory_mib: int = Field(512, title="VM memory (MiB)", ge=64, description='Memory of the failed-over VM, in MiB.')
+    retention_points: int = Field(24, title="Recovery points kept", ge=1, description='Recovery points kept.')
+    retention_hours: float = Field(24.0, title="Retention (hours)", gt=0, description='Age of the oldest recovery point kept, in hours.')
+    notify_block: str = Field("", title="Notification block", description='A Prefect notification block (TYPE-SLUG/NAME, or NAME of a custom-webhook block) that approval requests notify, applied by hotspare deploy; empty: none.')
+    drill_pattern: str = Field(DRILL_PATTERN, title="Drill: console pattern", min_length=1, description="Regular expression the booted guest must print on its serial console (the default is the demo guest's marker line).")
+    drill_probes: list[str] = Field(default_factory=list, title="Drill: probe commands", description="Commands run on the drill's host once the pattern showed; each must exit 0. They get HOTSPARE_DRILL_SERIAL (the console log), HOTSPARE_DRILL_QMP (the QMP socket) and HOTSPARE_DRILL_VM in their environment (the VM has no network).")
+    drill_timeout: float = Field(300.0, title="Drill: boot timeout (s)", gt=0, description='Seconds a drilled VM has to show its boot evidence.')
 
     @field_validator("drill_pattern")
     @classmethod

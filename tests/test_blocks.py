@@ -220,3 +220,32 @@ def test_hotspare_deploy_registers_the_block_types(prefect_api: str, tmp_path) -
             assert line, f"{bt.get_block_type_slug()}: no import in its code example {example!r}"
             r = subprocess.run([sys.executable, "-c", line.group(0)], cwd=tmp_path, capture_output=True, text=True)
             assert r.returncode == 0, f"{bt.get_block_type_slug()}: `{line.group(0)}` fails: {r.stderr[-500:]}"
+
+
+# Prefect's own block checks. Its documentation-URL and logo checks need a published site and
+# a logo image (fetched over the network), which hotspare has not: those two are left out.
+from prefect.testing.standard_test_suites import BlockStandardTestSuite  # noqa: E402
+
+STANDARD_CHECKS = ("test_has_a_description", "test_all_fields_have_a_description", "test_has_a_valid_code_example")
+
+
+@pytest.mark.parametrize("check", STANDARD_CHECKS)
+@pytest.mark.parametrize("block", block_types(), ids=lambda b: b.__name__)
+def test_every_block_passes_prefects_standard_block_checks(block, check: str) -> None:
+    getattr(BlockStandardTestSuite, check)(None, block)
+
+
+def test_blocks_carry_the_engine_models_fields_and_checks() -> None:
+    """The policy and EC2 blocks are the engine's models, so a field added there is in the
+    block, and a value the engine refuses is refused when the block is made."""
+    from hotspare.machine import Policy
+    from hotspare.vm.ec2_config import Ec2HostConfig
+
+    assert set(Policy.model_fields) <= set(MachinePolicy.model_fields)
+    assert set(Ec2HostConfig.model_fields) <= set(Ec2HostBlock.model_fields)
+    with pytest.raises(ValueError, match="not a regular expression"):
+        MachinePolicy(drill_pattern="(")
+    with pytest.raises(ValueError, match="heartbeat_window"):
+        MachinePolicy(heartbeat_window=1)
+    cfg = Ec2HostBlock(region="eu-west-1", upload_workers=3, secret_access_key=SecretStr("k")).host().config
+    assert (cfg.upload_workers, cfg.secret_access_key.get_secret_value()) == (3, "k")

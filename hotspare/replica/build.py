@@ -40,6 +40,7 @@ from hotspare.replica import dedup
 from hotspare.replica.index import (
     PAGE_CHUNKS,
     IndexRoot,
+    digest_of,
     PackRef,
     PageRef,
     page_bytes,
@@ -256,10 +257,6 @@ def _build_part(store: Store, job: PartJob, reads: ThreadPoolExecutor, uploads: 
     for page in job.pages:
         old = olds[page]
         new = news[page] = old.copy()
-        live = old[old["length"] > 0]
-        for d, p, o, n in zip(live["digest"].tolist(), live["pack"].tolist(), live["offset"].tolist(),
-                              live["length"].tolist()):
-            known.setdefault(d.ljust(32, b"\0"), (p, o, n))
         first = page * job.page_chunks
         for b in sorted(b for b in job.blocks if b // job.page_chunks == page):
             length = root.chunk_length(b)
@@ -271,6 +268,13 @@ def _build_part(store: Store, job: PartJob, reads: ThreadPoolExecutor, uploads: 
                 res.chunks_zero += 1
                 continue
             todo.append((new, b - first, hashlib.sha256(chunk).digest(), chunk))
+    # Only the pages' entries that hold a wanted digest become Python objects (numpy finds
+    # them): a job's pages hold up to 1,024 entries each, its new chunks far fewer.
+    wanted = np.array(sorted({t[2] for t in todo}), dtype="S32")
+    if job.pages and len(wanted):
+        live = np.concatenate([olds[p][olds[p]["length"] > 0] for p in job.pages])
+        for e in live[np.isin(live["digest"], wanted)]:
+            known.setdefault(digest_of(e), (int(e["pack"]), int(e["offset"]), int(e["length"])))
     for d, where in dedup.lookup(store, job.previous, sorted({t[2] for t in todo} - known.keys())).items():
         known.setdefault(d, where)
     new_chunks: list[tuple[bytes, int, int, int]] = []

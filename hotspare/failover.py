@@ -12,16 +12,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hotspare.catalog import RecoveryPoint, load_catalog
 from hotspare.consolidate.export import find_point
-from hotspare.errors import MachineLive, UsageError
+from hotspare.errors import HotspareError, MachineLive, UsageError
 from hotspare.heartbeat import load_heartbeat
 from hotspare.machine import DiskSpec, MachineConfig
 from hotspare.replica.serve import read_pid, server_alive, start_detached_server, stop_server
-from hotspare.state import MachineState
+from hotspare.state import MachineState, commit_state, load_state
 from hotspare.store.base import Store
+from hotspare.vm.capture import VmCapture
 from hotspare.vm.host import VmDisk, VmHandle, VmHost
 
 RESOURCE_PREFIX = "hotspare.machine."
@@ -157,6 +159,51 @@ def vm_host(kind: str) -> VmHost:
             raise UsageError("VM host ec2 needs a region: set AWS_REGION")
         return Ec2Host(Ec2HostConfig(region=region))
     raise UsageError(f"VM host {kind!r} is unknown: use local, docker or ec2")
+
+
+# -- the VM a failover launched --------------------------------------------------------
+
+def vm_epoch(state: MachineState) -> int:
+    """The epoch a machine's VM writes: the state's once failed over; while a failover has
+    fenced the machine and not yet committed (failing-over), the one after the fenced epoch."""
+    return state.epoch + (1 if state.state == "failing-over" else 0)
+
+
+def launched_vm(store: Store, machine: str, workdir: Path,
+                host_for: Callable[[str], VmHost]) -> tuple[MachineState, VmHandle, VmHost]:
+    """The machine's state, its launched VM's handle and that VM's host (``host_for`` turns
+    the policy's host name into one). A failover that died between the launch and recording
+    it left the VM's handle in ``workdir`` only: that VM is found there."""
+    state = load_state(store, machine)
+    host = host_for(state.host or "local") if state.state in ("failed-over", "failing-over") else None
+    vm = state.vm
+    if vm is None and host is not None and state.state == "failing-over":
+        running = host.find_running(workdir)
+        vm = running.model_dump(mode="json") if running is not None else None
+    if host is None or not vm:
+        raise HotspareError(f"{machine} has no launched VM (state {state.state}"
+                            f"{', step ' + state.step if state.step else ''})")
+    return state, VmHandle.model_validate(vm), host
+
+
+def ship_last_writes(store: Store, cfg: MachineConfig, handle: VmHandle, host: VmHost, workdir: Path,
+                     epoch: int) -> list[str]:
+    """Stop the VM with its last writes shipped: its capture process first (it must not cut
+    while the VM stops), then one final capture of every disk, which stops the VM. Returns
+    the keys of the logs it shipped."""
+    stop_capture(workdir)
+    return VmCapture(host, handle, store, epoch=epoch, disks=cfg.disks).final_capture()
+
+
+def stop_vm(store: Store, cfg: MachineConfig, workdir: Path,
+            host_for: Callable[[str], VmHost]) -> tuple[MachineState, VmHandle, list[str]]:
+    """``hotspare vm stop``: stop the machine's VM with its last writes shipped, without
+    failing back, and record that no VM serves. Returns the state it found, the VM's handle
+    and the shipped logs' keys."""
+    state, handle, host = launched_vm(store, cfg.name, workdir, host_for)
+    keys = ship_last_writes(store, cfg, handle, host, workdir, vm_epoch(state))
+    commit_state(store, state.next(step="vm-stopped", vm=None))
+    return state, handle, keys
 
 
 # -- the capture process of a VM's writes ------------------------------------------------

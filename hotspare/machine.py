@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from hotspare import layout
 from hotspare.catalog.model import utcnow
-from hotspare.errors import InvalidObject, NotFound, UsageError, field_error
+from hotspare.errors import AlreadyExists, InvalidObject, NotFound, UsageError, field_error
 from hotspare.store.base import Store
 
 MACHINE_FORMAT = 1
@@ -146,6 +146,40 @@ def load_machine(store: Store, machine: str) -> MachineConfig:
 
 def save_machine(store: Store, cfg: MachineConfig, *, create_only: bool) -> None:
     store.put(layout.machine_key(cfg.name), cfg.model_dump_json(indent=1).encode(), create_only=create_only)
+
+
+def protect_machine(store: Store, name: str, disks: list[DiskSpec], policy_changes: dict) -> tuple[MachineConfig, bool]:
+    """Register machine ``name`` with ``disks`` and its policy, or update an existing one's
+    policy and disk paths: (the registration, whether it is new). Disks cannot change their
+    names, sizes or block sizes in place (a replica cannot change size): that is refused
+    with the way that works."""
+    if len({d.name for d in disks}) != len(disks):
+        raise UsageError("--disk names must be unique")
+    try:
+        cfg = MachineConfig(name=name, disks=disks, policy=Policy(**policy_changes))
+    except ValidationError as err:
+        raise UsageError(f"machine {name}: {field_error(err)}") from None
+    try:
+        save_machine(store, cfg, create_only=True)
+        return cfg, True
+    except AlreadyExists:
+        pass
+    old = load_machine(store, name)
+    resized = [(d, o) for d in disks for o in old.disks if d.name == o.name and d.size != o.size]
+    if resized and [d.name for d in old.disks] == [d.name for d in disks]:
+        # The agent tells a resized disk to re-protect; this is the way that works.
+        d, o = resized[0]
+        raise UsageError(f"disk {d.name} of machine {name} is now {d.size} bytes, its replica {o.size}: a replica "
+                         f"cannot change size in place. Protect the resized machine under a new name, which seeds a "
+                         f"new replica: hotspare protect {name}-2 " + " ".join(f"--disk {x.name}={x.path}" for x in disks)
+                         + f" (then run its agent as {name}-2); {name}'s recovery points stay readable with "
+                         f"hotspare export {name}")
+    if [(d.name, d.size, d.block_size) for d in old.disks] != [(d.name, d.size, d.block_size) for d in disks]:
+        raise UsageError(f"machine {name} is already protected with other disks "
+                         f"({', '.join(f'{d.name}={d.size}' for d in old.disks)}); disks cannot change in place")
+    new = old.model_copy(update={"disks": disks, "policy": old.policy.model_copy(update=policy_changes)})
+    save_machine(store, new, create_only=False)
+    return new, False
 
 
 def list_machines(store: Store) -> list[str]:

@@ -38,7 +38,7 @@ import numpy as np
 
 from hotspare import layout
 from hotspare.catalog import load_catalog
-from hotspare.cli import machine_status
+from hotspare.status import machine_status
 from hotspare.heartbeat import load_heartbeat
 from hotspare.state import load_state
 from hotspare.store import open_store

@@ -86,19 +86,19 @@ def test_each_failover_and_failback_outcome_has_its_exit_code(capsys) -> None:
 
     from flows.failback import FailbackResult
     from flows.failover import FailoverResult
-    from hotspare import cli
+    from hotspare.cli.common import report_flow
     from hotspare.errors import LostRace, MachineLive, NotApproved, Refused
 
-    cli._report(Completed(data=FailoverResult(machine="m", outcome="already", message="already failed over")),
+    report_flow(Completed(data=FailoverResult(machine="m", outcome="already", message="already failed over")),
                 "failover")
     assert "already failed over" in capsys.readouterr().out  # a re-run's success: exit 0
     for outcome, error, code in [("refused", MachineLive, 4), ("rejected", NotApproved, 5),
                                  ("timed-out", NotApproved, 5), ("lost-race", LostRace, 7)]:
         with pytest.raises(error, match="the run's message") as got:
-            cli._report(Cancelled(message="the run's message", data=FailoverResult(machine="m", outcome=outcome,
+            report_flow(Cancelled(message="the run's message", data=FailoverResult(machine="m", outcome=outcome,
                                                                                     message="x")), "failover")
         assert got.value.exit_code == code, outcome
     with pytest.raises(Refused) as got:
-        cli._report(Cancelled(message="not failed over", data=FailbackResult(machine="m", outcome="refused",
+        report_flow(Cancelled(message="not failed over", data=FailbackResult(machine="m", outcome="refused",
                                                                              message="x")), "failback")
     assert not isinstance(got.value, MachineLive) and got.value.exit_code == 4

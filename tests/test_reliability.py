@@ -342,7 +342,7 @@ def _skewed_heartbeat(st, skew: timedelta) -> None:
 
 
 def test_a_live_machine_with_a_slow_clock_is_not_failed_over(tmp_path: Path, store) -> None:
-    from hotspare.cli import machine_status
+    from hotspare.status import machine_status
     from hotspare.errors import MachineLive
     from hotspare.failover import check_silent
     from hotspare.machine import load_machine
@@ -359,7 +359,7 @@ def test_a_live_machine_with_a_slow_clock_is_not_failed_over(tmp_path: Path, sto
 
 
 def test_a_dead_machine_with_a_fast_clock_is_silent(tmp_path: Path) -> None:
-    from hotspare.cli import machine_status
+    from hotspare.status import machine_status
     from hotspare.failover import check_silent
     from hotspare.machine import load_machine
     from hotspare.state import load_state
@@ -403,7 +403,7 @@ def _consolidate_here(st) -> None:
 def test_retention_and_points_use_the_accepted_time_not_ts(tmp_path: Path) -> None:
     from hotspare.catalog import load_catalog
     from hotspare.catalog.model import utcnow
-    from hotspare.cli import machine_status
+    from hotspare.status import machine_status
     from hotspare.consolidate.export import find_point
     from hotspare.replica.gc import kept_points
     from hotspare.machine import Policy

@@ -1,4 +1,4 @@
-"""``hotspare demo``: the main job on embedded defaults (a store in a local directory,
+"""What ``hotspare demo`` runs: the main job on embedded defaults (a store in a local directory,
 Prefect's temporary local API, the local QEMU VM host).
 
 A bootable demo disk plays the protected physical machine: QEMU boots it from the storage
@@ -24,17 +24,14 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from hotspare.capture.agent import Agent
 from hotspare.capture.daemon import running_pid
 from hotspare.catalog import load_catalog
+from hotspare.cli.common import console
 from hotspare.consolidate.export import export_point, find_point
 from hotspare.demodisk import build_demo_disk, parse_markers, qemu_accel, read_marker
 from hotspare.errors import HotspareError
@@ -103,16 +100,11 @@ def _wait_marker(serial: Path, timeout: float, after: int = 0) -> int:
     raise HotspareError(f"no guest marker in {serial} after {timeout:.0f}s")
 
 
-@dataclass(frozen=True)
-class DemoFlows:
-    """The flows the demo runs, passed in by the CLI: the engine never imports them."""
+def run_demo(workdir: Path, *, size_mib: int) -> None:
+    from flows.consolidate import consolidate
+    from flows.failback import failback
+    from flows.failover import failover
 
-    consolidate: Callable[..., Any]
-    failover: Callable[..., Any]
-    failback: Callable[..., Any]
-
-
-def run_demo(workdir: Path, *, size_mib: int, console: Console, flows: DemoFlows) -> None:
     root = (workdir / "demo").absolute()
     vms = root / "vms"
     _stop_previous(root, vms)
@@ -153,7 +145,7 @@ def run_demo(workdir: Path, *, size_mib: int, console: Console, flows: DemoFlows
 
 
     t = time.monotonic()
-    flows.consolidate(machine=MACHINE, store=store.url)
+    consolidate(machine=MACHINE, store=store.url)
     cat = load_catalog(store, MACHINE, "root", cfg.disks[0].size)
     step("consolidate", f"recovery point {cat.points[-1].id} committed as a dynamic VHD", t)
 
@@ -161,7 +153,7 @@ def run_demo(workdir: Path, *, size_mib: int, console: Console, flows: DemoFlows
     console.print(f"waiting {WINDOW}s for the heartbeat window to pass...")
     time.sleep(WINDOW + 1)
     t = time.monotonic()
-    result = flows.failover(machine=MACHINE, store=store.url, vm_dir=str(vms))
+    result = failover(machine=MACHINE, store=store.url, vm_dir=str(vms))
     step("failover", f"{result.message}; QEMU accel {result.accel}; the VM's first marker: {result.marker}", t)
     rto = time.monotonic() - silent_since
 
@@ -178,7 +170,7 @@ def run_demo(workdir: Path, *, size_mib: int, console: Console, flows: DemoFlows
     agent_thread = threading.Thread(target=lambda: done.append(restorer.run(interval=0.5)), daemon=True)
     agent_thread.start()
     _wait_restore_heartbeat(store, agent_thread)
-    back = flows.failback(machine=MACHINE, store=store.url, vm_dir=str(vms))
+    back = failback(machine=MACHINE, store=store.url, vm_dir=str(vms))
     agent_thread.join(60)
     vm_last = parse_markers(serial.read_text(errors="replace"))[-1].counter
     moved = ", ".join(f"{k} {v} bytes" for k, v in back.bytes_moved.items())

@@ -1,0 +1,5 @@
+"""``python -m hotspare.cli``: the ``hotspare`` command."""
+
+from hotspare.cli import main
+
+main()

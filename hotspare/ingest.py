@@ -15,22 +15,22 @@ retention window (a disk may hold 150,000 accepted logs at one log a second):
    must resync (a rejected log left a hole in the chain); the accepted logs join the
    catalog's inline tail. Committed create-only (the commit moves a long tail into
    manifests first); a loser re-plans from the winner's catalog.
-5. :func:`quarantine`: after the commit, move each rejected log under ``quarantine/`` with
+5. :func:`~hotspare.quarantine.quarantine`: after the commit, move each rejected log under ``quarantine/`` with
    a reason file. A crash before the move leaves the log in place; the re-run rejects it
    again (validation is deterministic) and moves it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 
 from hotspare import layout
 from hotspare.catalog import AcceptedLog, Catalog, RejectedLog
-from hotspare.errors import AlreadyExists, InvalidLog, NotFound
+from hotspare.errors import AlreadyExists, InvalidLog
 from hotspare.extentlog import LogInfo, validate_log
 from hotspare.machine import DiskSpec
-from hotspare.store.base import CopyRange, ObjectInfo, Store
+from hotspare.quarantine import quarantine
+from hotspare.store.base import ObjectInfo, Store
 
 
 @dataclass
@@ -152,33 +152,6 @@ def plan(catalog: Catalog, results: list[LogInfo | InvalidLog]) -> Plan:
         if epoch_of(key) == catalog.epoch and seqs and seqs[0] > current:
             p.hole_at = current + 1
     return p
-
-
-def quarantine(store: Store, key: str, reason: str) -> str:
-    """Move ``key`` to ``quarantine/<key>`` with a reason file; idempotent after a crash.
-    Returns the quarantine key."""
-    qkey = layout.quarantine_key(key)
-    try:
-        size = store.size(key)
-    except NotFound:
-        return qkey  # already moved by an earlier or concurrent run
-    n = 0
-    while True:
-        try:
-            store.compose(qkey, [CopyRange(key, 0, size)], create_only=True)
-            break
-        except AlreadyExists:
-            if store.size(qkey) == size and n == 0:
-                break  # this run (or a crashed one) copied it already
-            n += 1  # a different object rejected under the same name earlier
-            qkey = f"{layout.quarantine_key(key)}.{n}"
-    reason_doc = {"key": key, "quarantine_key": qkey, "reason": reason, "size": size}
-    try:
-        store.put(qkey + ".reason.json", json.dumps(reason_doc, indent=1).encode(), create_only=True)
-    except AlreadyExists:
-        pass
-    store.delete(key)
-    return qkey
 
 
 def next_catalog(catalog: Catalog, p: Plan) -> Catalog | None:

@@ -6,6 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from hotspare import ingest
+from hotspare.quarantine import quarantine
 from hotspare.catalog import Catalog, commit_catalog
 from hotspare.errors import InvalidLog
 from hotspare.extentlog import LogInfo
@@ -36,7 +37,7 @@ def validate_logs(store: Store, keys: list[str], machine: str, disk: DiskSpec) -
 def quarantine_log(store: Store, key: str, reason: str) -> str:
     from prefect.logging import get_run_logger
 
-    qkey = ingest.quarantine(store, key, reason)
+    qkey = quarantine(store, key, reason)
     get_run_logger().warning("rejected %s", reason)
     return qkey
 

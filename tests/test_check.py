@@ -156,7 +156,7 @@ def corrupt_catalog(store: Store) -> str:
 
 
 def quarantine_accepted(store: Store) -> tuple[str, str]:
-    from hotspare.ingest import quarantine
+    from hotspare.quarantine import quarantine
 
     cat = load_catalog(store, "m1", "root", SIZE)
     key = catalog_logs(store, cat)[-1].key

@@ -15,8 +15,15 @@ Terms:
   packs they reference. The catalog names each point's root. A consolidation writes new
   packs, the pages it touches and a root; every other page is the previous point's.
 
-Modules: :mod:`.index` (entries, pages, roots), :mod:`.packs` (writing and reading packs),
-:mod:`.reader` (reading any byte range of a point), :mod:`.build` (a consolidation:
-plan, parts, root), :mod:`.gc` (what no retained point references), :mod:`.convert` (a
-store of VHD points becomes chunked).
+- dedup shard: one object of the disk-wide digest index (digest -> pack, offset, length),
+  the digests of one prefix; each root names its shards, so a chunk already stored anywhere
+  on the disk is not stored again.
+
+Modules: :mod:`.consolidate` (one disk's consolidation, the flow's loop), :mod:`.build`
+(its plan, part jobs and root), :mod:`.index` (entries, pages, roots), :mod:`.packs`
+(writing and reading packs), :mod:`.dedup` (the digest index), :mod:`.reader` (reading any
+byte range of a point), :mod:`.repack` (mostly dead packs rewritten), :mod:`.gc` (what no
+retained point references), :mod:`.convert` (a store of VHD points becomes chunked),
+:mod:`.serve` and :mod:`.nbdkit_plugin` (a point over NBD), :mod:`.vhdobject` (a point as a
+VHD object).
 """

@@ -19,7 +19,7 @@ from hotspare.consolidate import damage
 from hotspare.consolidate.damage import DamagedObject, DamagedPoint, DamagedVhd
 from hotspare.errors import AlreadyExists, HotspareError, InvalidLog, InvalidObject
 from hotspare.faults import crash_point
-from hotspare.ingest import quarantine
+from hotspare.quarantine import quarantine
 from hotspare.machine import DiskSpec, Policy
 from hotspare.replica.build import PartJob, PartResult, PointBuild, commit_point, finish_root, plan_point, run_part
 from hotspare.replica.gc import Garbage, collect_garbage, retention

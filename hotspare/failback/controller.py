@@ -168,8 +168,8 @@ class FailbackController:
                                         self.targets)
 
     def publish(self, label: str, kind: str, disks: list[DiskSpec] | None = None, **fields) -> Order:
-        return self.steps.publish(self.st, self.machine, self.vm_epoch, label, kind, disks or self.cfg.disks,
-                                  self.targets, **fields)
+        return self.steps.publish(self.st, self.machine, self.vm_epoch, label, kind,
+                                  self.cfg.disks if disks is None else disks, self.targets, **fields)
 
     def consolidated(self) -> dict[str, Position]:
         """Each disk's newest recovery point after a consolidation (phase one's T1)."""

@@ -359,7 +359,7 @@ def run(args: argparse.Namespace, root: Path, size: int) -> int:
         return 1
     result = fstate.result()
     final = load_state(store, MACHINE)
-    downtime = (final.failback or {}).get("downtime_s")
+    downtime = final.failback.downtime_s if final.failback else None
 
     # -- checks --------------------------------------------------------------------------------
     cat = load_catalog(store, MACHINE, DISK, size)

@@ -4,7 +4,8 @@ committed state.
 
 States: ``protected`` (the machine's own writes are the truth, in ``epoch``),
 ``failing-over``, ``failed-over`` (a VM serves, its writes form ``epoch``; ``vm`` says
-where), ``failing-back`` (with ``phase``), then ``protected`` again in a new epoch.
+where), ``failing-back`` (with ``phase`` and ``failback``, hotspare.failback.model), then
+``protected`` again in a new epoch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from hotspare import layout
 from hotspare.catalog.model import utcnow
+from hotspare.failback.model import FailbackProgress, Phase
 from hotspare.store.base import Store
 from hotspare.versioned import commit, latest_version, load, load_latest
 
@@ -30,12 +32,12 @@ class MachineState(BaseModel):
     at: datetime = Field(default_factory=utcnow)
     reason: str = ""
     step: str = Field("", description="the last step a flow completed in this state")
-    phase: str = Field("", description="failback phase")
+    phase: Phase = Field("", description="failback phase (hotspare.failback.model)")
     flow_run_id: str | None = None
     host: str | None = None
     vm: dict[str, Any] | None = Field(None, description="the VM handle, while a VM serves")
     approval: dict[str, Any] | None = None
-    failback: dict[str, Any] | None = Field(None, description="a failback's targets, timings and outcome")
+    failback: FailbackProgress | None = Field(None, description="a failback's targets, timings and outcome")
 
     def next(self, **changes: Any) -> "MachineState":
         data = self.model_dump()

@@ -84,6 +84,10 @@ def load_orders(store: Store, machine: str, vm_epoch: int, after: int = -1) -> l
     return [load(store, prefix, v, Order) for v in range(after + 1, newest + 1)]
 
 
+def find_order(store: Store, machine: str, vm_epoch: int, label: str) -> Order | None:
+    return next((o for o in load_orders(store, machine, vm_epoch) if o.label == label), None)
+
+
 def commit_order(store: Store, order: Order) -> Order:
     """Commit ``order`` create-only (AlreadyExists when that version exists)."""
     commit(store, layout.failback_orders_prefix(order.machine, order.vm_epoch), order)

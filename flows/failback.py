@@ -51,8 +51,8 @@ from hotspare.fence import ReplicaMoved, fence_disk
 from hotspare.machine import DiskSpec, MachineConfig, load_machine, save_machine
 from hotspare.state import MachineState, commit_state, load_state
 from hotspare.store import Store
-from hotspare.vm.capture import VmCapture
 from hotspare.vm.host import VmHandle
+from hotspare.vm.qemu.capture import VmCapture
 from tasks.common import resolve_store
 from tasks.events import emit_machine_event
 from tasks.failback import find_order, hash_replica, publish, publish_apply, restore_progress, wait_for_agent

@@ -793,7 +793,7 @@ def vm_capture(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = N
 
     from hotspare.machine import load_machine
     from hotspare.state import load_state
-    from hotspare.vm.capture import VmCapture
+    from hotspare.vm.qemu.capture import VmCapture
     from hotspare.vm.host import VmHandle, load_handle
 
     st = _store(store)
@@ -820,7 +820,7 @@ def vm_stop(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = None
     from hotspare import failover as engine
     from hotspare.machine import load_machine
     from hotspare.state import commit_state
-    from hotspare.vm.capture import VmCapture
+    from hotspare.vm.qemu.capture import VmCapture
 
     st = _store(store)
     cfg = load_machine(st, machine)

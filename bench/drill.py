@@ -44,7 +44,7 @@ from hotspare.demodisk import build_demo_disk, data_partition_offset  # noqa: E4
 from hotspare.machine import load_machine  # noqa: E402
 from hotspare.store import open_store  # noqa: E402
 from hotspare.vm.host import VmSpec  # noqa: E402
-from hotspare.vm.local import LocalQemuHost  # noqa: E402
+from hotspare.vm.qemu.local import LocalQemuHost  # noqa: E402
 from tests.servers import running_prefect_server  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=150)

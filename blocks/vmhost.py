@@ -12,7 +12,7 @@ from pydantic import Field
 
 from hotspare import failover as engine
 from hotspare.errors import UsageError
-from hotspare.vm.ec2_config import Ec2HostConfig
+from hotspare.vm.ec2.config import Ec2HostConfig
 from hotspare.vm.host import VmHost
 
 
@@ -34,7 +34,7 @@ class LocalQemuHostBlock(Block):
     start_timeout: float = Field(30.0, gt=0, title="Start timeout (s)", description="Seconds the VM's QEMU has to start and answer on QMP.")
 
     def host(self) -> VmHost:
-        from hotspare.vm.local import LocalQemuHost
+        from hotspare.vm.qemu.local import LocalQemuHost
 
         return LocalQemuHost(self.qemu, start_timeout=self.start_timeout)
 
@@ -57,14 +57,14 @@ class DockerQemuHostBlock(Block):
     image: str = Field("hotspare/qemu-runner:bookworm", title="Runner image", description='Image of the QEMU runner container (built from deployments/docker).')
 
     def host(self) -> VmHost:
-        from hotspare.vm.docker import DockerQemuHost
+        from hotspare.vm.qemu.docker import DockerQemuHost
 
         return DockerQemuHost(self.base_url, image=self.image)
 
 
 class Ec2HostBlock(Ec2HostConfig, Block):
     """EC2 instances in one region; credentials as secrets (empty: the standard AWS chain).
-    Its fields are :class:`hotspare.vm.ec2_config.Ec2HostConfig`'s."""
+    Its fields are :class:`hotspare.vm.ec2.config.Ec2HostConfig`'s."""
 
     _block_type_name = "hotspare-ec2-host"
     _block_type_slug = "hotspare-ec2-host"
@@ -78,7 +78,7 @@ class Ec2HostBlock(Ec2HostConfig, Block):
     """
 
     def host(self) -> VmHost:
-        from hotspare.vm.ec2 import Ec2Host
+        from hotspare.vm.ec2.host import Ec2Host
 
         return Ec2Host(Ec2HostConfig.model_validate(self.model_dump(include=set(Ec2HostConfig.model_fields))))
 

@@ -31,8 +31,8 @@ from hotspare.failback.model import CutOverAnswer, FailbackResult
 from hotspare.machine import MachineConfig, load_machine
 from hotspare.state import MachineState, load_state
 from hotspare.store import Store
-from hotspare.vm.capture import VmCapture
 from hotspare.vm.host import VmHandle
+from hotspare.vm.qemu.capture import VmCapture
 from tasks.common import resolve_store
 from tasks.events import emit_machine_event
 from tasks.failback import hash_replica, publish, publish_apply, wait_for_agent

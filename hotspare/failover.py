@@ -91,7 +91,7 @@ def disk_backing(store: Store, machine: str, disk: DiskSpec, workdir: Path, *, h
                  point: RecoveryPoint | None = None) -> tuple[str, VmDisk]:
     """The recovery point the VM's ``disk`` starts from, served read-only over NBD (nbdkit
     over the point's chunks, :mod:`hotspare.replica.serve`), as the backing of the VM's
-    overlay: the VM boots at once, whatever the disk's size, and :mod:`hotspare.vm.stream`
+    overlay: the VM boots at once, whatever the disk's size, and :mod:`hotspare.vm.qemu.stream`
     pulls the disk local in the background. A re-run adopts a server that still runs.
     A ``host`` that cannot read NBD makes the disk itself (:meth:`VmHost.point_disk`: EC2
     makes the point's EBS snapshot from its chunks). ``point``: that point instead of the
@@ -143,16 +143,16 @@ BUILTIN_HOSTS = ("local", "docker", "ec2")
 def vm_host(kind: str) -> VmHost:
     """The VM host a policy names: local, docker, ec2 (configured from the environment)."""
     if kind == "local":
-        from hotspare.vm.local import LocalQemuHost
+        from hotspare.vm.qemu.local import LocalQemuHost
 
         return LocalQemuHost()
     if kind == "docker":
-        from hotspare.vm.docker import DockerQemuHost
+        from hotspare.vm.qemu.docker import DockerQemuHost
 
         return DockerQemuHost()
     if kind == "ec2":
-        from hotspare.vm.ec2 import Ec2Host
-        from hotspare.vm.ec2_config import Ec2HostConfig
+        from hotspare.vm.ec2.config import Ec2HostConfig
+        from hotspare.vm.ec2.host import Ec2Host
 
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if not region:
@@ -214,14 +214,14 @@ def capture_pidfile(workdir: Path) -> Path:
 
 def start_capture(store_url: str, workdir: Path, *, epoch: int, interval: float = 2.0,
                   docker_url: str | None = None) -> int:
-    """Start the VM's capture (``python -m hotspare.vm.capture``, the engine's entry point,
+    """Start the VM's capture (``python -m hotspare.vm.qemu.capture``, the engine's entry point,
     not the CLI) detached from this process (it must outlive the flow), unless one already
     runs for ``workdir``; returns its pid. ``docker_url``: the docker daemon of a
     docker-qemu VM."""
     pid = capture_pid(workdir)
     if pid is not None:
         return pid
-    cmd = [sys.executable, "-m", "hotspare.vm.capture", "--store", store_url, "--workdir", str(workdir),
+    cmd = [sys.executable, "-m", "hotspare.vm.qemu.capture", "--store", store_url, "--workdir", str(workdir),
            "--epoch", str(epoch), "--interval", str(interval)]
     if docker_url:
         cmd += ["--docker-url", docker_url]

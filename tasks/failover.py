@@ -15,7 +15,7 @@ from hotspare.fence import fence_disk
 from hotspare.machine import DiskSpec
 from hotspare.store import Store
 from hotspare.vm.host import VmDisk, VmHandle, VmSpec
-from hotspare.vm.stream import DiskStream, start_streams, wait_streams
+from hotspare.vm.qemu.stream import DiskStream, start_streams, wait_streams
 from blocks.vmhost import resolve_vm_host
 from tasks.common import retry_transient
 

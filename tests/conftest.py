@@ -92,7 +92,7 @@ def _kill_daemons_under(root: Path) -> None:
             pass
     # VMs, point servers and VM captures a failed test left running: anything whose command
     # line names a path under ``root`` (left alive, they slow every later test).
-    for pattern in ("qemu-system", "nbdkit", "hotspare.vm.capture"):
+    for pattern in ("qemu-system", "nbdkit", "hotspare.vm.qemu.capture"):
         subprocess.run(["pkill", "-9", "-f", f"{pattern}.*{root}/"], capture_output=True)
     time.sleep(0.1)
     for mnt in [*root.rglob("serve/*.img"), *root.rglob("view/*.img")]:

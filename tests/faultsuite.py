@@ -566,7 +566,7 @@ def failover_kills(tmp: Path, demo_disk: Path, figures: Figures, rng: random.Ran
         assert _processes(f"guest={name}-") == [ms.vm["pid"]], f"{name}: one VM, the one its state names"
         # (its server ends once the VM's disk is all local: soon, for the demo's 64 MiB)
         assert len(_processes(f"nbdkit.*{workdir}")) <= 1, f"{name}: at most one disk server"
-        assert len(_processes(f"hotspare.vm.capture.*{workdir}")) == 1, f"{name}: one capture"
+        assert len(_processes(f"hotspare.vm.qemu.capture.*{workdir}")) == 1, f"{name}: one capture"
         cli("vm", "stop", name, env=env)
         assert not _processes(f"guest={name}-") and not _processes(str(workdir)), f"{name}: vm stop left processes"
 

@@ -4,7 +4,7 @@ Import them from conftest.py: ``from tests.fixtures_aws import aws, ec2_host  # 
 
 - ``aws``: moto's EC2 and EBS for one test, with dummy credentials and every other ``AWS_*``
   variable removed: nothing can reach a real account. S3 is never mocked.
-- ``ec2_host``: an :class:`~hotspare.vm.ec2.Ec2Host` in :data:`REGION` on it, polling fast.
+- ``ec2_host``: an :class:`~hotspare.vm.ec2.host.Ec2Host` in :data:`REGION` on it, polling fast.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from hotspare.vm.ec2 import Ec2Host
+    from hotspare.vm.ec2.host import Ec2Host
 
 REGION = "eu-west-1"
 
@@ -39,6 +39,6 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture
 def ec2_host(aws: None) -> Ec2Host:
-    from hotspare.vm.ec2 import Ec2Host, Ec2HostConfig  # boto3: only for the tests that use it
+    from hotspare.vm.ec2.host import Ec2Host, Ec2HostConfig  # boto3: only for the tests that use it
 
     return Ec2Host(Ec2HostConfig(region=REGION, poll_interval=0.01, boot_timeout=10, snapshot_timeout=10))

@@ -45,9 +45,9 @@ def test_store_block_opens_a_store(tmp_path) -> None:
 
 
 def test_a_policy_names_a_vm_host_block() -> None:
-    from hotspare.vm.docker import DockerQemuHost
-    from hotspare.vm.ec2 import Ec2Host
-    from hotspare.vm.local import LocalQemuHost
+    from hotspare.vm.ec2.host import Ec2Host
+    from hotspare.vm.qemu.docker import DockerQemuHost
+    from hotspare.vm.qemu.local import LocalQemuHost
 
     LocalQemuHostBlock(qemu="/usr/bin/qemu-system-x86_64", start_timeout=45).save("lab-qemu", overwrite=True)
     DockerQemuHostBlock(base_url="unix:///run/hs-docker.sock", image="registry.example/qemu:1").save(
@@ -239,7 +239,7 @@ def test_blocks_carry_the_engine_models_fields_and_checks() -> None:
     """The policy and EC2 blocks are the engine's models, so a field added there is in the
     block, and a value the engine refuses is refused when the block is made."""
     from hotspare.machine import Policy
-    from hotspare.vm.ec2_config import Ec2HostConfig
+    from hotspare.vm.ec2.config import Ec2HostConfig
 
     assert set(Policy.model_fields) <= set(MachinePolicy.model_fields)
     assert set(Ec2HostConfig.model_fields) <= set(Ec2HostBlock.model_fields)

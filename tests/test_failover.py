@@ -255,7 +255,7 @@ def test_failover_boots_every_disk_and_captures_the_vms_writes_to_each(tmp_path:
     the store as an epoch-1 log of that disk, shipped by the capture the flow started."""
     from hotspare.extentlog import iter_extents
     from hotspare.vm.host import VmHandle
-    from hotspare.vm.local import LocalQemuHost
+    from hotspare.vm.qemu.local import LocalQemuHost
 
     data = tmp_path / "data.img"
     with open(data, "wb") as f:

@@ -45,7 +45,7 @@ def _screen_text(vm: dict, dump: Path) -> str:
     """The characters on the VM's VGA text screen (its 32 KiB of text memory at 0xb8000,
     every other byte), saved by QEMU through QMP."""
     from hotspare.vm.host import VmHandle
-    from hotspare.vm.local import LocalQemuHost
+    from hotspare.vm.qemu.local import LocalQemuHost
 
     handle = VmHandle.model_validate(vm)
     with LocalQemuHost().qmp(handle) as q:

@@ -17,7 +17,7 @@ from hotspare.demodisk import read_marker
 from hotspare.errors import TransientStoreError
 from hotspare.store.local import LocalStore
 from hotspare.vm import VmCapture, VmSpec
-from hotspare.vm.qemu_cmd import node_names
+from hotspare.vm.qemu.cmd import node_names
 from tests.helpers import same_file
 from tests.test_vm_local import DISK, EPOCH, MACHINE, Vms, _check_logs, _replay, vms  # noqa: F401 - vms: fixture
 
@@ -34,7 +34,7 @@ class OutageStore(LocalStore):
 
 
 def _bitmaps(host, handle) -> list[dict]:
-    # query-named-block-nodes: safe with no stream job (see qemu_cmd.disk_nodes), and it sees
+    # query-named-block-nodes: safe with no stream job (see hotspare.vm.qemu.cmd.disk_nodes), and it sees
     # the disk's node also under a view's filter.
     with host.qmp(handle) as q:
         node = next(n for n in q.execute("query-named-block-nodes", flat=True)
@@ -54,7 +54,7 @@ def test_capture_survives_crashes_and_a_store_outage(vms: Vms, demo_disk: Path, 
     # The engine's entry point (no CLI), killed as by a power cut at each step of a cycle:
     # after the freeze, after an upload (before its state is saved), before the release.
     # The VM runs on; the next start merges the bitmap a dead cycle left frozen.
-    cmd = [sys.executable, "-m", "hotspare.vm.capture", "--store", str(store_dir), "--workdir", str(spec.workdir),
+    cmd = [sys.executable, "-m", "hotspare.vm.qemu.capture", "--store", str(store_dir), "--workdir", str(spec.workdir),
            "--epoch", str(EPOCH), "--once"]
     for point in ("agent-after-freeze", "agent-after-upload", "agent-before-release"):
         host.wait_for_marker(handle, timeout=30, after=host.wait_for_marker(handle).counter)

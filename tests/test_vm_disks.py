@@ -18,7 +18,7 @@ from hotspare.extentlog import validate_log
 from hotspare.replay import apply_log
 from hotspare.store import open_store
 from hotspare.vm import VmCapture, VmDisk, VmSpec, load_handle
-from hotspare.vm.stream import start_streams, stream_status, wait_streams
+from hotspare.vm.qemu.stream import start_streams, stream_status, wait_streams
 from tests.helpers import NbdServer, replay_over, same_file
 from tests.test_vm_local import MACHINE, Vms, vms  # noqa: F401 - vms: fixture
 

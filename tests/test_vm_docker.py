@@ -20,9 +20,9 @@ from hotspare.errors import HotspareError
 from hotspare.extentlog import validate_log
 from hotspare.store import open_store
 from hotspare.vm import VmCapture, VmDisk, VmHandle, VmSpec, load_handle
-from hotspare.vm.stream import start_streams, wait_streams
-from hotspare.vm.docker import LABEL_MACHINE, LABEL_VM, DockerQemuHost
-from hotspare.vm.png import SIGNATURE, png_size
+from hotspare.vm.qemu.stream import start_streams, wait_streams
+from hotspare.vm.qemu.docker import LABEL_MACHINE, LABEL_VM, DockerQemuHost
+from hotspare.vm.qemu.png import SIGNATURE, png_size
 from tests.helpers import NbdServer, random_image, replay_over, require, same_file, sha256_file
 
 MACHINE, DISK, EPOCH = "web1", "disk0", 1

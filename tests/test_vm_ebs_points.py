@@ -1,4 +1,4 @@
-"""A recovery point's EBS snapshot made from its chunks (hotspare.vm.ebs_chunks, ebs_points),
+"""A recovery point's EBS snapshot made from its chunks (hotspare.vm.ec2.ebs_chunks, ebs_points),
 against moto's EC2 and EBS as in test_vm_ec2.py (the same fixtures, tests/fixtures_aws.py).
 
 Points are made the way the agent makes them: extent logs shipped (ship_cycle), ingested and
@@ -25,9 +25,9 @@ from hotspare.store.local import LocalStore
 from hotspare.replica.consolidate import consolidate_disk
 from hotspare.replica.index import read_root
 from hotspare.replica.reader import ChunkReader
-from hotspare.vm.ebs import EBS_BLOCK, read_block, snapshot_blocks
-from hotspare.vm.ebs_points import PointSnapshot
-from hotspare.vm.ec2 import Ec2Host
+from hotspare.vm.ec2.ebs import EBS_BLOCK, read_block, snapshot_blocks
+from hotspare.vm.ec2.ebs_points import PointSnapshot
+from hotspare.vm.ec2.host import Ec2Host
 from hotspare.vm.host import ebs_snapshot_of
 from tests.fixtures_aws import REGION
 

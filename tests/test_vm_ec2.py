@@ -25,10 +25,11 @@ from hotspare.extentlog import iter_extents, validate_log  # noqa: E402
 from hotspare.store import open_store  # noqa: E402
 from hotspare.vhd import write_dynamic  # noqa: E402
 from hotspare.vm import VmHandle, VmSpec, load_handle  # noqa: E402
-from hotspare.vm import ec2_capture  # noqa: E402
-from hotspare.vm.aws import Ec2Error  # noqa: E402
+from hotspare.vm.ec2 import capture as ec2_capture  # noqa: E402
+from hotspare.vm.ec2.aws import Ec2Error  # noqa: E402
 from tests.helpers import replay_over  # noqa: E402
-from hotspare.vm.ebs import (  # noqa: E402
+from hotspare.vm.ec2.capture import Ec2DeltaCapture  # noqa: E402
+from hotspare.vm.ec2.ebs import (  # noqa: E402
     EBS_BLOCK,
     block_checksum,
     blocks_of_ranges,
@@ -36,9 +37,8 @@ from hotspare.vm.ebs import (  # noqa: E402
     snapshot_blocks,
     upload_snapshot,
 )
-from hotspare.vm.ebs_points import PointSnapshot  # noqa: E402
-from hotspare.vm.ec2 import TAG_VM, Ec2Host, Ec2HostConfig  # noqa: E402
-from hotspare.vm.ec2_capture import Ec2DeltaCapture  # noqa: E402
+from hotspare.vm.ec2.ebs_points import PointSnapshot  # noqa: E402
+from hotspare.vm.ec2.host import TAG_VM, Ec2Host, Ec2HostConfig  # noqa: E402
 from tests.fixtures_aws import REGION  # noqa: E402
 
 # 10.125 blocks: the last 512 KiB block is partial, as a disk's size need not be a multiple.

@@ -24,7 +24,7 @@ from hotspare.extentlog import iter_extents, validate_log
 from hotspare.store import Store, open_store
 from hotspare.vm import LocalQemuHost, QmpError, VmCapture, VmHandle, VmSpec
 from hotspare.vm.host import VmDisk
-from hotspare.vm.png import SIGNATURE, png_size, ppm_to_png
+from hotspare.vm.qemu.png import SIGNATURE, png_size, ppm_to_png
 from tests.helpers import replay_over, require, same_file, sha256_file
 
 MACHINE, DISK, EPOCH = "web1", "disk0", 1

@@ -24,8 +24,8 @@ from hotspare.store import open_store
 from hotspare.capture.nbd import NbdError, NbdReader
 from hotspare.vm import LocalQemuHost, QmpClient, QmpError, VmCapture, VmHandle, VmSpec, load_handle, save_handle
 from hotspare.vm.host import HandleDisk, VmDisk, nbd_export_of, nbd_socket_of
-from hotspare.vm.png import SIGNATURE, encode_png, png_size, ppm_to_png
-from hotspare.vm.qemu_cmd import prepare_disks
+from hotspare.vm.qemu.cmd import prepare_disks
+from hotspare.vm.qemu.png import SIGNATURE, encode_png, png_size, ppm_to_png
 from tests.helpers import NbdServer, random_image, require, same_file
 
 MIB = 1 << 20
@@ -155,8 +155,16 @@ def test_qmp_errors_name_the_socket_and_command(tmp_path: Path) -> None:
 
 
 def test_engine_vm_package_does_not_import_prefect() -> None:
-    code = "import sys, hotspare.vm, hotspare.vm.capture; assert 'prefect' not in sys.modules, 'prefect imported'"
+    code = "import sys, hotspare.vm, hotspare.vm.qemu.capture; assert 'prefect' not in sys.modules, 'prefect imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_vm_package_loads_neither_docker_nor_boto3() -> None:
+    # The Docker and EC2 hosts are imported on demand (hotspare.vm's docstring).
+    code = ("import sys, hotspare.vm; "
+            "print(sorted(m for m in ('boto3', 'botocore', 'docker') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------- disks, NBD, offline capture

@@ -30,7 +30,7 @@ cut is consistent. Each cycle still leaves a fresh recording bitmap behind, so a
 
 The tracker drives any block layer that has the storage daemon's interface
 (:class:`~hotspare.capture.daemon.StorageDaemon`): the failed-over VM's QEMU is one
-(:class:`hotspare.vm.capture.VmBlockLayer`), with the disk nodes named as the daemon's.
+(:class:`hotspare.vm.qemu.capture.VmBlockLayer`), with the disk nodes named as the daemon's.
 
 Cost: a cycle costs its dirty extents (read, hash, upload) plus a few QMP round trips and
 one ``nbdinfo`` run, never the disk's size; a cycle without writes costs one query.

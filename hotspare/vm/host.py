@@ -73,7 +73,7 @@ class VmDisk(BaseModel):
     which the VM never writes. ``backing`` is a local image file (raw, or vpc for a VHD)
     or a read-only NBD export on a unix socket, ``nbd+unix:///EXPORT?socket=PATH`` (what
     ``hotspare serve`` gives): the VM boots at once and reads what it has not pulled local
-    from there, until :func:`hotspare.vm.stream.start_streams` has copied it all. For the
+    from there, until :func:`hotspare.vm.qemu.stream.start_streams` has copied it all. For the
     EC2 host, ``ebs-snapshot://SNAPSHOT``: a point's EBS snapshot (:meth:`VmHost.point_disk`)."""
 
     model_config = ConfigDict(frozen=True)

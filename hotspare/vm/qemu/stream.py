@@ -1,7 +1,7 @@
 """Pulling a running VM's disks local: QMP ``block-stream`` of each backing into its overlay.
 
 A failed-over VM boots at once on disks whose bottom is the replica's served point (NBD) or
-a local image (:func:`hotspare.vm.qemu_cmd.disk_blockdevs`); then one ``block-stream`` job
+a local image (:func:`hotspare.vm.qemu.cmd.disk_blockdevs`); then one ``block-stream`` job
 per disk (``stream-<disk>``) copies, in QEMU's background, the backing into the disk's local
 layer (``<disk>.local.qcow2``, under the overlay that takes the guest's writes and carries
 the capture's bitmaps), while the guest runs and writes. When a job completes QEMU drops
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from hotspare.errors import HotspareError
 from hotspare.vm.host import HandleDisk, VmHandle, save_handle
-from hotspare.vm.qemu_cmd import backing_node, local_node, node_names
-from hotspare.vm.qmp import QmpClient, QmpError
+from hotspare.vm.qemu.cmd import backing_node, local_node, node_names
+from hotspare.vm.qemu.qmp import QmpClient, QmpError
 
 
 def job_id(disk: str) -> str:

@@ -1,6 +1,6 @@
 """What the QEMU hosts share: QEMU's command line, the disks' overlays a launch starts on,
-the guest's start and the screendump. Used by :mod:`hotspare.vm.local` (QEMU as a process here) and
-:mod:`hotspare.vm.docker` (QEMU in a container that sees the same paths).
+the guest's start and the screendump. Used by :mod:`hotspare.vm.qemu.local` (QEMU as a process here) and
+:mod:`hotspare.vm.qemu.docker` (QEMU in a container that sees the same paths).
 
 QEMU runs in the VM's work directory, so the serial log and the QMP socket are given by
 relative names: a unix socket path longer than 107 bytes could not be bound.
@@ -20,8 +20,8 @@ from typing import Any
 
 from hotspare.errors import HotspareError
 from hotspare.vm.host import NBD_PREFIX, HandleDisk, VmDisk, VmHandle, VmHost, VmSpec, nbd_export_of, nbd_socket_of
-from hotspare.vm.png import ppm_to_png
-from hotspare.vm.qmp import QmpClient, QmpError
+from hotspare.vm.qemu.png import ppm_to_png
+from hotspare.vm.qemu.qmp import QmpClient, QmpError
 
 QMP_SOCKET = "qmp.sock"
 DISK_DEVICE = "disk0"
@@ -50,7 +50,7 @@ NBD_RECONNECT_DELAY = 300  # seconds a guest's read waits for its disk server to
 def backing_blockdev(disk: VmDisk | HandleDisk) -> dict[str, Any]:
     """The read-only node at the bottom of a disk (``b-<disk>``): a local image, or an NBD
     export on a unix socket. Its own -blockdev, referenced by name, so that QEMU never
-    parses the backing name in the qcow2 header; :func:`hotspare.vm.stream.stream_status`
+    parses the backing name in the qcow2 header; :func:`hotspare.vm.qemu.stream.stream_status`
     deletes it once block-stream has copied it all, which closes the NBD connection."""
     if disk.backing.startswith(NBD_PREFIX):
         # A server that dies is restarted on the same socket (a failover's re-run does it);

@@ -50,8 +50,9 @@ from hotspare.capture.upload import DEFAULT_LOG_TARGET
 from hotspare.errors import HotspareError, UsageError
 from hotspare.localfile import file_lock, load_model, write_atomic
 from hotspare.store.base import Store
-from hotspare.vm.aws import Ec2Error, aws_call
-from hotspare.vm.ebs import (
+from hotspare.vm.ec2.aws import Ec2Error, aws_call
+from hotspare.vm.ec2.capture_state import CaptureCursor
+from hotspare.vm.ec2.ebs import (
     EBS_BLOCK,
     ZERO_BLOCK,
     ChangedBlock,
@@ -61,8 +62,7 @@ from hotspare.vm.ebs import (
     read_block,
     wait_snapshot,
 )
-from hotspare.vm.ec2 import TAG_DISK, TAG_ROLE, Ec2Host, tag_list
-from hotspare.vm.capture_state import CaptureCursor
+from hotspare.vm.ec2.host import TAG_DISK, TAG_ROLE, Ec2Host, tag_list
 from hotspare.vm.host import VmHandle, ebs_snapshot_of
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def final_capture(captures: Sequence[Ec2DeltaCapture], timeout: float = 30.0) ->
     missing = sorted({d.name for d in handle.ebs_disks} - {c.state.disk for c in captures})
     if missing:
         raise UsageError(f"final capture of VM {handle.vm_id} ({handle.machine}) misses disk(s) "
-                         f"{', '.join(missing)}: pass an Ec2DeltaCapture of every disk to ec2_capture.final_capture")
+                         f"{', '.join(missing)}: pass an Ec2DeltaCapture of every disk to hotspare.vm.ec2.capture.final_capture")
     keys: list[str] = []
 
     def ship_all() -> None:

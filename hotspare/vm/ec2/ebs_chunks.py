@@ -1,6 +1,6 @@
 """An EBS snapshot of a recovery point made straight from its chunks, with no local image.
 
-Terms (the others are :mod:`hotspare.vm.ebs`'s and :mod:`hotspare.replica`'s):
+Terms (the others are :mod:`hotspare.vm.ec2.ebs`'s and :mod:`hotspare.replica`'s):
 - geometry: how a point's chunks lie in EBS blocks. Chunk sizes are powers of two (the
   machine's block size, 4 KiB to 16 MiB), so several chunks make one 512 KiB block
   (64 KiB chunks: 8) or one chunk spans several blocks; the index's ``chunk_size`` says which.
@@ -28,7 +28,7 @@ from hotspare.errors import HotspareError, InvalidObject, UsageError
 from hotspare.replica.index import IndexRoot, read_page
 from hotspare.replica.reader import ChunkReader
 from hotspare.store.base import Store
-from hotspare.vm.ebs import EBS_BLOCK, UploadResult, block_count, build_snapshot
+from hotspare.vm.ec2.ebs import EBS_BLOCK, UploadResult, block_count, build_snapshot
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The boundary between hotspare's EC2 host and boto3: errors translated once, and polling.
 
-Every EC2 or EBS call of :mod:`hotspare.vm.ec2`, :mod:`hotspare.vm.ebs` and
-:mod:`hotspare.vm.ec2_capture` runs inside :func:`aws_call`, which turns what boto3 raises
+Every EC2 or EBS call of :mod:`hotspare.vm.ec2.host`, :mod:`hotspare.vm.ec2.ebs` and
+:mod:`hotspare.vm.ec2.capture` runs inside :func:`aws_call`, which turns what boto3 raises
 into :class:`Ec2Error` (a :class:`~hotspare.errors.HotspareError`): the message names the
 operation, the AWS resource (snapshot, image, instance, block) and AWS's error code, and the
 original error is chained. Throttling and 5xx have already been retried by botocore

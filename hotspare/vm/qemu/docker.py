@@ -8,9 +8,9 @@ Same paths inside and out: the VM's work directory, each local backing's directo
 (read-only) and each NBD backing's socket directory are bind-mounted at their host paths, so
 the QMP socket, serial log, overlays and the capture's NBD socket the container's QEMU uses
 are the files this process sees. QMP calls, the overlays, the streams
-(:mod:`hotspare.vm.stream`) and the capture (:mod:`hotspare.vm.capture`) work as for
-:class:`~hotspare.vm.local.LocalQemuHost`; the command line and the chain a launch
-starts on come from :mod:`hotspare.vm.qemu_cmd`, shared with it.
+(:mod:`hotspare.vm.qemu.stream`) and the capture (:mod:`hotspare.vm.qemu.capture`) work as for
+:class:`~hotspare.vm.qemu.local.LocalQemuHost`; the command line and the chain a launch
+starts on come from :mod:`hotspare.vm.qemu.cmd`, shared with it.
 
 The container: no network (QEMU has ``-nic none`` too); restart policy "no", since what
 happens to a VM that died is the flow's decision; QEMU as its first process, under the
@@ -46,7 +46,7 @@ from hotspare.demodisk import qemu_accel
 from hotspare.errors import HotspareError
 from hotspare.localfile import file_lock
 from hotspare.vm.host import VmHandle, VmSpec, load_handle, nbd_socket_of, save_handle
-from hotspare.vm.qemu_cmd import (DISK_DEVICE, QMP_SOCKET, QemuHost, check_same_disks, prepare_disks, qemu_args,
+from hotspare.vm.qemu.cmd import (DISK_DEVICE, QMP_SOCKET, QemuHost, check_same_disks, prepare_disks, qemu_args,
                                   screendump, serial_name)
 
 DEFAULT_IMAGE = "hotspare/qemu-runner:bookworm"

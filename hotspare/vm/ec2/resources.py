@@ -8,9 +8,9 @@ A point's snapshot is not the launch's: it carries no VM id, and :func:`release`
 Terms:
 - disk snapshot: a replica disk as an EBS snapshot, one per disk of the machine (the first,
   the boot disk, is the image's root). Of a recovery point, the point's own snapshot
-  (:mod:`hotspare.vm.ebs_points`, role ``point``), which carries no VM id and outlives the
+  (:mod:`hotspare.vm.ec2.ebs_points`, role ``point``), which carries no VM id and outlives the
   VM; of a local image, one made for the launch (role ``boot``, tagged with its disk) by
-  the EBS direct APIs (:mod:`hotspare.vm.ebs`) or by EC2 VM Import (:func:`import_snapshot`,
+  the EBS direct APIs (:mod:`hotspare.vm.ec2.ebs`) or by EC2 VM Import (:func:`import_snapshot`,
   from a disk image in S3);
 - image: the AMI registered on the disk snapshots (:func:`register_image`): root
   :data:`ROOT_DEVICE`, the other disks at :data:`DATA_DEVICES` in the machine's order;
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from hotspare.errors import HotspareError
-from hotspare.vm.aws import Ec2Error, aws_call, poll
-from hotspare.vm.ebs import volume_gib
+from hotspare.vm.ec2.aws import Ec2Error, aws_call, poll
+from hotspare.vm.ec2.ebs import volume_gib
 from hotspare.vm.host import EbsDisk
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ ROOT_DEVICE = "/dev/xvda"
 DATA_DEVICES = tuple(f"/dev/sd{c}" for c in "fghijklmnopqrstuvwxyz")
 TAG_VM = "hotspare:vm-id"
 TAG_MACHINE = "hotspare:machine"
-TAG_ROLE = "hotspare:role"  # boot (the launch snapshot), capture, or point (see hotspare.vm.ebs_points)
+TAG_ROLE = "hotspare:role"  # boot (the launch snapshot), capture, or point (see hotspare.vm.ec2.ebs_points)
 TAG_DISK = "hotspare:disk"
 TAG_POINT = "hotspare:point"
 

@@ -1,4 +1,4 @@
-"""Where a snapshot-based capture (EC2's, :mod:`hotspare.vm.ec2_capture`) stands per disk:
+"""Where a snapshot-based capture (EC2's, :mod:`hotspare.vm.ec2.capture`) stands per disk:
 its epoch and the last seq it uploaded, kept as JSON replaced atomically. (QEMU VMs are
 captured by the bitmap tracker, whose state is the agent's: :mod:`hotspare.capture.state`.)
 """

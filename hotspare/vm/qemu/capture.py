@@ -31,7 +31,7 @@ Cost: a cycle costs its dirty extents plus a few QMP round trips and one ``nbdin
 never the disk's size. A rescan (after QEMU was killed) reads the whole disk and, since the
 hash map knows only what the capture shipped, re-sends every non-zero block once.
 
-Run it without the CLI: ``python -m hotspare.vm.capture --store URL --workdir DIR --epoch N``.
+Run it without the CLI: ``python -m hotspare.vm.qemu.capture --store URL --workdir DIR --epoch N``.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ from hotspare.localfile import file_lock
 from hotspare.machine import DiskSpec
 from hotspare.store.base import Store
 from hotspare.vm.host import VmHandle, load_handle
-from hotspare.vm.qemu_cmd import BITMAP_FIRST, disk_blockdevs, disk_nodes, node_names
-from hotspare.vm.qmp import QmpClient, QmpError
+from hotspare.vm.qemu.cmd import BITMAP_FIRST, disk_blockdevs, disk_nodes, node_names
+from hotspare.vm.qemu.qmp import QmpClient, QmpError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class VmBlockLayer:
             raise
 
     def _node_info(self, disk: str) -> dict[str, Any] | None:
-        return disk_nodes(self.qmp()).get(f"d-{disk}")  # query-block: see qemu_cmd.disk_nodes
+        return disk_nodes(self.qmp()).get(f"d-{disk}")  # query-block: see cmd.disk_nodes
 
     def bitmaps(self, disk: str) -> list[Bitmap]:
         """hotspare's bitmaps of ``disk``, oldest first."""
@@ -349,16 +349,16 @@ class OfflineDisks(VmBlockLayer):
         self.proc = None
 
 
-# -- engine entry point: ``python -m hotspare.vm.capture`` -------------------------------
+# -- engine entry point: ``python -m hotspare.vm.qemu.capture`` -------------------------------
 
 def host_for(handle: VmHandle, docker_url: str | None = None) -> QmpHost:
     """The host object a handle's kind needs, without Prefect blocks."""
     if handle.host == "local-qemu":
-        from hotspare.vm.local import LocalQemuHost
+        from hotspare.vm.qemu.local import LocalQemuHost
 
         return LocalQemuHost()
     if handle.host == "docker-qemu":
-        from hotspare.vm.docker import DockerQemuHost
+        from hotspare.vm.qemu.docker import DockerQemuHost
 
         return DockerQemuHost(base_url=docker_url)
     raise HotspareError(f"VM {handle.vm_id}: host {handle.host} is not captured through QEMU's bitmaps")
@@ -367,7 +367,7 @@ def host_for(handle: VmHandle, docker_url: str | None = None) -> QmpHost:
 def main(argv: list[str] | None = None) -> int:
     from hotspare.store import open_store
 
-    p = argparse.ArgumentParser(prog="python -m hotspare.vm.capture",
+    p = argparse.ArgumentParser(prog="python -m hotspare.vm.qemu.capture",
                                 description="Ship a failed-over VM's writes as extent logs until it stops.")
     p.add_argument("--store", required=True, help="store URL")
     p.add_argument("--workdir", required=True, help="the VM's work directory (holds handle.json)")

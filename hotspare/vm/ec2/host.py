@@ -7,13 +7,13 @@ Launch, in order, every AWS resource tagged ``hotspare:vm-id`` (and ``hotspare:m
    backing, made by :meth:`Ec2Host.point_disk` before the launch): nothing is uploaded
    here. A local image is uploaded one of two ways (``Ec2HostConfig.disk_source``):
    - ``ebs-direct``: block by block through the EBS direct APIs
-     (:func:`hotspare.vm.ebs.upload_snapshot`), zero blocks skipped;
+     (:func:`hotspare.vm.ec2.ebs.upload_snapshot`), zero blocks skipped;
    - ``import-snapshot``: the image staged in S3 (``import_bucket``/``import_prefix``) and
      converted by EC2 VM Import (``ImportSnapshot``, needs the ``vmimport`` service role),
      or :meth:`Ec2Host.import_snapshot` of a VHD already in S3;
 2. image: ``RegisterImage`` of every disk (hvm, legacy BIOS): the first disk's snapshot is
    the root ``/dev/xvda``, the others further block device mappings ``/dev/sdf``,
-   ``/dev/sdg``, ... (:data:`hotspare.vm.ec2_resources.DATA_DEVICES`), each volume of the
+   ``/dev/sdg``, ... (:data:`hotspare.vm.ec2.resources.DATA_DEVICES`), each volume of the
    whole GiB that hold its disk;
 3. instance: ``RunInstances`` of one instance, its ``ClientToken`` derived from the VM id,
    so a retried call never starts a second one; it gets one volume per disk.
@@ -29,13 +29,13 @@ is what ``container_id`` holds for Docker.
 Points on EBS (:meth:`Ec2Host.point_disk`, ``disk_source`` ``ebs-direct``): a point's
 snapshot is made straight from its chunks, over the snapshot of an older point of the disk
 when one is recorded in the store (only the blocks that differ are put), and recorded for
-the next; see :mod:`hotspare.vm.ebs_points`. It carries no VM id: a VM's release leaves it.
+the next; see :mod:`hotspare.vm.ec2.ebs_points`. It carries no VM id: a VM's release leaves it.
 
 Ending: :meth:`Ec2Host.stop` stops the instance (its disks then no longer change), runs the
 final capture, terminates it and releases everything tagged with the VM id (image,
 snapshots, every disk's volume). The volumes are kept when an instance ends otherwise
 (``DeleteOnTermination`` false), so that the writes of a killed or crashed instance can still
-be captured offline (:mod:`hotspare.vm.ec2_capture`); a later ``stop`` of the gone VM, or
+be captured offline (:mod:`hotspare.vm.ec2.capture`); a later ``stop`` of the gone VM, or
 :meth:`Ec2Host.release`, deletes them (by their tag, which every volume of the launch has).
 Point snapshots are never released: they are the next point's parent.
 
@@ -59,12 +59,12 @@ import boto3
 
 from hotspare.errors import HotspareError, UsageError
 from hotspare.localfile import file_lock
-from hotspare.vm import ec2_resources
-from hotspare.vm.aws import CLIENT_CONFIG, Ec2Error, aws_call, poll
-from hotspare.vm.ebs import GIB, image_size, upload_snapshot
-from hotspare.vm.ebs_points import point_snapshot
-from hotspare.vm.ec2_config import Ec2HostConfig  # re-exported: the host and its config go together
-from hotspare.vm.ec2_resources import ROOT_DEVICE, TAG_DISK, TAG_MACHINE, TAG_ROLE, TAG_VM, tag_list
+from hotspare.vm.ec2 import resources
+from hotspare.vm.ec2.aws import CLIENT_CONFIG, Ec2Error, aws_call, poll
+from hotspare.vm.ec2.config import Ec2HostConfig  # re-exported: the host and its config go together
+from hotspare.vm.ec2.ebs import GIB, image_size, upload_snapshot
+from hotspare.vm.ec2.ebs_points import point_snapshot
+from hotspare.vm.ec2.resources import ROOT_DEVICE, TAG_DISK, TAG_MACHINE, TAG_ROLE, TAG_VM, tag_list
 from hotspare.vm.host import (
     EBS_SNAPSHOT_PREFIX,
     EbsDisk,
@@ -131,7 +131,7 @@ class Ec2Host(VmHost):
         with file_lock(workdir / "launch.lock"):
             boot = spec.disks[0].backing  # not spec.boot_disk: a Path would mangle ebs-snapshot://
             backings = [d.backing for d in spec.disks]
-            devices = ec2_resources.device_names(spec.machine, len(spec.disks))  # refuses before any resource
+            devices = resources.device_names(spec.machine, len(spec.disks))  # refuses before any resource
             previous = load_handle(workdir)
             if previous is not None and previous.host == self.kind:
                 inst = self._instance(previous)
@@ -145,11 +145,11 @@ class Ec2Host(VmHost):
                         previous.container_id = inst["InstanceId"]
                         save_handle(previous)
                     return previous  # adopt it: a re-run must not boot a second copy of the machine
-                kept = ec2_resources.volumes(self.ec2, previous.vm_id)
+                kept = resources.volumes(self.ec2, previous.vm_id)
                 if kept and (previous.container_id or inst is not None):  # it ran: its disk holds writes
                     raise HotspareError(f"{workdir}: VM {previous.vm_id} ended without a final capture and its "
                                         f"volumes {', '.join(v['VolumeId'] for v in kept)} are kept: ship its last "
-                                        "writes (ec2_capture.final_capture) or drop them (Ec2Host.stop), then launch")
+                                        "writes (hotspare.vm.ec2.capture.final_capture) or drop them (Ec2Host.stop), then launch")
                 self.release(previous, wait=self.config.boot_timeout)  # left by a launch that failed there
             for d in spec.disks:
                 if ebs_snapshot_of(d.backing) is None and not Path(d.backing).is_file():
@@ -164,7 +164,7 @@ class Ec2Host(VmHost):
             try:
                 handle.ebs_disks = [self._disk_snapshot(spec, d, vm_id, device) for d, device in zip(spec.disks, devices)]
                 save_handle(handle)  # the capture finds each disk's first base here
-                image_id = ec2_resources.register_image(
+                image_id = resources.register_image(
                     self.ec2, handle.ebs_disks, name=f"hotspare-{vm_id}",
                     description=f"hotspare stand-in for {spec.machine}",
                     tags=self.resource_tags(spec.machine, vm_id), boot_mode=self.config.boot_mode,
@@ -204,7 +204,7 @@ class Ec2Host(VmHost):
                 raise UsageError(f"cannot launch VM of {spec.machine}: disk_source import-snapshot needs "
                                  "import_bucket (the S3 bucket VM Import reads)")
             ext = "vhd" if fmt == "vpc" else "raw"
-            sid = ec2_resources.import_local_image(  # one import per disk, each under its own key
+            sid = resources.import_local_image(  # one import per disk, each under its own key
                 self._client("s3"), self.ec2, disk.backing, "VHD" if fmt == "vpc" else "RAW",
                 bucket=cfg.import_bucket, key=f"{cfg.import_prefix}{vm_id}-{disk.name}.{ext}",
                 description=description, tags=tags, role_name=cfg.import_role_name, timeout=cfg.import_timeout,
@@ -240,7 +240,7 @@ class Ec2Host(VmHost):
         """An EBS snapshot of the disk image at ``s3://bucket/key`` by EC2 VM Import, for a
         VHD already in S3 (a consolidated replica, say); returns its id once completed."""
         cfg = self.config
-        return ec2_resources.import_snapshot(self.ec2, bucket, key, fmt=fmt, description=description, tags=tags,
+        return resources.import_snapshot(self.ec2, bucket, key, fmt=fmt, description=description, tags=tags,
                                              role_name=cfg.import_role_name, timeout=cfg.import_timeout,
                                              interval=cfg.poll_interval)
 
@@ -251,7 +251,7 @@ class Ec2Host(VmHost):
             ImageId=image_id, InstanceType=cfg.instance_type, MinCount=1, MaxCount=1,
             # The image's mappings again: EC2 takes them from the image anyway, but an
             # endpoint that ignores an image's mappings (moto) then still attaches every disk.
-            BlockDeviceMappings=ec2_resources.block_device_mappings(disks, volume_type=cfg.volume_type,
+            BlockDeviceMappings=resources.block_device_mappings(disks, volume_type=cfg.volume_type,
                                                                     root_snapshot=False),
             ClientToken=hashlib.sha256(vm_id.encode()).hexdigest()[:32],  # at most 64 characters
             # Volume tags go on every volume the launch creates, one per disk: release finds them so.
@@ -369,7 +369,7 @@ class Ec2Host(VmHost):
         """Stop the instance, run ``before_quit`` while it is stopped, terminate it and
         release its resources. Of a gone VM nothing runs, but what it left (image,
         snapshots, kept volume) is released: to ship its last writes first, use
-        :meth:`Ec2DeltaCapture.final_capture <hotspare.vm.ec2_capture.Ec2DeltaCapture.final_capture>`."""
+        :meth:`Ec2DeltaCapture.final_capture <hotspare.vm.ec2.capture.Ec2DeltaCapture.final_capture>`."""
         inst = self._instance(handle)
         if inst is None or inst["State"]["Name"] not in ALIVE:
             # Left by kill, or by a stop that failed after terminating.
@@ -422,7 +422,7 @@ class Ec2Host(VmHost):
         """Delete what the VM's launch made (image, its own snapshots, every disk's volume
         once detached, waiting up to ``wait`` seconds for that), not the point snapshots it
         booted from. Call once its instance is gone; idempotent."""
-        ec2_resources.release(self.ec2, handle.vm_id, timeout=wait, interval=self.config.poll_interval)
+        resources.release(self.ec2, handle.vm_id, timeout=wait, interval=self.config.poll_interval)
 
     # -- for the capture -----------------------------------------------------------------
     def ebs_disk(self, handle: VmHandle, disk: str | None = None) -> EbsDisk | None:
@@ -443,7 +443,7 @@ class Ec2Host(VmHost):
         rec = self.ebs_disk(handle, disk)
         if rec is not None:
             return rec.snapshot_id
-        return ebs_snapshot_of(handle.boot_disk) or ec2_resources.boot_snapshot_id(self.ec2, handle.vm_id)
+        return ebs_snapshot_of(handle.boot_disk) or resources.boot_snapshot_id(self.ec2, handle.vm_id)
 
     def disk_volume_id(self, handle: VmHandle, disk: str | None = None) -> str:
         """The volume of the VM's ``disk`` (None: the root): by its device name on the
@@ -455,7 +455,7 @@ class Ec2Host(VmHost):
             for m in inst.get("BlockDeviceMappings", []):
                 if m.get("DeviceName") == device and "Ebs" in m:
                     return str(m["Ebs"]["VolumeId"])
-        vols = ec2_resources.volumes(self.ec2, handle.vm_id)
+        vols = resources.volumes(self.ec2, handle.vm_id)
         if rec is not None and len(handle.ebs_disks) > 1:
             # A detached volume keeps the snapshot it was made from, and each disk has its own.
             vols = [v for v in vols if v.get("SnapshotId") == rec.snapshot_id]

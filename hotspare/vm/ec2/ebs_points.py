@@ -3,7 +3,7 @@ its chunks, and over the snapshot of an older point (only the blocks that differ
 
 Terms:
 - point snapshot: a completed EBS snapshot made from a point's chunks
-  (:mod:`hotspare.vm.ebs_chunks`), tagged with the machine, disk and point and the role
+  (:mod:`hotspare.vm.ec2.ebs_chunks`), tagged with the machine, disk and point and the role
   ``point``, never with a VM id: the VMs booted from it (an image each) come and go, it stays
   as the next point's parent.
 - record: ``machines/<m>/ebs/<region>/<disk>/<point>.json`` (:func:`hotspare.layout.ebs_snapshot_key`),
@@ -43,10 +43,10 @@ from hotspare.catalog import Catalog, RecoveryPoint
 from hotspare.errors import AlreadyExists, HotspareError, InvalidObject, NotFound, UsageError, field_error
 from hotspare.replica.index import IndexRoot, read_root
 from hotspare.store.base import Store
-from hotspare.vm.aws import Ec2Error, aws_call
-from hotspare.vm.ebs import discard_snapshot, volume_gib
-from hotspare.vm.ebs_chunks import ParentPoint, ParentUnreadable, check_parent, snapshot_of_point
-from hotspare.vm.ec2_resources import TAG_DISK, TAG_MACHINE, TAG_POINT, TAG_ROLE
+from hotspare.vm.ec2.aws import Ec2Error, aws_call
+from hotspare.vm.ec2.ebs import discard_snapshot, volume_gib
+from hotspare.vm.ec2.ebs_chunks import ParentPoint, ParentUnreadable, check_parent, snapshot_of_point
+from hotspare.vm.ec2.resources import TAG_DISK, TAG_MACHINE, TAG_POINT, TAG_ROLE
 
 log = logging.getLogger(__name__)
 

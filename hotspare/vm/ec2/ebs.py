@@ -1,6 +1,6 @@
 """EBS snapshots block by block, through the EBS direct APIs: build one from any source of
 blocks (:func:`build_snapshot`; a local disk image, :func:`upload_snapshot`; a recovery
-point's chunks, :mod:`hotspare.vm.ebs_chunks`), list what changed between two, read blocks
+point's chunks, :mod:`hotspare.vm.ec2.ebs_chunks`), list what changed between two, read blocks
 back with their checksums verified.
 
 References: AWS "EBS direct APIs" API reference (StartSnapshot, PutSnapshotBlock,
@@ -36,7 +36,7 @@ from typing import Any
 
 from hotspare.errors import UsageError
 from hotspare.vhd import VhdReader
-from hotspare.vm.aws import Ec2Error, aws_call, poll
+from hotspare.vm.ec2.aws import Ec2Error, aws_call, poll
 from hotspare.vm.host import DiskFormat
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ checks ``/proc/<pid>/cmdline`` for the VM's unique ``-name guest=<vm_id>``.
 
 The VM boots from its first disk's own boot loader (SeaBIOS, never ``-kernel``); every disk
 is a qcow2 overlay over its backing (a local image or an NBD export), which the VM never
-writes (:func:`hotspare.vm.qemu_cmd.prepare_disks`); :mod:`hotspare.vm.capture` ships the
-guest's writes, :mod:`hotspare.vm.stream` pulls the backings local.
+writes (:func:`hotspare.vm.qemu.cmd.prepare_disks`); :mod:`hotspare.vm.qemu.capture` ships the
+guest's writes, :mod:`hotspare.vm.qemu.stream` pulls the backings local.
 Files in the work directory: ``handle.json``, ``qmp.sock``, ``qemu.pid``,
 ``serial-<vm_id>.log``, ``qemu-<vm_id>.log`` (QEMU's own messages), ``disks/``.
 """
@@ -27,7 +27,7 @@ from hotspare.demodisk import qemu_accel
 from hotspare.errors import HotspareError
 from hotspare.localfile import file_lock
 from hotspare.vm.host import VmHandle, VmSpec, load_handle, save_handle
-from hotspare.vm.qemu_cmd import (DISK_DEVICE, QMP_SOCKET, QemuHost, check_same_disks, prepare_disks, qemu_args,
+from hotspare.vm.qemu.cmd import (DISK_DEVICE, QMP_SOCKET, QemuHost, check_same_disks, prepare_disks, qemu_args,
                                   screendump, serial_name)
 
 QEMU = "qemu-system-x86_64"

@@ -15,6 +15,8 @@ A re-run after a crash continues where the last run stopped and never stops the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
@@ -32,7 +34,6 @@ from hotspare.machine import MachineConfig, load_machine
 from hotspare.state import MachineState, load_state
 from hotspare.store import Store
 from hotspare.vm.host import VmHandle
-from hotspare.vm.qemu.capture import VmCapture
 from tasks.common import resolve_store
 from tasks.events import emit_machine_event
 from tasks.failback import hash_replica, publish, publish_apply, wait_for_agent
@@ -53,8 +54,9 @@ def failback(machine: str, store: str | None = None, store_block: str | None = N
     st = resolve_store(store, store_block)
     cfg = load_machine(st, machine)
     state = load_state(st, machine)
-    run = FailbackController(st, cfg, state, _steps(st, cfg, state, store_block), run_id=str(flow_run.id),
-                             workdir=engine.vm_dir(machine, vm_dir), agent_timeout=agent_timeout, approve=approve,
+    workdir = engine.vm_dir(machine, vm_dir)
+    run = FailbackController(st, cfg, state, _steps(st, cfg, state, store_block, workdir), run_id=str(flow_run.id),
+                             workdir=workdir, agent_timeout=agent_timeout, approve=approve,
                              catch_up_bytes=catch_up_bytes, max_catch_up=max_catch_up)
     result = run.start(target_disk)
     while result is None:
@@ -64,7 +66,7 @@ def failback(machine: str, store: str | None = None, store_block: str | None = N
     return (Completed if result.outcome == "already" else Cancelled)(message=result.message, data=result)
 
 
-def _steps(st: Store, cfg: MachineConfig, state: MachineState, store_block: str | None) -> FailbackSteps:
+def _steps(st: Store, cfg: MachineConfig, state: MachineState, store_block: str | None, workdir: Path) -> FailbackSteps:
     machine, vm_epoch = cfg.name, state.epoch
     params = {"machine": machine, "store": st.url if store_block is None else None, "store_block": store_block}
     slug = artifact_slug(machine)
@@ -83,7 +85,7 @@ def _steps(st: Store, cfg: MachineConfig, state: MachineState, store_block: str 
 
     def stop_vm(handle: VmHandle) -> int:
         host = resolve_vm_host(state.host or "local")
-        return len(VmCapture(host, handle, st, epoch=vm_epoch, disks=cfg.disks).final_capture())
+        return len(engine.ship_last_writes(st, cfg, handle, host, workdir, vm_epoch))
 
     def key(name: str) -> str:
         return "-".join(["failback", *([name] if name else []), slug])

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_table_artifact
 
 from hotspare import ingest as engine
-from hotspare.ingest import list_pending
+from hotspare.catalog import list_pending
 from hotspare.machine import DiskSpec, MachineConfig, load_machine
 from hotspare.stall import STALLED_EVENT, Stall, disk_stalls
 from hotspare.store import Store

@@ -4,18 +4,22 @@ The engine package. It imports without Prefect: formats (extent log, catalog, VH
 object-store layer, the capture agent and the algorithms live here; ``flows/``, ``tasks/``
 and ``blocks/`` wrap them for Prefect.
 
-Layers, each calling only those below it:
-- ``hotspare.cli``: the ``hotspare`` command, the one part of the package that imports
-  ``flows``, ``tasks``, ``blocks`` or ``deployments`` (inside its commands);
-- the orchestration pieces: ``failover``, ``failback``, ``drill``, ``fleet``, ``ingest``,
-  each a loop that takes its orchestration steps as arguments;
-- the machine's side: ``capture`` (the agent, the storage daemon, cuts) and ``vm`` (VM hosts
-  and the VM's capture);
+Layers, from the top; a module imports its own layer and those below, never one above
+(``tests/test_engine.py`` checks it, and that nothing outside ``hotspare.cli`` imports the
+orchestration layer, even inside a function):
+- ``cli``: the ``hotspare`` command, the one part that imports ``flows``, ``tasks``,
+  ``blocks`` or ``deployments`` (inside its commands);
+- the runs, each a loop taking its orchestration steps as arguments: ``ingest``,
+  ``failover``, ``failback``, ``drill``, ``fleet``, ``check`` (consolidation's loop,
+  ``replica.consolidate``, sits with the data it writes); and the views over everything,
+  ``status`` and ``fleetview``;
+- the machine's side: ``capture`` (the agent, the storage daemon, cuts), ``vm`` (VM hosts
+  and the VM's capture) and ``qmp``;
 - the data: ``replica`` (points as chunks), ``consolidate``, ``catalog``, ``extentlog``,
-  ``vhd``, ``state``, ``machine``, ``heartbeat``;
-- ``store`` (one object-store interface) and ``errors``, which everything uses.
-Nothing in ``hotspare`` imports the orchestration layer, not even inside a function
-(``tests/test_engine.py`` reads every module to check it).
+  ``vhd``, ``machine``, ``state``, ``heartbeat``, ``fence``, ``stall``, ``replay``, and the
+  failback's records (``failback.orders``, ``failback.model``);
+- the base: ``store``, ``layout``, ``versioned``, ``quarantine``, ``errors``,
+  ``localfile``, ``faults``, ``progress``, ``demodisk``.
 """
 
 __version__ = "0.1.0"

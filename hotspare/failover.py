@@ -23,7 +23,7 @@ from hotspare.machine import DiskSpec, MachineConfig
 from hotspare.replica.serve import read_pid, server_alive, start_detached_server, stop_server
 from hotspare.state import MachineState, commit_state, load_state
 from hotspare.store.base import Store
-from hotspare.vm.capture import VmCapture
+from hotspare.vm.qemu.capture import VmCapture
 from hotspare.vm.host import VmDisk, VmHandle, VmHost
 
 RESOURCE_PREFIX = "hotspare.machine."

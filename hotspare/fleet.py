@@ -21,7 +21,7 @@ from typing import Literal
 
 from hotspare.catalog import Catalog, catalog_logs, load_catalog
 from hotspare.errors import HotspareError
-from hotspare.ingest import list_pending
+from hotspare.catalog import list_pending
 from hotspare.machine import list_machines, load_machine
 from hotspare.store.base import Store
 

@@ -5,7 +5,7 @@ The steps are separate functions so that the Prefect flow can run validation as 
 tasks with retries, while the decisions stay here, pure and tested. None of them costs the
 retention window (a disk may hold 150,000 accepted logs at one log a second):
 
-1. :func:`list_pending`: logs in the store that the catalog has not accepted, listed from
+1. :func:`~hotspare.catalog.list_pending`: logs in the store that the catalog has not accepted, listed from
    each epoch's newest accepted log on.
 2. :func:`batches` and :func:`check_log`: validate the logs, a batch per task in the flow
    (InvalidLog on any fault).
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from hotspare import layout
-from hotspare.catalog import AcceptedLog, Catalog, RejectedLog
+from hotspare.catalog import AcceptedLog, Catalog, RejectedLog, list_pending
 from hotspare.errors import AlreadyExists, InvalidLog
 from hotspare.extentlog import LogInfo, validate_log
 from hotspare.machine import DiskSpec
@@ -43,31 +43,6 @@ class Plan:
     hole_at: int | None = None
     # Why this ingest asked for a resync although it rejected nothing (a gap, one line).
     gap_stalled: str | None = None
-
-
-def epochs_to_scan(catalog: Catalog) -> list[int]:
-    """The epochs that may hold new logs: the current one, and fenced ones (whose late
-    logs must be found to be refused)."""
-    return sorted({catalog.epoch, *catalog.applied, *(f.epoch for f in catalog.fences)})
-
-
-def list_pending(store: Store, machine: str, disk: str, catalog: Catalog) -> list[ObjectInfo]:
-    """Log objects not yet accepted, in (epoch, seq) order.
-
-    Each epoch is listed after its newest accepted log's key: keys sort by first seq, so
-    every accepted log of the epoch sorts at or before it and everything after it is new
-    (a stray log overlapping the newest accepted one is found there and refused; one that
-    starts before it is not looked at again). The cost follows the new logs, not the window."""
-    out = []
-    for epoch in epochs_to_scan(catalog):
-        folded = catalog.folded.get(epoch, -1)
-        for o in store.list(layout.logs_prefix(machine, disk, epoch), start_after=catalog.newest.get(epoch)):
-            seqs = layout.parse_log_name(o.key)
-            # A log folded into the base VHD whose deletion a crash interrupted is garbage,
-            # left for consolidation to delete, not a new log.
-            if not (seqs and seqs[1] <= folded):
-                out.append(o)
-    return out
 
 
 BATCH_LOGS = 64

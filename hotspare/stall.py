@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 from hotspare import layout
+from hotspare.catalog import list_pending, load_catalog
 from hotspare.catalog.model import utcnow
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class Gap:
 def find_gap(catalog: Catalog, pending: list[ObjectInfo], now: datetime | None = None,
              applied: int | None = None) -> Gap | None:
     """The gap in the current epoch's chain that ``pending`` (unaccepted logs, listed by
-    :func:`hotspare.ingest.list_pending`) waits on, if any; ``applied``: the last seq
+    :func:`hotspare.catalog.list_pending`) waits on, if any; ``applied``: the last seq
     accepted, when an ingest just accepted more than ``catalog`` says."""
     now = now or utcnow()
     expects = (catalog.applied_seq(catalog.epoch) if applied is None else applied) + 1
@@ -132,9 +133,6 @@ def disk_stalls(catalog: Catalog, pending: list[ObjectInfo], cfg: MachineConfig,
 
 def store_stalls(store: Store, cfg: MachineConfig) -> list[Stall]:
     """Every disk's stalls as the store shows them (a catalog read and a listing per disk)."""
-    from hotspare.catalog import load_catalog
-    from hotspare.ingest import list_pending
-
     out = []
     for d in cfg.disks:
         cat = load_catalog(store, cfg.name, d.name, d.size)
@@ -145,8 +143,6 @@ def store_stalls(store: Store, cfg: MachineConfig) -> list[Stall]:
 def machine_stalls(store: Store, cfg: MachineConfig, state: str, hb: Heartbeat | None,
                    catalogs: dict[str, Catalog]) -> list[Stall]:
     """Every stall of a machine, from its heartbeat and each disk's catalog and pending logs."""
-    from hotspare.ingest import list_pending
-
     if state != "protected":
         return []
     out = []

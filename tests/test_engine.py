@@ -69,3 +69,46 @@ def test_the_engine_never_imports_the_orchestration_layer_even_lazily() -> None:
                  for line in orchestration_imports(p.read_text())]
     assert len(list(root.rglob("*.py"))) > 50  # the walk saw the engine
     assert not offenders, f"engine modules import the orchestration layer: {offenders}"
+
+
+# README's Layout, from the top: a module imports only its own layer and those below.
+LAYERS = {
+    "cli": 5,
+    **dict.fromkeys(["ingest", "failover", "failback", "drill", "fleet", "check", "status", "fleetview"], 4),
+    **dict.fromkeys(["capture", "vm", "qmp"], 3),
+    **dict.fromkeys(["replica", "consolidate", "extentlog", "catalog", "vhd", "machine", "state", "heartbeat",
+                     "fence", "stall", "replay"], 2),
+    **dict.fromkeys(["store", "layout", "versioned", "quarantine", "errors", "localfile", "faults", "progress",
+                     "demodisk"], 1),
+}
+# The failback's records are data that the heartbeat and the state chain carry.
+RECORDS = {"failback.orders": 2, "failback.model": 2}
+
+
+def _layer(dotted: str) -> int:
+    parts = dotted.split(".")
+    return RECORDS.get(".".join(parts[:2]), LAYERS[parts[0]])
+
+
+def test_each_layer_imports_only_its_own_and_the_layers_below() -> None:
+    root = Path(__file__).resolve().parent.parent / "hotspare"
+    upward = []
+    for p in sorted(root.rglob("*.py")):
+        here = ".".join(p.relative_to(root).with_suffix("").parts)
+        if here in ("__init__", "__main__"):
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                     else [])
+            for name in names:
+                if name == "hotspare" and isinstance(node, ast.ImportFrom):
+                    names += [f"hotspare.{a.name}" for a in node.names]
+                if not name.startswith("hotspare."):
+                    continue
+                there = name.removeprefix("hotspare.")
+                if _layer(there) > _layer(here):
+                    upward.append(f"hotspare/{p.relative_to(root)}:{node.lineno} imports hotspare.{there}")
+    assert set(LAYERS) >= {p.stem if p.is_file() else p.name for p in root.iterdir()
+                           if p.name not in ("__init__.py", "__pycache__")}, "a new module needs its layer here"
+    assert not upward, "\n".join(upward)

@@ -24,10 +24,10 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def protect_demo(tmp_path: Path, demo_disk: Path, *extra: str) -> dict[str, str]:
+def protect_demo(tmp_path: Path, demo_disk: Path, *extra: str, window: int = 10) -> dict[str, str]:
     env = {"HOTSPARE_STORE": str(tmp_path / "store"), "HOTSPARE_AGENT_STATE": str(tmp_path / "agent"),
            "HOTSPARE_VM_DIR": str(tmp_path / "vms")}
-    cli("protect", "demo", "--disk", f"root={demo_disk}", "--heartbeat-window", "10", *extra, env=env)
+    cli("protect", "demo", "--disk", f"root={demo_disk}", "--heartbeat-window", str(window), *extra, env=env)
     cli("agent", "demo", "--once", "--quiet", env=env)
     return env
 
@@ -39,7 +39,9 @@ def stop_vm(env: dict[str, str]) -> None:
 
 
 def test_failover_is_refused_while_the_heartbeat_is_fresh(tmp_path: Path, demo_disk: Path) -> None:
-    env = protect_demo(tmp_path, demo_disk)
+    # A window the flow's start-up cannot outlast: with 10 s, a loaded machine's temporary
+    # Prefect server took longer to start, and the machine rightly counted as silent.
+    env = protect_demo(tmp_path, demo_disk, window=600)
     r = cli("failover", "demo", "--approve", env=env, check=False)
     assert r.returncode == 4 and "refusing to fail over a live machine" in r.stderr  # MachineLive
     assert "Traceback" not in r.stderr

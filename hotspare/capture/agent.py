@@ -55,7 +55,7 @@ from hotspare.heartbeat import send_heartbeat
 from hotspare.machine import DiskSpec, MachineConfig, device_size
 from hotspare.stall import RESUMED_EVENT, STALLED_EVENT, Stall, store_stalls
 from hotspare.store.base import Store
-from hotspare.vm.qemu.qmp import QmpError
+from hotspare.qmp import QmpError
 
 Tracker = Literal["qemu", "scan"]
 TRACKERS = ("qemu", "scan")

@@ -39,7 +39,7 @@ from typing import Any
 
 from hotspare.errors import HotspareError
 from hotspare.machine import DiskSpec, MachineConfig
-from hotspare.vm.qemu.qmp import QmpClient, QmpError
+from hotspare.qmp import QmpClient, QmpError
 
 BITMAP_PREFIX = "hs-"
 _SUN_PATH_MAX = 107

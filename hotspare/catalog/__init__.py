@@ -15,6 +15,7 @@ Terms:
 from hotspare.catalog.model import AcceptedLog, Catalog, DrillVerdict, Fence, ManifestRef, RecoveryPoint, RejectedLog
 from hotspare.catalog.io import commit_catalog, load_catalog
 from hotspare.catalog.manifest import accepted_keys, catalog_logs
+from hotspare.catalog.pending import list_pending
 
 __all__ = [
     "AcceptedLog",
@@ -27,5 +28,6 @@ __all__ = [
     "accepted_keys",
     "catalog_logs",
     "commit_catalog",
+    "list_pending",
     "load_catalog",
 ]

@@ -25,11 +25,11 @@ def _vm_host(name: str):
 def vm_capture(machine: MachineArg, store: StoreOpt = None, vm_dir: VmDirOpt = None,
                interval: Annotated[float, typer.Option(help="seconds between captures")] = 2.0) -> None:
     """Ship the failed-over VM's writes as extent logs until it stops (failover runs the
-    same capture as ``python -m hotspare.vm.capture``)."""
+    same capture as ``python -m hotspare.vm.qemu.capture``)."""
     from hotspare import failover as engine
     from hotspare.machine import load_machine
     from hotspare.state import load_state
-    from hotspare.vm.capture import VmCapture
+    from hotspare.vm.qemu.capture import VmCapture
     from hotspare.vm.host import load_handle
 
     st = open_store(store)

@@ -23,7 +23,7 @@ Terms:
   (:class:`~hotspare.vm.qemu.capture.VmCapture`), with QEMU's dirty bitmaps and point-in-time
   views, cut by the same tracker as the machine's storage daemon; an EC2 VM's by EBS
   snapshots of its volumes (:mod:`hotspare.vm.ec2.capture`).
-- QMP: QEMU's JSON control socket (:mod:`hotspare.vm.qemu.qmp`).
+- QMP: QEMU's JSON control socket (:mod:`hotspare.qmp`).
 
 Engine code: no Prefect here.
 """
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from hotspare.vm.host import HandleDisk, VmDisk, VmHandle, VmHost, VmSpec, load_handle, save_handle
 from hotspare.vm.qemu.local import LocalQemuHost
-from hotspare.vm.qemu.qmp import QmpClient, QmpError, qmp_execute
+from hotspare.qmp import QmpClient, QmpError, qmp_execute
 
 if TYPE_CHECKING:
     from hotspare.vm.qemu.capture import VmCapture

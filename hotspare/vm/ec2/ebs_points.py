@@ -155,7 +155,7 @@ def load_records(store: Store, machine: str, region: str, disk: str) -> dict[str
                 raise ValueError(f"names {'/'.join(names)}, not {machine}/{region}/{disk}/{name[:-5]}")
         except (ValueError, ValidationError) as err:
             reason = field_error(err) if isinstance(err, ValidationError) else str(err)
-            from hotspare.ingest import quarantine  # only for a damaged record
+            from hotspare.quarantine import quarantine  # only for a damaged record
 
             log.warning("%s: EBS snapshot record is damaged (%s): quarantined, not used", obj.key, reason)
             quarantine(store, obj.key, f"EBS snapshot record is damaged: {reason}")

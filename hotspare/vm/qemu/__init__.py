@@ -11,7 +11,7 @@ Terms:
   (``<disk>.local.qcow2``) and the overlay that takes the guest's writes and carries the
   capture's bitmaps, on QEMU node ``d-<disk>`` (:func:`~hotspare.vm.qemu.cmd.prepare_disks`,
   :func:`~hotspare.vm.qemu.cmd.disk_blockdevs`).
-- QMP: QEMU's JSON control socket, one client at a time (:mod:`hotspare.vm.qemu.qmp`; the
+- QMP: QEMU's JSON control socket, one client at a time (:mod:`hotspare.qmp`; the
   agent's storage daemon speaks it too).
 - stream: a ``block-stream`` job per disk that pulls the backing into the local layer while
   the guest runs (:mod:`hotspare.vm.qemu.stream`).

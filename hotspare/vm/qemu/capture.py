@@ -61,7 +61,7 @@ from hotspare.machine import DiskSpec
 from hotspare.store.base import Store
 from hotspare.vm.host import VmHandle, load_handle
 from hotspare.vm.qemu.cmd import BITMAP_FIRST, disk_blockdevs, disk_nodes, node_names
-from hotspare.vm.qemu.qmp import QmpClient, QmpError
+from hotspare.qmp import QmpClient, QmpError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 from hotspare.errors import HotspareError
 from hotspare.vm.host import NBD_PREFIX, HandleDisk, VmDisk, VmHandle, VmHost, VmSpec, nbd_export_of, nbd_socket_of
 from hotspare.vm.qemu.png import ppm_to_png
-from hotspare.vm.qemu.qmp import QmpClient, QmpError
+from hotspare.qmp import QmpClient, QmpError
 
 QMP_SOCKET = "qmp.sock"
 DISK_DEVICE = "disk0"

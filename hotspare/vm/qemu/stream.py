@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from hotspare.errors import HotspareError
 from hotspare.vm.host import HandleDisk, VmHandle, save_handle
 from hotspare.vm.qemu.cmd import backing_node, local_node, node_names
-from hotspare.vm.qemu.qmp import QmpClient, QmpError
+from hotspare.qmp import QmpClient, QmpError
 
 
 def job_id(disk: str) -> str:

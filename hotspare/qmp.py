@@ -1,7 +1,9 @@
 """A small QMP (QEMU Machine Protocol) client: a unix socket carrying JSON, one message a line.
 
-The exchange: QEMU greets (``{"QMP": {...}}``), the client sends ``qmp_capabilities``, then
-each ``{"execute": cmd, "arguments": {...}, "id": n}`` gets ``{"return": ...}`` or
+The storage daemon (:mod:`hotspare.capture.daemon`) and the QEMU VM hosts
+(:mod:`hotspare.vm.qemu`) both speak it. The exchange: QEMU greets (``{"QMP": {...}}``),
+the client sends ``qmp_capabilities``, then each ``{"execute": cmd, "arguments": {...},
+"id": n}`` gets ``{"return": ...}`` or
 ``{"error": {"class": ..., "desc": ...}}`` with the same id; asynchronous events
 (``{"event": ...}``) may come in between and are kept in :attr:`QmpClient.events`.
 

@@ -140,7 +140,8 @@ class FailbackController:
     def commit(self, fb: dict | None = None, **changes) -> MachineState:
         if fb:
             unknown = set(fb) - set(FailbackProgress.model_fields)
-            assert not unknown, f"not a field of FailbackProgress: {unknown}"
+            if unknown:  # a typo here would ride along as an extra key, unread for ever
+                raise TypeError(f"not fields of FailbackProgress: {sorted(unknown)}")
             changes["failback"] = self.fb.model_copy(update=fb)
         try:
             self.state = commit_state(self.st, self.state.next(**changes))

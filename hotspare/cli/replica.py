@@ -77,16 +77,6 @@ def _drill_text(v) -> str:
     return f"{v.verdict.upper() if v.verdict == 'failed' else v.verdict} {when}: {v.reason[:160]}"
 
 
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
 @app.command()
 def points(machine: MachineArg, store: StoreOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:

@@ -19,7 +19,7 @@ orchestration layer, even inside a function):
   ``vhd``, ``machine``, ``state``, ``heartbeat``, ``fence``, ``stall``, ``replay``, and the
   failback's records (``failback.orders``, ``failback.model``);
 - the base: ``store``, ``layout``, ``versioned``, ``quarantine``, ``errors``,
-  ``localfile``, ``faults``, ``progress``, ``demodisk``.
+  ``localfile``, ``unixsocket``, ``faults``, ``progress``, ``demodisk``.
 """
 
 __version__ = "0.1.0"

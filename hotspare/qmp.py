@@ -21,11 +21,9 @@ import time
 from typing import Any
 
 from hotspare.errors import HotspareError
+from hotspare.unixsocket import connect_unix
 
 DEFAULT_TIMEOUT = 10.0
-# sockaddr_un.sun_path holds 108 bytes with its NUL; longer paths are reached through a
-# descriptor of their directory (/proc/self/fd/N/name), which is short.
-_SUN_PATH_MAX = 107
 
 
 class QmpError(HotspareError):
@@ -55,22 +53,10 @@ class QmpClient:
 
     # -- connection ----------------------------------------------------------------------
     def connect(self) -> QmpClient:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        dir_fd = None
         try:
-            target = self.path
-            if len(os.fsencode(target)) > _SUN_PATH_MAX:
-                dir_fd = os.open(os.path.dirname(target) or ".", os.O_PATH | os.O_CLOEXEC)
-                target = f"/proc/self/fd/{dir_fd}/{os.path.basename(target)}"
-            sock.connect(target)
+            self._sock = connect_unix(self.path, self.timeout)
         except OSError as err:
-            sock.close()
             raise QmpError(self.path, "connect", f"cannot connect: {err.strerror or err}") from err
-        finally:
-            if dir_fd is not None:
-                os.close(dir_fd)
-        self._sock = sock
         try:
             # QEMU greets only once it accepts us, which waits while another client is served.
             greeting = self._read("greeting", time.monotonic() + self.timeout)
@@ -156,3 +142,33 @@ def qmp_execute(path: str | os.PathLike[str], command: str, arguments: dict[str,
     """Connect, run one command, disconnect."""
     with QmpClient(path, timeout=timeout) as q:
         return q.execute(command, arguments, **args)
+
+
+class QmpSession:
+    """A QMP connection opened on first use and kept: :meth:`execute` drops it on a
+    transport fault (an error with no QEMU error class: a closed socket, a timeout, a
+    restarted QEMU), so the next command connects again, and keeps it on QEMU's own errors.
+    Subclasses say how to open it (:meth:`_open_qmp`)."""
+
+    _qmp: QmpClient | None = None
+
+    def _open_qmp(self) -> QmpClient:
+        raise NotImplementedError
+
+    def qmp(self) -> QmpClient:
+        if self._qmp is None:
+            self._qmp = self._open_qmp()
+        return self._qmp
+
+    def close(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, **args: Any) -> Any:
+        try:
+            return self.qmp().execute(command, arguments, **args)
+        except QmpError as err:
+            if err.error_class is None:
+                self.close()
+            raise

@@ -35,14 +35,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hotspare.errors import HotspareError
 from hotspare.machine import DiskSpec, MachineConfig
-from hotspare.qmp import QmpClient, QmpError
+from hotspare.qmp import QmpClient, QmpError, QmpSession
+from hotspare.unixsocket import SUN_PATH_MAX
 
 BITMAP_PREFIX = "hs-"
-_SUN_PATH_MAX = 107
 
 
 class DaemonError(HotspareError):
@@ -72,7 +71,7 @@ class Bitmap:
         return bitmap_number(self.name) or 0
 
 
-class StorageDaemon:
+class StorageDaemon(QmpSession):
     """The daemon of one machine, its files under ``state_root`` and ``serve_dir``."""
 
     fuse_views = True  # the tracker reads a view's bytes from its FUSE file
@@ -86,7 +85,6 @@ class StorageDaemon:
         self.fuse = fuse
         self.run_dir = self.root / "qsd"
         self.view_dir = self.root / "view"
-        self._qmp: QmpClient | None = None
 
     # -- paths -----------------------------------------------------------------------------
     @property
@@ -157,8 +155,8 @@ class StorageDaemon:
     def _start(self) -> None:
         for p in (self.run_dir, self.view_dir, self.serve_dir):
             p.mkdir(parents=True, exist_ok=True)
-        if len(os.fsencode(str(self.nbd_socket))) > _SUN_PATH_MAX:
-            raise DaemonError(f"{self.nbd_socket}: socket path longer than {_SUN_PATH_MAX} bytes; "
+        if len(os.fsencode(str(self.nbd_socket))) > SUN_PATH_MAX:
+            raise DaemonError(f"{self.nbd_socket}: socket path longer than {SUN_PATH_MAX} bytes; "
                               "choose a shorter --serve-dir")
         for d in self.config.disks:
             self._ensure_sidecar(d)
@@ -237,34 +235,17 @@ class StorageDaemon:
             raise DaemonError(f"{self.config.name}: the storage daemon (pid {pid}) did not quit in {timeout:.0f}s")
         return True
 
-    # -- QMP -------------------------------------------------------------------------------
-    def qmp(self) -> QmpClient:
-        if self._qmp is None:
-            q = QmpClient(self.qmp_path, timeout=30.0)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    q.connect()
-                    break
-                except QmpError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            self._qmp = q
-        return self._qmp
-
-    def close(self) -> None:
-        if self._qmp is not None:
-            self._qmp.close()
-            self._qmp = None
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None, **args: Any) -> Any:
-        try:
-            return self.qmp().execute(command, arguments, **args)
-        except QmpError as err:
-            if "connection closed" in str(err) or "cannot connect" in str(err):
-                self.close()
-            raise
+    # -- QMP (a QmpSession: connected on first use, again after a transport fault) ---------
+    def _open_qmp(self) -> QmpClient:
+        q = QmpClient(self.qmp_path, timeout=30.0)
+        deadline = time.monotonic() + 10
+        while True:  # a daemon just started may not listen yet
+            try:
+                return q.connect()
+            except QmpError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def bitmaps(self, disk: str) -> list[Bitmap]:
         """hotspare's bitmaps of ``disk``, oldest first."""

@@ -17,6 +17,7 @@ import socket
 import struct
 
 from hotspare.errors import HotspareError
+from hotspare.unixsocket import connect_unix
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -32,7 +33,6 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 CMD_READ = 0
 CMD_DISC = 2
 MAX_READ = 32 << 20
-_SUN_PATH_MAX = 107
 
 
 class NbdError(HotspareError):
@@ -61,21 +61,10 @@ class NbdReader:
         return f"NBD export {self.export!r} at {self.path}"
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        dir_fd = None
         try:
-            target = self.path
-            if len(os.fsencode(target)) > _SUN_PATH_MAX:
-                dir_fd = os.open(os.path.dirname(target) or ".", os.O_PATH | os.O_CLOEXEC)
-                target = f"/proc/self/fd/{dir_fd}/{os.path.basename(target)}"
-            sock.connect(target)
+            sock = connect_unix(self.path, self.timeout)
         except OSError as err:
-            sock.close()
             raise NbdError(f"{self._what()}: cannot connect: {err.strerror or err}") from err
-        finally:
-            if dir_fd is not None:
-                os.close(dir_fd)
         self._sock = sock
         try:
             self._handshake()

@@ -61,7 +61,7 @@ from hotspare.machine import DiskSpec
 from hotspare.store.base import Store
 from hotspare.vm.host import VmHandle, load_handle
 from hotspare.vm.qemu.cmd import BITMAP_FIRST, disk_blockdevs, disk_nodes, node_names
-from hotspare.qmp import QmpClient, QmpError
+from hotspare.qmp import QmpClient, QmpError, QmpSession
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class QmpHost(Protocol):
              before_quit: Callable[[], object] | None = None) -> None: ...
 
 
-class VmBlockLayer:
+class VmBlockLayer(QmpSession):
     """The storage daemon's interface (what :class:`QemuTracker` drives) over a VM's QEMU,
     or over a ``qemu-storage-daemon`` holding a gone VM's disks: its QMP socket, its disk
     nodes ``d-<disk>``, and views exported on ``<workdir>/nbd.sock`` (socket paths relative
@@ -95,7 +95,6 @@ class VmBlockLayer:
         self.view_cwd = str(self.workdir)
         self._connect = connect
         self.what = what
-        self._q: QmpClient | None = None
 
     def ensure(self) -> bool:
         """Start QEMU's NBD server for the views, unless it runs; never a fresh daemon."""
@@ -107,23 +106,8 @@ class VmBlockLayer:
                 raise
         return False
 
-    def qmp(self) -> QmpClient:
-        if self._q is None:
-            self._q = self._connect().connect()
-        return self._q
-
-    def close(self) -> None:
-        if self._q is not None:
-            self._q.close()
-            self._q = None
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None, **args: Any) -> Any:
-        try:
-            return self.qmp().execute(command, arguments, **args)
-        except QmpError as err:
-            if err.error_class is None:
-                self.close()
-            raise
+    def _open_qmp(self) -> QmpClient:
+        return self._connect().connect()
 
     def _node_info(self, disk: str) -> dict[str, Any] | None:
         return disk_nodes(self.qmp()).get(f"d-{disk}")  # query-block: see cmd.disk_nodes

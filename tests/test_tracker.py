@@ -91,6 +91,61 @@ def test_ships_exactly_the_writes_and_an_idle_cycle_ships_nothing(tmp_path: Path
     assert b'"tracker": "qemu"' in hb.replace(b'":"', b'": "') or b"qemu" in hb
 
 
+def test_writes_during_a_cycle_copy_only_blocks_the_cut_still_needs(tmp_path: Path, monkeypatch) -> None:
+    """While the agent reads a cut's view, the view keeps the old bytes of a block only if the
+    cut holds the block and the agent has not read it yet: 8 MiB written to clean blocks
+    during the cycle cost the view nothing (the agent trimmed them), one dirty block
+    rewritten costs one block. The cut still ships the block's bytes from before the cut."""
+    import hotspare.capture.qemu as qemu_mod
+
+    image, store, cfg = setup_machine(tmp_path, 64 << 20)
+    seen: dict[str, int] = {}
+    read_view = qemu_mod.read_view
+
+    def writes_while_the_view_lives(view, runs, *a, **k):
+        fleece = ag.daemon.view_dir / "root.fleece.qcow2"
+        seen["before"] = fleece.stat().st_size
+        (tmp_path / "cut.img").write_bytes(image.read_bytes())  # the disk at the cut
+        qemu_io(uri, "write -P 0x77 16M 8M", "write -P 0x78 40M 64k")  # clean blocks, then a dirty one
+        seen["after"] = fleece.stat().st_size
+        return read_view(view, runs, *a, **k)
+
+    with Agent(store, cfg, tmp_path / "state" / "m1") as ag:
+        ag.cycle()
+        uri = ag.daemon.served_at("root")
+        qemu_io(uri, "write -P 0x5a 40M 64k", "write -P 0x5b 50M 1M")
+        monkeypatch.setattr(qemu_mod, "read_view", writes_while_the_view_lives)
+        r = ag.cycle().disks[0]
+        monkeypatch.setattr(qemu_mod, "read_view", read_view)
+        assert r.data_bytes == BS + (1 << 20), "the cut holds the writes before it, none after"
+        grew = seen["after"] - seen["before"]
+        assert BS <= grew < 2 * BS + (256 << 10), f"the view copied {grew} bytes for one rewritten cut block"
+        cut = tmp_path / "cut-replica.raw"
+        replay_catalog(store, ingest_all(store, cfg), cut)
+        _same_content(tmp_path / "cut.img", cut)
+        ag.cycle()
+    assert replica_equals(tmp_path, store, cfg, image)
+
+
+def test_a_cpu_limit_paces_the_agent_and_loses_nothing(tmp_path: Path) -> None:
+    """--cpu-limit 0.1: a 128 MiB burst ships on at most a tenth of a CPU (plus the bucket's
+    burst and the last upload), the cycle says how long it waited, the heartbeat too, and the
+    replica is exact."""
+    image, store, cfg = setup_machine(tmp_path, 256 << 20)
+    with Agent(store, cfg, tmp_path / "state" / "m1", cpu_limit=0.1) as ag:
+        ag.cycle()
+        qemu_io(ag.daemon.served_at("root"), "write -P 0x3c 0 128M")
+        t0, c0 = time.monotonic(), time.process_time()
+        r = ag.cycle().disks[0]
+        wall, cpu = time.monotonic() - t0, time.process_time() - c0
+    assert r.data_bytes == 128 << 20 and r.paced_seconds > 0.2, r
+    assert cpu <= 0.1 * wall + 0.5, f"the agent used {cpu:.2f} CPU-seconds in {wall:.2f}s"
+    assert json.loads(store.get(layout.heartbeat_key("m1")))["disks"]["root"]["paced_seconds"] > 0.2
+    assert replica_equals(tmp_path, store, cfg, image)
+    r = cli("agent", "m1", "--store", str(tmp_path / "store"), "--cpu-limit", "0", check=False)
+    assert r.returncode == 2 and "--cpu-limit 0: give a share of one CPU of at least 0.05" in r.stderr, r.stderr
+
+
 def _same_content(a: Path, b: Path) -> None:
     """Byte for byte, without reading the holes of two sparse raw files."""
     r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)], capture_output=True,

@@ -40,6 +40,7 @@ from typing import Literal
 
 import numpy as np
 
+from hotspare.capture.budget import CpuBudget
 from hotspare.capture.daemon import DaemonError, StorageDaemon
 from hotspare.capture.lease import AgentLease
 from hotspare.capture.qemu import DiskWork, QemuTracker
@@ -83,6 +84,7 @@ class DiskReport:
     served_at: str | None = None  # where the machine reaches the disk, when served
     consistent: bool = False  # the cycle read a frozen view: its cut is crash-consistent
     rescan: str | None = None  # why this cycle compared a frozen view with the hash map
+    paced_seconds: float = 0.0  # the cycle's waits for the agent's CPU budget (--cpu-limit)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class Agent:
         progress: ProgressFactory | None = None,
         say: Callable[[str], None] | None = None,
         alarm: Alarm | None = None,
+        cpu_limit: float | None = None,
     ) -> None:
         if tracker not in TRACKERS:
             raise HotspareError(f"unknown tracker {tracker!r}: use one of {', '.join(TRACKERS)}")
@@ -128,8 +131,9 @@ class Agent:
         # The qemu tracker always serves; the scan tracker when told to, or once it finds the
         # machine's daemon running (see the module's docstring).
         self.served = tracker == "qemu" or serve
+        self.budget = CpuBudget(cpu_limit)
         self.qemu = QemuTracker(self.daemon, self.state, store, config.name, log_target=log_target, say=self.say,
-                                scan_every_cycle=tracker == "scan")
+                                scan_every_cycle=tracker == "scan", budget=self.budget)
         self._work: dict[str, DiskWork] = {}
         self._last_beat = -HEARTBEAT_SPACING
         self.lease = AgentLease(store, config.name, self.state.root)
@@ -241,7 +245,7 @@ class Agent:
 
     def _served_cycle(self) -> list[DiskReport]:
         """One cycle of every disk through the storage daemon: a frozen view each, one cut."""
-        t0 = time.monotonic()
+        t0, paced = time.monotonic(), self.budget.slept
         work = []
         for spec in self.config.disks:
             w = self._prepare(spec, in_place=True)
@@ -260,14 +264,15 @@ class Agent:
                                       extents=w.extents, data_bytes=w.data_bytes, zero_bytes=w.zero_bytes,
                                       last_seq=w.state.last_seq, seconds=seconds, resync=w.resync_from is not None,
                                       tracker=self.tracker, served=True, consistent=True,
-                                      served_at=self.daemon.served_at(w.spec.name)))
+                                      served_at=self.daemon.served_at(w.spec.name),
+                                      paced_seconds=self.budget.slept - paced))
             w.keys, w.extents, w.data_bytes, w.zero_bytes, w.read_bytes, w.resync_from, w.scanned = \
                 [], 0, 0, 0, 0, None, None
         return reports
 
     def ship_disk(self, spec: DiskSpec) -> DiskReport:
         """One cycle of ``spec`` on the scan tracker, not served: the live disk against the hash map."""
-        t0 = time.monotonic()
+        t0, paced = time.monotonic(), self.budget.slept
         w = self._prepare(spec, in_place=False)
         state = w.state
         shipped = state.hashes.copy()  # the map as shipped: what is persisted
@@ -288,6 +293,7 @@ class Agent:
 
         def extents():
             for chunk in scan(spec.path, state.hashes, bs, spec.size, max_run=MAX_EXTENT, progress=on_progress):
+                self.budget.pace()
                 report.scanned_bytes = chunk.end
                 for run in chunk.runs:
                     ranges.append((run.offset // bs, -(-(run.offset + run.length) // bs)))
@@ -329,6 +335,7 @@ class Agent:
         persist()
         report.last_seq = state.last_seq
         report.seconds = time.monotonic() - t0
+        report.paced_seconds = self.budget.slept - paced
         return report
 
     # -- heartbeat -----------------------------------------------------------------------
@@ -360,7 +367,8 @@ class Agent:
         ended = self.watch.ending()
         self._disks_sent = {r.disk: {"last_seq": r.last_seq, "shipped_bytes": r.data_bytes + r.zero_bytes,
                                      "tracker": r.tracker, "served": r.served, "served_at": r.served_at,
-                                     "consistent": r.consistent, "rescan": r.rescan} for r in reports}
+                                     "consistent": r.consistent, "rescan": r.rescan,
+                                     "paced_seconds": round(r.paced_seconds, 3)} for r in reports}
         payload = send_heartbeat(self.store, self.config.name, mode="normal",
                                  epoch=max((r.epoch for r in reports), default=0), emit=self.emit, last_stall=ended,
                                  stalls=self._store_stalls(), disks=self._disks_sent)

@@ -18,8 +18,10 @@ I/O never stops for an agent crash. Terms used by the tracker:
 - *bitmap*: a persistent dirty bitmap ``hs-<n>`` of a disk node, at the machine's block
   size; the one recording is the cycle's, a disabled one is *frozen* (a cut's writes);
 - *view*: a point-in-time view of a disk (fleecing: ``blockdev-backup sync=none`` into a
-  temporary qcow2 whose backing is the disk), exported read-only in the state directory, as
-  NBD with the frozen bitmap (for its extents) and as a FUSE file (for its bytes).
+  temporary qcow2 whose backing is the disk, read through a ``snapshot-access`` node on the
+  backup's copy-before-write filter), exported on the daemon's NBD socket twice: read-only
+  with the frozen bitmap (``view-<disk>``, for its extents) and writable (``snap-<disk>``,
+  for its bytes, and for trims that tell the filter which blocks it no longer needs to copy).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotspare.capture.nbd import NbdReader
 from hotspare.errors import HotspareError
 from hotspare.machine import DiskSpec, MachineConfig
 from hotspare.qmp import QmpClient, QmpError, QmpSession
@@ -74,7 +77,6 @@ class Bitmap:
 class StorageDaemon(QmpSession):
     """The daemon of one machine, its files under ``state_root`` and ``serve_dir``."""
 
-    fuse_views = True  # the tracker reads a view's bytes from its FUSE file
     view_cwd: str | None = None  # view_uri's socket path is absolute
 
     def __init__(self, state_root: str | os.PathLike, config: MachineConfig, *,
@@ -108,16 +110,14 @@ class StorageDaemon(QmpSession):
             return str(self.serve_dir / f"{disk}.img")
         return f"nbd+unix:///{disk}?socket={self.serve_dir / f'{disk}.sock'}"
 
-    def view_file(self, disk: str) -> Path:
-        return self.view_dir / f"{disk}.img"
-
     def view_uri(self, disk: str) -> str:
         return f"nbd+unix:///view-{disk}?socket={self.nbd_socket}"
 
     @contextmanager
-    def open_view(self, disk: str) -> Iterator[str]:
-        """Where the tracker reads the view's bytes: its FUSE file."""
-        yield str(self.view_file(disk))
+    def open_view(self, disk: str) -> Iterator[NbdReader]:
+        """Where the tracker reads the view's bytes, and trims what it is done with."""
+        with NbdReader(self.nbd_socket, f"snap-{disk}") as reader:
+            yield reader
 
     def node_names(self) -> set[str]:
         return {n["node-name"] for n in self.execute("query-named-block-nodes", flat=True)}
@@ -180,8 +180,6 @@ class StorageDaemon(QmpSession):
                                      f"mountpoint={mnt},writable=on"]
             else:
                 args += ["--export", f"type=nbd,id=serve-{d.name},node-name={node(d.name)},name={d.name},writable=on"]
-        for d in self.config.disks:
-            _unmount_stale(self.view_file(d.name))
         qmp = self.qmp_path.relative_to(self.root)  # relative: the state dir may be deep
         args += ["--chardev", f"socket,path={qmp},server=on,wait=off,id=qmp", "--monitor", "chardev=qmp",
                  "--pidfile", str(self.pid_path), "--daemonize"]

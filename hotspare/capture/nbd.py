@@ -1,11 +1,12 @@
-"""A read-only NBD client on a unix socket, just enough to read a view's bytes.
+"""An NBD client on a unix socket, just enough to read a view's bytes and release them.
 
-Where a view cannot be a FUSE file (a QEMU in a container mounts FUSE in its own mount
-namespace, and a VM's QEMU may lack FUSE exports), the capture reads the view's NBD export,
-the same one ``nbdinfo --map`` reads the dirty extents from. libnbd's Python binding is a
-Debian package for the system Python only, so this speaks the protocol itself: fixed
-newstyle handshake, ``NBD_OPT_GO``, simple replies, ``NBD_CMD_READ`` of at most
-:data:`MAX_READ` bytes (QEMU refuses reads above 32 MiB).
+The capture reads a view through its NBD export (the same socket works for the machine's
+daemon and for a VM's QEMU in a container, whose FUSE mounts stay in its own namespace), and
+trims what it has read or will never read, so that the view's copy-before-write stops
+copying those blocks. libnbd's Python binding is a Debian package for the system Python
+only, so this speaks the protocol itself: fixed newstyle handshake, ``NBD_OPT_GO``, simple
+replies, ``NBD_CMD_READ`` of at most :data:`MAX_READ` bytes (QEMU refuses reads above
+32 MiB) and ``NBD_CMD_TRIM``.
 
 Reference: https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md
 """
@@ -32,7 +33,11 @@ REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 CMD_READ = 0
 CMD_DISC = 2
+CMD_TRIM = 4
+FLAG_SEND_TRIM = 1 << 5  # transmission flag: the export accepts NBD_CMD_TRIM
 MAX_READ = 32 << 20
+MAX_TRIM = 1 << 30  # bytes per trim request (QEMU caps a discard near 2 GiB)
+TRIM_BATCH = 256  # trims in flight: their replies (16 bytes each) never fill a socket buffer
 
 
 class NbdError(HotspareError):
@@ -47,6 +52,7 @@ class NbdReader:
         self.export = export
         self.timeout = timeout
         self.size = 0
+        self.can_trim = False
         self._sock: socket.socket | None = None
         self._handle = 0
 
@@ -89,7 +95,8 @@ class NbdReader:
                 raise NbdError(f"{self._what()}: server refused the export "
                                f"({payload[4:].decode(errors='replace') if len(payload) > 4 else rtype})")
             if rtype == REP_INFO and len(payload) >= 12 and struct.unpack(">H", payload[:2])[0] == INFO_EXPORT:
-                self.size = struct.unpack(">Q", payload[2:10])[0]
+                self.size, flags = struct.unpack(">QH", payload[2:12])
+                self.can_trim = bool(flags & FLAG_SEND_TRIM)
             elif rtype == REP_ACK:
                 return
 
@@ -109,6 +116,27 @@ class NbdReader:
             self._recv_into(buf[pos:pos + step])
             pos += step
         return n
+
+    def discard(self, ranges: list[tuple[int, int]]) -> None:
+        """Trim the (offset, length) ranges, pipelined; nothing when the export cannot trim
+        (a trim only saves the server work here, it never changes what a read returns that
+        the caller still wants)."""
+        if not self.can_trim:
+            return
+        reqs = [(off + at, min(MAX_TRIM, n - at)) for off, n in ranges for at in range(0, n, MAX_TRIM)]
+        for i in range(0, len(reqs), TRIM_BATCH):
+            sent: dict[int, int] = {}
+            for off, n in reqs[i:i + TRIM_BATCH]:
+                self._handle += 1
+                sent[self._handle] = off
+                self._send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_TRIM, self._handle, off, n))
+            for _ in range(len(sent)):  # QEMU may answer out of order
+                magic, error, handle = struct.unpack(">IIQ", self._recv(16))
+                if magic != SIMPLE_REPLY_MAGIC or handle not in sent:
+                    raise NbdError(f"{self._what()}: unexpected reply to a trim")
+                off = sent.pop(handle)
+                if error:
+                    raise NbdError(f"{self._what()}: trim at {off} failed ({os.strerror(error)})")
 
     def close(self) -> None:
         if self._sock is not None:

@@ -8,8 +8,10 @@ A cycle, for all disks of the machine at once:
    go to the next bitmap, and the view keeps the old bytes (copy-before-write). The cut is
    the same instant for every disk of the machine.
 2. *read*: the frozen bitmap's dirty extents (``nbdinfo --map`` of the view's NBD export),
-   and only their bytes, from the view's FUSE file (or, where the block layer has no FUSE
-   file for this process, as a VM's QEMU in a container, from the NBD export itself). Blocks of zeros travel as null data.
+   and only their bytes, through a ``snapshot-access`` node on the backup's filter. Blocks of
+   zeros travel as null data. The clean blocks are trimmed on that node at once, and each
+   read is trimmed once read: the filter then stops copying a block's old bytes before a
+   write, so a write costs a copy only while its block is dirty in the cut and not yet read.
 3. *ship*: extent logs whose last one is the cycle's cut, marked consistent, uploaded
    create-only; then the hash map entries of the shipped blocks and the state.
 4. *release*: only now are the view and the frozen bitmap dropped.
@@ -49,7 +51,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
+from hotspare.capture.budget import CpuBudget
 from hotspare.capture.daemon import DaemonError, StorageDaemon, node
+from hotspare.capture.nbd import NbdReader
 from hotspare.capture.scan import ViewSource, scan
 from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
 from hotspare.capture.upload import ship_cycle
@@ -61,6 +65,10 @@ from hotspare.machine import DiskSpec
 from hotspare.store.base import Store
 
 READ = 4 << 20  # bytes per read of the view (a multiple of every block size)
+# A view's exports: its map (NBD, read-only, with the frozen bitmap), its bytes (NBD,
+# writable for trims), and the FUSE file of hotspare before 2026-12 (an adopted daemon may
+# still hold one).
+VIEW_EXPORTS = ("view-nbd", "snap-nbd", "view-fuse")
 EVERY_CYCLE = "the scan tracker compares every cut with the hash map"
 
 
@@ -86,8 +94,10 @@ class QemuTracker:
     """Drives the machine's daemon for the agent; one instance per agent process."""
 
     def __init__(self, daemon: StorageDaemon, state_dir: StateDir, store: Store, machine: str, *,
-                 log_target: int, say: Callable[[str], None] | None = None, scan_every_cycle: bool = False) -> None:
+                 log_target: int, say: Callable[[str], None] | None = None, scan_every_cycle: bool = False,
+                 budget: CpuBudget | None = None) -> None:
         self.daemon = daemon
+        self.budget = budget or CpuBudget(None)
         self.scan_every_cycle = scan_every_cycle
         self.state_dir = state_dir
         self.store = store
@@ -186,21 +196,23 @@ class QemuTracker:
             if w.frozen is not None:
                 actions.append({"type": "block-dirty-bitmap-disable", "data": {"node": node(d), "name": w.frozen}})
             actions.append({"type": "blockdev-backup",
-                            "data": {"device": node(d), "target": f"fl-{d}", "sync": "none", "job-id": f"fl-{d}"}})
+                            "data": {"device": node(d), "target": f"fl-{d}", "sync": "none", "job-id": f"fl-{d}",
+                                     "filter-node-name": f"cbw-{d}"}})
         self.daemon.execute("transaction", actions=actions)
         for w in busy:
             d = w.spec.name
+            # The map: the frozen bitmap is found through the fleece's backing, the disk.
             export: dict = {"type": "nbd", "id": f"view-nbd-{d}", "node-name": f"fl-{d}", "name": f"view-{d}",
                             "writable": False}
             if w.frozen is not None:
                 export["bitmaps"] = [w.frozen]
             self.daemon.execute("block-export-add", export)
-            if self.daemon.fuse_views:
-                view = self.daemon.view_file(d)
-                view.touch()
-                self.daemon.execute("block-export-add", {"type": "fuse", "id": f"view-fuse-{d}",
-                                                         "node-name": f"fl-{d}", "mountpoint": str(view),
-                                                         "writable": False})
+            # The bytes: writable only so that trims reach the filter (discard=unmap, or
+            # QEMU drops them); a write to it fails.
+            self.daemon.execute("blockdev-add", {"driver": "snapshot-access", "node-name": f"sa-{d}",
+                                                 "file": f"cbw-{d}", "discard": "unmap"})
+            self.daemon.execute("block-export-add", {"type": "nbd", "id": f"snap-nbd-{d}", "node-name": f"sa-{d}",
+                                                     "name": f"snap-{d}", "writable": True})
 
     def _fleece_template(self, spec: DiskSpec) -> str:
         """An empty qcow2 of the disk's size, made once: each view starts as a copy of it."""
@@ -216,7 +228,7 @@ class QemuTracker:
         with self.daemon.open_view(w.spec.name) as view:
             self._ship_view(w, view)
 
-    def _ship_view(self, w: DiskWork, view: ViewSource) -> None:
+    def _ship_view(self, w: DiskWork, view: NbdReader) -> None:
         spec, state = w.spec, w.state
         if w.rescan is not None:
             self._ship_rescan(w, view)
@@ -228,12 +240,14 @@ class QemuTracker:
             state.bitmap = w.next
             self.state_dir.save_meta(spec.name, state)
             return
+        view.discard(_gaps(runs, spec.size))  # never read: no copy-before-write for them
         # In flight: a scan after a crash from here until the upload re-sends these blocks.
         self.state_dir.update_hashes(state, blocks, UNSHIPPED)
         hashes: list[np.ndarray] = []
 
         def extents() -> Iterator[tuple[int, int, bytes | None]]:
-            for ext in read_view(view, runs, spec.block_size, spec.size):
+            for ext in read_view(view, runs, spec.block_size, spec.size, release=view.discard):
+                self.budget.pace()
                 hashes.append(ext[3])
                 w.read_bytes += ext[1]
                 yield ext[:3]
@@ -243,7 +257,7 @@ class QemuTracker:
         state.bitmap = w.next
         self.state_dir.save_meta(spec.name, state)
 
-    def _ship_rescan(self, w: DiskWork, view: ViewSource) -> None:
+    def _ship_rescan(self, w: DiskWork, view: NbdReader) -> None:
         """Compare the whole view with the hash map: only blocks that differ ship."""
         spec, state = w.spec, w.state
         if w.rescan != EVERY_CYCLE:  # the routine scan of the scan tracker is no news
@@ -257,6 +271,7 @@ class QemuTracker:
 
         def extents() -> Iterator[tuple[int, int, bytes | None]]:
             for chunk in scan(view, work, spec.block_size, spec.size, max_run=MAX_EXTENT):
+                self.budget.pace()
                 w.read_bytes = chunk.end
                 for run in chunk.runs:
                     runs.append((run.offset, run.length))
@@ -318,14 +333,14 @@ class QemuTracker:
 
     def _drop_views(self, work: list[DiskWork]) -> None:
         """Remove each disk's view, also one a dead cycle left behind."""
-        exports = {e["id"] for e in self.daemon.execute("query-block-exports")}
+        ids = {f"{kind}-{w.spec.name}" for w in work for kind in VIEW_EXPORTS}
+        for eid in ids & {e["id"] for e in self.daemon.execute("query-block-exports")}:
+            self.daemon.execute("block-export-del", id=eid, mode="hard")
+        _wait_exports_gone(self.daemon, ids)
+        nodes = self.daemon.node_names()
         for w in work:
-            d = w.spec.name
-            for eid in (f"view-nbd-{d}", f"view-fuse-{d}"):
-                if eid in exports:
-                    self.daemon.execute("block-export-del", id=eid, mode="hard")
-        _wait_exports_gone(self.daemon, {f"view-nbd-{w.spec.name}" for w in work} |
-                           {f"view-fuse-{w.spec.name}" for w in work})
+            if f"sa-{w.spec.name}" in nodes:  # before the job: it holds the filter sa reads
+                self.daemon.execute("blockdev-del", {"node-name": f"sa-{w.spec.name}"})
         jobs = {j["device"] for j in self.daemon.execute("query-block-jobs")}
         for w in work:
             if f"fl-{w.spec.name}" in jobs:
@@ -368,18 +383,32 @@ def dirty_runs(uri: str, bitmap: str, *, cwd: str | os.PathLike | None = None) -
         raise DaemonError(f"nbdinfo --map of bitmap {bitmap}: unreadable answer ({err})") from err
 
 
+def _gaps(runs: list[tuple[int, int]], disk_size: int) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of the disk between ``runs`` (in offset order)."""
+    out, pos = [], 0
+    for off, n in runs:
+        if off > pos:
+            out.append((pos, off - pos))
+        pos = max(pos, off + n)
+    if pos < disk_size:
+        out.append((pos, disk_size - pos))
+    return out
+
+
 def _blocks_of(runs: list[tuple[int, int]], block_size: int) -> np.ndarray:
     if not runs:
         return np.zeros(0, np.int64)
     return np.concatenate([np.arange(off // block_size, -(-(off + n) // block_size)) for off, n in runs])
 
 
-def read_view(path: ViewSource, runs: list[tuple[int, int]], block_size: int, disk_size: int
+def read_view(path: ViewSource, runs: list[tuple[int, int]], block_size: int, disk_size: int, *,
+              release: Callable[[list[tuple[int, int]]], None] | None = None
               ) -> Iterator[tuple[int, int, bytes | None, np.ndarray]]:
     """The extents of ``runs`` read from the view at ``path`` (a file, or a reader such as
     :class:`~hotspare.capture.nbd.NbdReader`): (offset, length, data or None for zeros, the
     xxh3 of each block). Consecutive blocks of one kind are one extent of at most MAX_EXTENT
-    bytes; zero detection and hashing are per block, never per sector."""
+    bytes; zero detection and hashing are per block, never per sector. ``release(ranges)``
+    runs after each read, with the range just read."""
     step = max(block_size, READ - READ % block_size)
     buf = bytearray(step)
     mv = memoryview(buf)
@@ -395,10 +424,16 @@ def read_view(path: ViewSource, runs: list[tuple[int, int]], block_size: int, di
                 got = os.preadv(fd, [mv[:n]], pos) if reader is None else reader.readinto(mv[:n], pos)
                 if got != n:
                     raise DaemonError(f"{path}: short read at {pos} ({got} of {n} bytes)")
+                if release is not None:
+                    release([(pos, n)])
                 nb = -(-n // block_size)
-                padded = np.zeros(nb * block_size, np.uint8)
-                padded[:n] = np.frombuffer(mv[:n], np.uint8)
-                zero = ~padded.reshape(nb, block_size).any(axis=1)
+                if n == nb * block_size:
+                    words = np.frombuffer(buf, np.uint64, n // 8)
+                else:  # the disk's last block is short: pad it with zeros
+                    padded = np.zeros(nb * block_size, np.uint8)
+                    padded[:n] = np.frombuffer(mv[:n], np.uint8)
+                    words = padded.view(np.uint64)
+                zero = ~words.reshape(nb, block_size // 8).any(axis=1)
                 sums = np.array([h(mv[i * block_size:min((i + 1) * block_size, n)]) for i in range(nb)], np.uint64)
                 # Runs of one kind within this read, each at most MAX_EXTENT long.
                 edges = np.flatnonzero(np.diff(zero.astype(np.int8))) + 1

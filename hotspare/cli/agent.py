@@ -18,6 +18,9 @@ def agent(
     store: StoreOpt = None,
     once: Annotated[bool, typer.Option(help="run one cycle and exit")] = False,
     interval: Annotated[float, typer.Option(help="seconds between cycles (cuts)")] = 0.5,
+    cpu_limit: Annotated[Optional[float], typer.Option(
+        envvar="HOTSPARE_CPU_LIMIT", help="at most this much of one CPU for the agent, averaged (0.5: half a CPU); "
+        "under heavier writes the cuts come later instead. Default: no limit")] = None,
     state_dir: Annotated[Optional[str], typer.Option(envvar="HOTSPARE_AGENT_STATE",
                                                      help="agent state directory (default ./.hotspare/agent)")] = None,
     tracker: Annotated[str, typer.Option(envvar="HOTSPARE_TRACKER",
@@ -53,6 +56,8 @@ def agent(
 
     if not (math.isfinite(interval) and interval > 0) or log_target_mib <= 0:
         raise typer.BadParameter("--interval and --log-target-mib must be positive numbers")
+    if cpu_limit is not None and not (math.isfinite(cpu_limit) and 0.05 <= cpu_limit):
+        raise typer.BadParameter(f"--cpu-limit {cpu_limit:g}: give a share of one CPU of at least 0.05 (0.5: half a CPU)")
     if not (math.isfinite(give_up_after) and give_up_after >= 0):
         raise typer.BadParameter("--give-up-after must be a number of seconds, 0 for never")
     if tracker not in TRACKERS:
@@ -80,7 +85,7 @@ def agent(
         return
     cfg = load_machine(st, machine)  # a failback to replacement disks changed their paths
     with Agent(st, cfg, agent_state_dir(state_dir, machine), tracker=tracker, serve_dir=serve_dir,  # type: ignore[arg-type]
-               fuse=fuse, serve=serve, log_target=log_target_mib << 20, emit=emit, alarm=alarm,
+               fuse=fuse, serve=serve, log_target=log_target_mib << 20, emit=emit, alarm=alarm, cpu_limit=cpu_limit,
                say=lambda s: console.print(f"{machine}/{s}", markup=False, highlight=False)) as ag:
         ag.progress = None if quiet or not console.is_terminal else bar_factory(console)
         stop_on_signals(ag, "log")
@@ -92,7 +97,8 @@ def agent(
                 what = "read" if tracker == "qemu" else "scanned"
                 console.print(f"{machine}/{d.disk}: {what} {d.scanned_bytes >> 20} MiB in {d.seconds:.2f}s, "
                               f"shipped {len(d.logs)} log(s), {d.extents} extent(s), {d.data_bytes} data bytes, "
-                              f"{d.zero_bytes} zero bytes, last seq {d.last_seq}" + (" (resync)" if d.resync else ""))
+                              f"{d.zero_bytes} zero bytes, last seq {d.last_seq}" + (" (resync)" if d.resync else "")
+                              + (f", waited {d.paced_seconds:.2f}s for --cpu-limit" if d.paced_seconds >= 0.01 else ""))
 
         ag.run(interval=interval, once=once, on_cycle=on_cycle, give_up_after=give_up_after or None)
 

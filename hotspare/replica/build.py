@@ -270,11 +270,13 @@ def _build_part(store: Store, job: PartJob, reads: ThreadPoolExecutor, uploads: 
             todo.append((new, b - first, hashlib.sha256(chunk).digest(), chunk))
     # Only the pages' entries that hold a wanted digest become Python objects (numpy finds
     # them): a job's pages hold up to 1,024 entries each, its new chunks far fewer.
-    wanted = np.array(sorted({t[2] for t in todo}), dtype="S32")
-    if job.pages and len(wanted):
+    want = {t[2] for t in todo}
+    if job.pages and want:
         live = np.concatenate([olds[p][olds[p]["length"] > 0] for p in job.pages])
-        for e in live[np.isin(live["digest"], wanted)]:
-            known.setdefault(digest_of(e), (int(e["pack"]), int(e["offset"]), int(e["length"])))
+        heads = dedup.prefix(np.array(sorted(want), dtype="S32"))
+        for e in live[np.isin(dedup.prefix(live["digest"]), heads)]:  # candidates: compare whole digests
+            if (d := digest_of(e)) in want:
+                known.setdefault(d, (int(e["pack"]), int(e["offset"]), int(e["length"])))
     for d, where in dedup.lookup(store, job.previous, sorted({t[2] for t in todo} - known.keys())).items():
         known.setdefault(d, where)
     new_chunks: list[tuple[bytes, int, int, int]] = []

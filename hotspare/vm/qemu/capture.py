@@ -87,8 +87,6 @@ class VmBlockLayer(QmpSession):
     nodes ``d-<disk>``, and views exported on ``<workdir>/nbd.sock`` (socket paths relative
     to the work directory, where QEMU runs, so that no path grows past 107 bytes)."""
 
-    fuse_views = False
-
     def __init__(self, workdir: str | os.PathLike[str], connect: Callable[[], QmpClient], *, what: str) -> None:
         self.workdir = Path(workdir)
         self.view_dir = self.workdir / CAPTURE_DIR / "view"
@@ -132,7 +130,7 @@ class VmBlockLayer(QmpSession):
         # Reading and uploading need no QMP: let other clients (a flow's status queries, the
         # streams' progress) in meanwhile; the release reconnects.
         self.close()
-        with NbdReader(self.workdir / NBD_SOCKET, f"view-{disk}") as reader:
+        with NbdReader(self.workdir / NBD_SOCKET, f"snap-{disk}") as reader:
             yield reader
 
     def pid(self) -> int | None:

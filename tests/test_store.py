@@ -121,6 +121,42 @@ def test_put_file_small_and_multipart(store: Store, tmp_path: Path) -> None:
         store.put_file("f/x", str(tmp_path / "nope"))
 
 
+def test_put_staged_takes_a_given_up_file_where_it_can_and_copies_elsewhere(store: Store, tmp_path: Path) -> None:
+    """Extent logs are staged and given up: a local store on the same file system links
+    the file instead of writing it a second time; across file systems, and on S3, the
+    bytes are uploaded. Either way create-only holds and the object stays whole after the
+    caller removes its file."""
+    staged = tmp_path / "staged"
+    staged.write_bytes(rand(300_000, 4))
+    staged.chmod(0o600)  # as mkstemp makes it
+    data = staged.read_bytes()
+    store.put_staged("g/log", str(staged), create_only=True)
+    if isinstance(store, LocalStore):
+        obj = Path(store.root) / "g" / "log"
+        assert obj.stat().st_ino == staged.stat().st_ino  # linked, not copied
+        umask = os.umask(0)
+        os.umask(umask)
+        assert obj.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as the store's other objects
+    with pytest.raises(AlreadyExists):
+        store.put_staged("g/log", str(tmp_path / "staged"), create_only=True)
+    staged.unlink()
+    assert store.get("g/log") == data
+    staged.write_bytes(b"newer")
+    store.put_staged("g/log", str(staged))  # not create-only: over the object
+    staged.unlink(missing_ok=True)  # the store may have taken the name
+    assert store.get("g/log") == b"newer"
+    other = Path("/dev/shm") / f"hs-staged-{os.getpid()}"  # tmpfs: another file system
+    try:
+        other.write_bytes(b"x" * 4096)
+        store.put_staged("g/shm", str(other))
+        other.write_bytes(b"y" * 4096)  # a copy: later writes to the file do not reach it
+        assert store.get("g/shm") == b"x" * 4096
+    finally:
+        other.unlink(missing_ok=True)
+    with pytest.raises(UsageError, match="nope"):
+        store.put_staged("g/x", str(tmp_path / "nope"))
+
+
 # -------------------------------------------------------------------- reading
 
 

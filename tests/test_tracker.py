@@ -16,16 +16,20 @@ import time
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from hotspare import layout
+from hotspare.capture import qemu as qemu_mod
 from hotspare.capture.agent import Agent
+from hotspare.capture.daemon import io_engine
+from hotspare.capture.nbd import NbdReader
 from hotspare.catalog import Catalog, catalog_logs
 from hotspare.ingest import ingest_disk
 from hotspare.machine import MachineConfig, parse_disk_arg, save_machine
 from hotspare.replay import apply_log, replay_catalog
 from hotspare.store import open_store
 from tests import journal_writer
-from tests.helpers import HOTSPARE, cli, random_image, require, same_file, sha256_file
+from tests.helpers import HOTSPARE, NbdServer, cli, random_image, require, same_file, sha256_file
 
 BS = 64 << 10
 
@@ -91,12 +95,45 @@ def test_ships_exactly_the_writes_and_an_idle_cycle_ships_nothing(tmp_path: Path
     assert b'"tracker": "qemu"' in hb.replace(b'":"', b'": "') or b"qemu" in hb
 
 
+def test_a_view_is_read_in_batches_that_keep_every_block(tmp_path: Path) -> None:
+    """Scattered one-block runs (what random writes leave), a run across a batch boundary
+    and the disk's short last block, read from a real NBD server: the extents hold exactly
+    the runs' bytes, zeros as None, never span a gap, and come from a few pipelined
+    batches, each released once as one range."""
+    require("qemu-nbd", "qemu-utils")
+    bs = 64 << 10
+    size = 128 * bs + (12 << 10)
+    image = tmp_path / "view.img"
+    random_image(image, size, seed=5, fill=0.7)
+    disk = image.read_bytes()
+    runs = [(b * bs, bs) for b in range(0, 40, 3)] + [(41 * bs, 60 * bs), (128 * bs, size - 128 * bs)]
+    released: list[list[tuple[int, int]]] = []
+    with NbdServer(image, tmp_path / "view.sock", "view") as server, NbdReader(server.sock, "view") as view:
+        extents = list(qemu_mod.read_view(view, runs, bs, size, release=released.append))
+
+    # 74 blocks and a bit: two batches of at most 4 MiB, each released as one range from its
+    # first run to its last; together they cover every run and end at the disk's end.
+    assert [len(b) for b in released] == [1, 1]
+    (a, an), (b, bn) = released[0][0], released[1][0]
+    assert (a, a + an == b, b + bn) == (0, True, size)
+    covered = [(off, n) for off, n, _, _ in extents]
+    want = b"".join(disk[off:off + n] for off, n in runs)
+    got = b"".join(bytes(n) if data is None else data for _, n, data, _ in extents)
+    assert got == want
+    assert sum(n for _, n in covered) == sum(n for _, n in runs)
+    for off, n, data, sums in extents:
+        assert any(r <= off and off + n <= r + rn for r, rn in runs)  # no extent spans a gap
+        assert (data is None) == (disk[off:off + n] == bytes(n))
+        assert [int(x) for x in sums] == [xxhash.xxh3_64_intdigest(disk[o:min(o + bs, off + n)])
+                                          for o in range(off, off + n, bs)]
+    assert extents[-1][0] + extents[-1][1] == size  # the short last block is read, not padded
+
+
 def test_writes_during_a_cycle_copy_only_blocks_the_cut_still_needs(tmp_path: Path, monkeypatch) -> None:
     """While the agent reads a cut's view, the view keeps the old bytes of a block only if the
     cut holds the block and the agent has not read it yet: 8 MiB written to clean blocks
     during the cycle cost the view nothing (the agent trimmed them), one dirty block
     rewritten costs one block. The cut still ships the block's bytes from before the cut."""
-    import hotspare.capture.qemu as qemu_mod
 
     image, store, cfg = setup_machine(tmp_path, 64 << 20)
     seen: dict[str, int] = {}
@@ -144,6 +181,23 @@ def test_a_cpu_limit_paces_the_agent_and_loses_nothing(tmp_path: Path) -> None:
     assert replica_equals(tmp_path, store, cfg, image)
     r = cli("agent", "m1", "--store", str(tmp_path / "store"), "--cpu-limit", "0", check=False)
     assert r.returncode == 2 and "--cpu-limit 0: give a share of one CPU of at least 0.05" in r.stderr, r.stderr
+
+
+def test_the_daemon_serves_through_io_uring_where_it_can(tmp_path: Path, monkeypatch) -> None:
+    """The daemon does its disk I/O through io_uring where QEMU and the kernel have it (the
+    probe), and the disk is then opened with it; else through QEMU's thread pool, as when
+    the probe cannot run."""
+    image, store, cfg = setup_machine(tmp_path, 64 << 20)
+    with Agent(store, cfg, tmp_path / "state" / "m1") as ag:
+        ag.cycle()
+        fds = {os.readlink(f) for f in Path(f"/proc/{ag.daemon.pid()}/fd").iterdir()}
+    assert ("anon_inode:[io_uring]" in fds) == (io_engine() == "io_uring"), (io_engine(), fds)
+    io_engine.cache_clear()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    try:
+        assert io_engine() == "threads"
+    finally:
+        io_engine.cache_clear()
 
 
 def _same_content(a: Path, b: Path) -> None:

@@ -27,10 +27,17 @@ class OutageStore(LocalStore):
 
     down = False
 
-    def put_file(self, key: str, path: str, *, create_only: bool = False) -> None:
+    def _reach(self, key: str) -> None:
         if self.down:
             raise TransientStoreError(key, "store unreachable (outage)")
+
+    def put_file(self, key: str, path: str, *, create_only: bool = False) -> None:
+        self._reach(key)
         super().put_file(key, path, create_only=create_only)
+
+    def put_staged(self, key: str, path: str, *, create_only: bool = False) -> None:
+        self._reach(key)
+        super().put_staged(key, path, create_only=create_only)
 
 
 def _bitmaps(host, handle) -> list[dict]:

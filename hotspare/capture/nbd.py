@@ -38,6 +38,7 @@ FLAG_SEND_TRIM = 1 << 5  # transmission flag: the export accepts NBD_CMD_TRIM
 MAX_READ = 32 << 20
 MAX_TRIM = 1 << 30  # bytes per trim request (QEMU caps a discard near 2 GiB)
 TRIM_BATCH = 256  # trims in flight: their replies (16 bytes each) never fill a socket buffer
+READ_BATCH = 256  # reads in flight: their requests (28 bytes each) never fill a socket buffer
 
 
 class NbdError(HotspareError):
@@ -116,6 +117,31 @@ class NbdReader:
             self._recv_into(buf[pos:pos + step])
             pos += step
         return n
+
+    def readv(self, buf: memoryview, ranges: list[tuple[int, int]]) -> None:
+        """Read the (offset, length) ranges, each of at most :data:`MAX_READ` bytes, into
+        ``buf`` one after another, pipelined: one round trip for a batch of scattered blocks
+        instead of one each."""
+        if sum(n for _, n in ranges) > len(buf):
+            raise ValueError("the reads do not fit the buffer")
+        at = 0
+        sent: dict[int, tuple[int, int, int]] = {}  # handle -> (offset, position in buf, length)
+        for i in range(0, len(ranges), READ_BATCH):
+            for off, n in ranges[i:i + READ_BATCH]:
+                if n > MAX_READ:
+                    raise ValueError(f"a read of {n} bytes is over {MAX_READ}")
+                self._handle += 1
+                sent[self._handle] = (off, at, n)
+                at += n
+                self._send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, self._handle, off, n))
+            while sent:  # QEMU may answer out of order
+                magic, error, handle = struct.unpack(">IIQ", self._recv(16))
+                if magic != SIMPLE_REPLY_MAGIC or handle not in sent:
+                    raise NbdError(f"{self._what()}: unexpected reply to a read")
+                off, pos, n = sent.pop(handle)
+                if error:
+                    raise NbdError(f"{self._what()}: read of {n} bytes at {off} failed ({os.strerror(error)})")
+                self._recv_into(buf[pos:pos + n])
 
     def discard(self, ranges: list[tuple[int, int]]) -> None:
         """Trim the (offset, length) ranges, pipelined; nothing when the export cannot trim

@@ -54,7 +54,7 @@ import xxhash
 from hotspare.capture.budget import CpuBudget
 from hotspare.capture.daemon import DaemonError, StorageDaemon, node
 from hotspare.capture.nbd import NbdReader
-from hotspare.capture.scan import ViewSource, scan
+from hotspare.capture.scan import scan
 from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
 from hotspare.capture.upload import ship_cycle
 from hotspare.errors import HotspareError
@@ -201,6 +201,13 @@ class QemuTracker:
         self.daemon.execute("transaction", actions=actions)
         for w in busy:
             d = w.spec.name
+            if w.frozen is not None:
+                # QEMU switches the bitmaps before it installs the view's copy-before-write
+                # filter, and a write that completes in between is in the view but only in
+                # the new bitmap: a cut that did not read it could hold a journal's commit
+                # record without the data it names. So the cut also reads what the new
+                # bitmap holds now (those blocks stay dirty there and ship again next cycle).
+                self.daemon.execute("block-dirty-bitmap-merge", node=node(d), target=w.frozen, bitmaps=[w.next])
             # The map: the frozen bitmap is found through the fleece's backing, the disk.
             export: dict = {"type": "nbd", "id": f"view-nbd-{d}", "node-name": f"fl-{d}", "name": f"view-{d}",
                             "writable": False}
@@ -401,48 +408,55 @@ def _blocks_of(runs: list[tuple[int, int]], block_size: int) -> np.ndarray:
     return np.concatenate([np.arange(off // block_size, -(-(off + n) // block_size)) for off, n in runs])
 
 
-def read_view(path: ViewSource, runs: list[tuple[int, int]], block_size: int, disk_size: int, *,
+def read_view(view: NbdReader, runs: list[tuple[int, int]], block_size: int, disk_size: int, *,
               release: Callable[[list[tuple[int, int]]], None] | None = None
               ) -> Iterator[tuple[int, int, bytes | None, np.ndarray]]:
-    """The extents of ``runs`` read from the view at ``path`` (a file, or a reader such as
-    :class:`~hotspare.capture.nbd.NbdReader`): (offset, length, data or None for zeros, the
-    xxh3 of each block). Consecutive blocks of one kind are one extent of at most MAX_EXTENT
-    bytes; zero detection and hashing are per block, never per sector. ``release(ranges)``
-    runs after each read, with the range just read."""
+    """The extents of ``runs`` read from ``view``: (offset, length, data or None for zeros,
+    the xxh3 of each block). Consecutive blocks of one kind are one extent of at most
+    MAX_EXTENT bytes. Runs are read in batches of up to READ bytes, pipelined, however
+    scattered (random writes leave runs of one block), and zero detection and hashing are
+    per block over the batch, never per sector. ``release(ranges)`` runs after each batch
+    with one range, from the batch's first byte to its last: the daemon does one trim per
+    batch, not one per run (the caller has released the gaps between runs already, and a
+    second trim of them changes nothing)."""
     step = max(block_size, READ - READ % block_size)
     buf = bytearray(step)
     mv = memoryview(buf)
     h = xxhash.xxh3_64_intdigest
-    reader = None if isinstance(path, (str, os.PathLike)) else path
-    fd = os.open(path, os.O_RDONLY) if reader is None else -1
-    try:
-        for off, length in runs:
-            end = min(off + length, disk_size)
-            pos = off
-            while pos < end:
-                n = min(step, end - pos)
-                got = os.preadv(fd, [mv[:n]], pos) if reader is None else reader.readinto(mv[:n], pos)
-                if got != n:
-                    raise DaemonError(f"{path}: short read at {pos} ({got} of {n} bytes)")
-                if release is not None:
-                    release([(pos, n)])
-                nb = -(-n // block_size)
-                if n == nb * block_size:
-                    words = np.frombuffer(buf, np.uint64, n // 8)
-                else:  # the disk's last block is short: pad it with zeros
-                    padded = np.zeros(nb * block_size, np.uint8)
-                    padded[:n] = np.frombuffer(mv[:n], np.uint8)
-                    words = padded.view(np.uint64)
-                zero = ~words.reshape(nb, block_size // 8).any(axis=1)
-                sums = np.array([h(mv[i * block_size:min((i + 1) * block_size, n)]) for i in range(nb)], np.uint64)
-                # Runs of one kind within this read, each at most MAX_EXTENT long.
-                edges = np.flatnonzero(np.diff(zero.astype(np.int8))) + 1
-                starts = np.concatenate([[0], edges])
-                stops = np.concatenate([edges, [nb]])
-                for a, b in zip(starts.tolist(), stops.tolist()):
-                    lo, hi = a * block_size, min(b * block_size, n)
-                    yield (pos + lo, hi - lo, None if zero[a] else bytes(mv[lo:hi]), sums[a:b])
-                pos += n
-    finally:
-        if reader is None:
-            os.close(fd)
+    for batch in _batches(runs, disk_size, step):
+        view.readv(mv, batch)
+        if release is not None:
+            release([(batch[0][0], batch[-1][0] + batch[-1][1] - batch[0][0])])
+        # Each block's disk offset and length; the disk's last block may be short.
+        starts = np.concatenate([np.arange(off, off + n, block_size) for off, n in batch])
+        lengths = np.minimum(starts + block_size, disk_size) - starts
+        nb, used = len(starts), int(lengths.sum())
+        if used < nb * block_size:  # only the short last block: pad it with zeros
+            buf[used:nb * block_size] = bytes(nb * block_size - used)
+        zero = ~np.frombuffer(buf, np.uint64, nb * block_size // 8).reshape(nb, block_size // 8).any(axis=1)
+        sums = np.array([h(mv[i * block_size:i * block_size + int(n)]) for i, n in enumerate(lengths.tolist())],
+                        np.uint64)
+        # Extents: break where the kind changes or the disk offsets stop being contiguous.
+        brk = np.flatnonzero((zero[1:] != zero[:-1]) | (starts[1:] != starts[:-1] + block_size)) + 1
+        for a, b in zip([0, *brk.tolist()], [*brk.tolist(), nb]):
+            lo, length = a * block_size, int(starts[b - 1] + lengths[b - 1] - starts[a])
+            yield int(starts[a]), length, None if zero[a] else bytes(mv[lo:lo + length]), sums[a:b]
+
+
+def _batches(runs: list[tuple[int, int]], disk_size: int, step: int) -> Iterator[list[tuple[int, int]]]:
+    """``runs`` (clipped to the disk) cut into lists of (offset, length) of at most ``step``
+    bytes in all."""
+    batch: list[tuple[int, int]] = []
+    room = step
+    for off, length in runs:
+        end = min(off + length, disk_size)
+        while off < end:
+            n = min(room, end - off)
+            batch.append((off, n))
+            off += n
+            room -= n
+            if not room:
+                yield batch
+                batch, room = [], step
+    if batch:
+        yield batch

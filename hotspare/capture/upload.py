@@ -33,7 +33,7 @@ def upload_log(store: Store, writer: LogWriter, path: str, *, machine: str, disk
             meta = writer.close(cut=cut, consistent=consistent)
         key = layout.log_key(machine, disk, epoch, meta.first_seq, meta.last_seq)
         try:
-            store.put_file(key, path, create_only=True)
+            store.put_staged(key, path, create_only=True)
         except AlreadyExists:
             # A retried upload whose first try landed (its answer was lost) finds its own
             # bytes there: that is success, not a second shipper.

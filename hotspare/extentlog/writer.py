@@ -1,8 +1,10 @@
-"""Writing extent logs: rows are buffered up to a row group's worth of bytes, then written,
-so memory stays bounded however large the log grows."""
+"""Writing extent logs: rows are buffered up to a row group's worth of bytes, then encoded
+and written on a thread of the log's own while the next row group fills, so memory stays
+bounded (two row groups) however large the log grows."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import BinaryIO
@@ -50,6 +52,8 @@ class LogWriter:
                                         use_dictionary=False, write_statistics=["seq", "offset", "ts"])
         self._cols: dict[str, list] = {name: [] for name in SCHEMA.names}
         self._buffered = 0
+        self._encoder: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         self.first_seq: int | None = None
         self.last_seq: int | None = None
         self.rows = 0
@@ -89,10 +93,24 @@ class LogWriter:
         if not self._cols["seq"]:
             return
         table = pa.Table.from_pydict(self._cols, schema=SCHEMA)
-        self._writer.write_table(table, row_group_size=len(table))
-        for v in self._cols.values():
-            v.clear()
+        self._wait()
+        # Encoded and compressed on a thread of its own (pyarrow lets go of the GIL), while
+        # the capture reads the next row group's blocks: a view lives that much less.
+        if self._encoder is None:  # one thread per log, so its row groups stay in order
+            self._encoder = ThreadPoolExecutor(1, thread_name_prefix="hotspare-log-encoder")
+        self._pending = self._encoder.submit(self._writer.write_table, table, row_group_size=len(table))
+        self._cols = {name: [] for name in SCHEMA.names}
         self._buffered = 0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _stop_encoder(self) -> None:
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=True)
+            self._encoder = None
 
     def close(self, *, cut: bool = False, consistent: bool = False) -> LogMeta:
         """Finish the file. ``cut``: this log ends a capture cycle; ``consistent``: that
@@ -100,7 +118,11 @@ class LogWriter:
         if self.first_seq is None or self.last_seq is None:
             self._writer.close()
             raise ValueError("an extent log needs at least one extent")
-        self._flush()
+        try:
+            self._flush()
+            self._wait()
+        finally:
+            self._stop_encoder()
         meta = LogMeta(format_version=FORMAT_VERSION, first_seq=self.first_seq,
                        last_seq=self.last_seq, cut=cut, consistent=consistent and cut, **self._meta)
         self._writer.add_key_value_metadata({META_KEY: meta.model_dump_json().encode()})

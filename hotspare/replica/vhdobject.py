@@ -47,7 +47,7 @@ def make_vhd_object(store: Store, machine: str, disk: DiskSpec, point_id: str | 
             local = Path(d) / "point.vhd"
             export_point(store, catalog, point, fmt, local, progress)
             try:
-                store.put_file(key, str(local), create_only=True)
+                store.put_staged(key, str(local), create_only=True)
             except AlreadyExists:
                 continue  # a racing run of this catalog version: re-plan from the next
         crash_point("vhd-before-commit")

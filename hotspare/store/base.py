@@ -163,6 +163,12 @@ class Store(ABC):
     def put_file(self, key: str, path: str, *, create_only: bool = False) -> None:
         """Upload a local file as one object, streaming; atomic like :meth:`put`."""
 
+    def put_staged(self, key: str, path: str, *, create_only: bool = False) -> None:
+        """:meth:`put_file` for a local file the caller gives up: it never writes the file
+        again and removes its name afterwards if it is still there, so a store may take the
+        file itself."""
+        self.put_file(key, path, create_only=create_only)
+
     @abstractmethod
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset`` (fewer only at the object's end)."""

@@ -121,20 +121,26 @@ class LocalStore(Store):
             finally:
                 os.close(fd)
             with self._errors(key, reading=False):
-                if create_only:
-                    try:
-                        os.link(tmp, path)
-                    except FileExistsError as err:
-                        if os.path.isdir(path):  # not a rival writer: a layout clash
-                            raise StoreError(self._name(key), "is a directory of other keys") from err
-                        raise AlreadyExists(self._name(key)) from err
-                else:
-                    os.replace(tmp, path)
-                _fsync_dir(directory)
+                self._publish(key, tmp, create_only)
         finally:
             # After os.replace the temp name is gone; after os.link it is a second name.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def _publish(self, key: str, src: str, create_only: bool) -> None:
+        """Make the fsynced file ``src``, on the store's file system, the object ``key``: a
+        hard link (create-only: an existing object stays) or a rename over it."""
+        target = self._path(key)
+        if create_only:
+            try:
+                os.link(src, target)
+            except FileExistsError as err:
+                if os.path.isdir(target):  # not a rival writer: a layout clash
+                    raise StoreError(self._name(key), "is a directory of other keys") from err
+                raise AlreadyExists(self._name(key)) from err
+        else:
+            os.replace(src, target)
+        _fsync_dir(os.path.dirname(target))
 
     # --------------------------------------------------------------- interface
 
@@ -164,6 +170,36 @@ class LocalStore(Store):
             self._write(key, create_only, fill)
         finally:
             os.close(src)
+
+    def put_staged(self, key: str, path: str, *, create_only: bool = False) -> None:
+        """On the store's file system the file itself becomes the object (fsynced first, as
+        :meth:`_write` does, then linked, or renamed), so an extent log is written to disk
+        once, not twice; elsewhere it is copied."""
+        directory = os.path.dirname(self._path(key))
+        with self._errors(key, reading=False):
+            os.makedirs(directory, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise UsageError(f"{path}: cannot read local file ({err.strerror})") from err
+        try:
+            same_fs = os.fstat(fd).st_dev == os.stat(directory).st_dev
+            if same_fs:
+                with self._errors(key, reading=False):
+                    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make it unlike other objects
+                    os.fsync(fd)
+        finally:
+            os.close(fd)
+        if same_fs:
+            with self._errors(key, reading=False):
+                try:
+                    self._publish(key, path, create_only)
+                except OSError as err:
+                    if err.errno not in _NO_LINK:
+                        raise
+                    same_fs = False  # a bind mount of the same device, or links refused
+        if not same_fs:
+            self.put_file(key, path, create_only=create_only)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         _check_range(offset, length)
@@ -390,6 +426,18 @@ def _create_temp(directory: str) -> tuple[int, str]:
             continue
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -421,6 +469,8 @@ def _pread_all(fd: int, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
+# errnos with which link says "not here": the file is copied instead.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP}
 # errnos with which copy_file_range/sendfile say "not here", so the next method is tried.
 _UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
 

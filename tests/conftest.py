@@ -25,6 +25,7 @@ from tests.fixtures_aws import aws, ec2_host  # noqa: F401
 from tests.fixtures_demo import demo_disk, demo_disk_image, qemu_system  # noqa: F401
 from tests.fixtures_docker import dockerd, qemu_runner_image  # noqa: F401
 from tests.fixtures_prefect import prefect_api  # noqa: F401
+from tests.fixtures_vms import vms  # noqa: F401
 from tests.servers import Missing, SeaweedFS, WeedServer, find_weed
 
 

@@ -78,7 +78,7 @@ LAYERS = {
     **dict.fromkeys(["capture", "vm", "qmp"], 3),
     **dict.fromkeys(["replica", "consolidate", "extentlog", "catalog", "vhd", "machine", "state", "heartbeat",
                      "fence", "stall", "replay"], 2),
-    **dict.fromkeys(["store", "layout", "versioned", "quarantine", "errors", "localfile", "unixsocket", "faults", "progress",
+    **dict.fromkeys(["store", "layout", "versioned", "quarantine", "errors", "localfile", "unixsocket", "faults", "progress", "qemuimg",
                      "demodisk"], 1),
 }
 # The failback's records are data that the heartbeat and the state chain carry.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -87,6 +89,47 @@ def test_row_groups_are_bounded_and_metadata_read_is_footer_only(tmp_path: Path)
         meta = read_log_info(f, "big.parquet")
     assert meta.last_seq == 39
     assert Counting.read_bytes < 256 << 10, "reading the metadata must not read the data"
+
+
+def test_rows_keep_their_bytes_across_row_groups_and_reused_buffers(tmp_path: Path) -> None:
+    """The writer copies each extent into one of two row-group buffers it reuses in turn:
+    five row groups of distinct bytes, zeros between them, an extent bigger than a row
+    group, and a caller that reuses its own buffer after each add all read back exactly."""
+    class Slow(io.FileIO):  # a slow sink: the encoder still reads a buffer while rows fill the other
+        def write(self, b):  # type: ignore[override]
+            time.sleep(0.002)
+            return super().write(b)
+
+    rng = np.random.default_rng(7)
+    mine = bytearray(3 << 20)  # the caller's buffer, overwritten after every add
+    want: list[tuple[int, int, bytes | None]] = []
+    sink = Slow(tmp_path / "groups.parquet", "wb")
+    w = LogWriter(sink, **{**META, "disk_size": 1 << 40})
+    for i in range(30):
+        off = i << 22
+        if i % 4 == 3:
+            w.add(Extent(seq=i, offset=off, length=1 << 20, data=None))
+            want.append((off, 1 << 20, None))
+            continue
+        n = (ROW_GROUP_BYTES + (8 << 20)) if i == 17 else len(mine)
+        data = rng.bytes(n)
+        if n == len(mine):
+            mine[:] = data
+            w.add(Extent(seq=i, offset=off, length=n, data=memoryview(mine)))
+            mine[:] = bytes(n)
+        else:
+            w.add(Extent(seq=i, offset=off, length=n, data=data))
+        want.append((off, n, data))
+    w.close(cut=True, consistent=True)
+    sink.close()
+    p = tmp_path / "groups.parquet"
+    assert pq.ParquetFile(p).num_row_groups >= 5
+    got = []
+    with open(p, "rb") as f:
+        for offsets, lengths, data in iter_extents(f, p.name):
+            got += list(zip(offsets.tolist(), lengths.tolist(), (d.as_py() for d in data)))
+    assert got == want
+    assert validate(p, disk_size=1 << 40).rows == 30
 
 
 def test_flipped_data_byte_is_a_checksum_error_naming_the_row(tmp_path: Path) -> None:

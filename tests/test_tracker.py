@@ -21,6 +21,7 @@ import xxhash
 from hotspare import layout
 from hotspare.capture import qemu as qemu_mod
 from hotspare.capture.agent import Agent
+from hotspare.capture.budget import CpuBudget
 from hotspare.capture.daemon import io_engine
 from hotspare.capture.nbd import NbdReader
 from hotspare.catalog import Catalog, catalog_logs
@@ -109,7 +110,9 @@ def test_a_view_is_read_in_batches_that_keep_every_block(tmp_path: Path) -> None
     runs = [(b * bs, bs) for b in range(0, 40, 3)] + [(41 * bs, 60 * bs), (128 * bs, size - 128 * bs)]
     released: list[list[tuple[int, int]]] = []
     with NbdServer(image, tmp_path / "view.sock", "view") as server, NbdReader(server.sock, "view") as view:
-        extents = list(qemu_mod.read_view(view, runs, bs, size, release=released.append))
+        # Each extent's data is valid until the next is taken (the buffer is read into again).
+        extents = [(off, n, None if data is None else bytes(data), sums)
+                   for off, n, data, sums in qemu_mod.read_view(view, runs, bs, size, release=released.append)]
 
     # 74 blocks and a bit: two batches of at most 4 MiB, each released as one range from its
     # first run to its last; together they cover every run and end at the disk's end.
@@ -181,6 +184,67 @@ def test_a_cpu_limit_paces_the_agent_and_loses_nothing(tmp_path: Path) -> None:
     assert replica_equals(tmp_path, store, cfg, image)
     r = cli("agent", "m1", "--store", str(tmp_path / "store"), "--cpu-limit", "0", check=False)
     assert r.returncode == 2 and "--cpu-limit 0: give a share of one CPU of at least 0.05" in r.stderr, r.stderr
+
+
+def test_a_rescan_releases_what_it_has_scanned(tmp_path: Path, monkeypatch) -> None:
+    """A rescan (here the first start's) reads the whole view; each scanned chunk is trimmed
+    at once, so 1 MiB rewritten there during the scan costs the view no copy, while a block
+    not scanned yet is copied once, and the cut holds its bytes from before the writes."""
+    image, store, cfg = setup_machine(tmp_path, 64 << 20)
+    seen: dict[str, int] = {}
+    scan = qemu_mod.scan
+
+    def writes_during_the_scan(view, *a, **k):
+        fleece = ag.daemon.view_dir / "root.fleece.qcow2"
+        (tmp_path / "cut.img").write_bytes(image.read_bytes())  # the disk at the cut
+        for i, chunk in enumerate(scan(view, *a, **k)):
+            if i == 1:  # the first 32 MiB chunk is scanned; this one is being read
+                seen["before"] = fleece.stat().st_size
+                qemu_io(uri, "write -P 0x61 1M 1M", "write -P 0x62 60M 64k")
+                seen["after"] = fleece.stat().st_size
+            yield chunk
+
+    with Agent(store, cfg, tmp_path / "state" / "m1") as ag:
+        uri = ag.daemon.served_at("root")
+        monkeypatch.setattr(qemu_mod, "scan", writes_during_the_scan)
+        ag.cycle()
+        monkeypatch.setattr(qemu_mod, "scan", scan)
+        grew = seen["after"] - seen["before"]
+        assert grew < 4 * BS, f"the view copied {grew} bytes, for one block not yet scanned"
+        cut = tmp_path / "cut-replica.raw"
+        replay_catalog(store, ingest_all(store, cfg), cut)
+        _same_content(tmp_path / "cut.img", cut)
+        ag.cycle()
+    assert replica_equals(tmp_path, store, cfg, image)
+
+
+def test_a_cpu_budget_sleeps_off_its_debt_and_saves_no_more_than_its_burst() -> None:
+    """The token bucket on a fake clock: work within the burst runs on, a debt is slept off
+    at the share's rate, and a long idle spell saves at most the burst."""
+    now, used, slept = [0.0], [0.0], []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    b = CpuBudget(0.5, burst=0.1, clock=lambda: now[0], cpu=lambda: used[0], sleep=sleep)
+    used[0] = 0.05
+    b.pace()
+    assert slept == []
+    used[0] = 0.35  # 0.3 CPU-seconds more: 0.25 in debt, half a CPU pays that back in 0.5 s
+    b.pace()
+    assert slept == [pytest.approx(0.5)]
+    b.pace()  # the sleep paid it
+    assert len(slept) == 1
+    now[0] += 3600
+    b.pace()
+    assert b.tokens == pytest.approx(0.1) and b.slept == pytest.approx(0.5)
+    used[0] += 0.3  # so the next burst waits again, however long the idle spell was
+    b.pace()
+    assert slept[-1] == pytest.approx(0.4)
+    CpuBudget(None).pace()  # no limit: never waits
+    with pytest.raises(ValueError, match="more than 0 CPUs"):
+        CpuBudget(0)
 
 
 def test_the_daemon_serves_through_io_uring_where_it_can(tmp_path: Path, monkeypatch) -> None:

@@ -19,7 +19,8 @@ from hotspare.store.local import LocalStore
 from hotspare.vm import VmCapture, VmSpec
 from hotspare.vm.qemu.cmd import node_names
 from tests.helpers import same_file
-from tests.test_vm_local import DISK, EPOCH, MACHINE, Vms, _check_logs, _replay, vms  # noqa: F401 - vms: fixture
+from tests.fixtures_vms import Vms
+from tests.test_vm_local import EPOCH, MACHINE, _check_logs, _replay
 
 
 class OutageStore(LocalStore):

@@ -20,7 +20,8 @@ from hotspare.store import open_store
 from hotspare.vm import VmCapture, VmDisk, VmSpec, load_handle
 from hotspare.vm.qemu.stream import start_streams, stream_status, wait_streams
 from tests.helpers import NbdServer, replay_over, same_file
-from tests.test_vm_local import MACHINE, Vms, vms  # noqa: F401 - vms: fixture
+from tests.fixtures_vms import Vms
+from tests.test_vm_local import MACHINE
 
 GIB = 1 << 30
 DATA_SIZE = 8 * GIB

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,60 +21,13 @@ from hotspare.demodisk import data_partition, parse_markers, parse_record, qemu_
 from hotspare.errors import HotspareError
 from hotspare.extentlog import iter_extents, validate_log
 from hotspare.store import Store, open_store
-from hotspare.vm import LocalQemuHost, QmpError, VmCapture, VmHandle, VmSpec
+from hotspare.vm import QmpError, VmCapture, VmHandle, VmSpec
 from hotspare.vm.host import VmDisk
 from hotspare.vm.qemu.png import SIGNATURE, png_size, ppm_to_png
-from tests.helpers import replay_over, require, same_file, sha256_file
+from tests.fixtures_vms import Vms, qemu_pids
+from tests.helpers import replay_over, same_file, sha256_file
 
 MACHINE, DISK, EPOCH = "web1", "disk0", 1
-
-
-def _qemu_pids(vm_id: str) -> list[int]:
-    """Live QEMU processes of ``vm_id`` (whoever started them)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-            except OSError:
-                continue
-            if f"guest={vm_id}".encode() in cmdline and state != "Z":
-                pids.append(int(entry))
-    return pids
-
-
-class Vms:
-    """Launches VMs and remembers them, so the fixture can kill every one."""
-
-    def __init__(self, host: LocalQemuHost) -> None:
-        self.host = host
-        self.handles: list[VmHandle] = []
-
-    def launch(self, spec: VmSpec) -> VmHandle:
-        try:
-            handle = self.host.launch(spec)
-        finally:
-            found = self.host.find_running(spec.workdir)
-            if found is not None:
-                self.track(found)
-        return handle
-
-    def track(self, handle: VmHandle) -> VmHandle:
-        if all(h.vm_id != handle.vm_id for h in self.handles):
-            self.handles.append(handle)
-        return handle
-
-
-@pytest.fixture
-def vms(qemu_system: str) -> Iterator[Vms]:
-    require("qemu-img", "qemu-utils")
-    tracker = Vms(LocalQemuHost(qemu_system))
-    yield tracker
-    for handle in tracker.handles:
-        tracker.host.kill(handle)
-    leaked = {h.vm_id: _qemu_pids(h.vm_id) for h in tracker.handles}
-    assert not any(leaked.values()), f"QEMU processes left behind: {leaked}"
 
 
 def _replay(store: Store, base_image: Path, out: Path) -> list[str]:
@@ -212,7 +164,7 @@ def test_second_launch_adopts_a_killed_vm_is_gone_and_resumes(vms: Vms, demo_dis
 
     again = vms.launch(spec)
     assert (again.vm_id, again.pid) == (handle.vm_id, handle.pid)
-    assert _qemu_pids(handle.vm_id) == [handle.pid]
+    assert qemu_pids(handle.vm_id) == [handle.pid]
     other = VmSpec(machine=MACHINE, disks=[VmDisk(name="other", backing=str(pristine))], workdir=spec.workdir)
     with pytest.raises(HotspareError, match="already runs there"):
         vms.launch(other)

@@ -43,6 +43,7 @@ from pathlib import Path
 from hotspare.capture.nbd import NbdReader
 from hotspare.errors import HotspareError
 from hotspare.machine import DiskSpec, MachineConfig
+from hotspare.qemuimg import qemu_img
 from hotspare.qmp import QmpClient, QmpError, QmpSession
 from hotspare.unixsocket import SUN_PATH_MAX
 
@@ -212,9 +213,10 @@ class StorageDaemon(QmpSession):
         tmp = side.with_suffix(".new")
         dummy = side.with_suffix(".standin")
         try:
-            _qemu_img("create", "-q", "-f", "qcow2", "-o",
-                      f"data_file={dummy},data_file_raw=on,cluster_size=65536", str(tmp), str(d.size))
-            _qemu_img("amend", "-q", "-f", "qcow2", "-o", f"data_file={os.path.abspath(d.path)}", str(tmp))
+            what = f"{self.config.name} disk {d.name}: the bitmap sidecar {side}"
+            qemu_img("create", "-q", "-f", "qcow2", "-o",
+                     f"data_file={dummy},data_file_raw=on,cluster_size=65536", str(tmp), str(d.size), what=what)
+            qemu_img("amend", "-q", "-f", "qcow2", "-o", f"data_file={os.path.abspath(d.path)}", str(tmp), what=what)
             os.replace(tmp, side)
         finally:
             dummy.unlink(missing_ok=True)
@@ -295,15 +297,6 @@ def io_engine() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "threads"
     return "io_uring" if proc.returncode == 0 and "read 4096/4096" in proc.stdout else "threads"
-
-
-def _qemu_img(*args: str) -> None:
-    try:
-        proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        raise DaemonError("qemu-img is missing: apt-get install qemu-utils") from None
-    if proc.returncode != 0:
-        raise DaemonError(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
 
 
 def _unmount_stale(path: Path) -> None:

@@ -103,19 +103,8 @@ class NbdReader:
 
     def readinto(self, buf: memoryview, offset: int) -> int:
         """Fill ``buf`` with the export's bytes at ``offset``; returns len(buf)."""
-        n, pos = len(buf), 0
-        while pos < n:
-            step = min(MAX_READ, n - pos)
-            self._handle += 1
-            self._send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, self._handle, offset + pos, step))
-            magic, error, handle = struct.unpack(">IIQ", self._recv(16))
-            if magic != SIMPLE_REPLY_MAGIC or handle != self._handle:
-                raise NbdError(f"{self._what()}: unexpected reply to a read at {offset + pos}")
-            if error:
-                raise NbdError(f"{self._what()}: read of {step} bytes at {offset + pos} failed "
-                               f"({os.strerror(error)})")
-            self._recv_into(buf[pos:pos + step])
-            pos += step
+        n = len(buf)
+        self.readv(buf, [(offset + at, min(MAX_READ, n - at)) for at in range(0, n, MAX_READ)])
         return n
 
     def readv(self, buf: memoryview, ranges: list[tuple[int, int]]) -> None:

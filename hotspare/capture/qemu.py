@@ -6,7 +6,9 @@ A cycle, for all disks of the machine at once:
    current one and takes a view of the disk (``blockdev-backup sync=none`` into a fleece
    file). Writes acknowledged before it are in the frozen bitmap and the view; writes after it
    go to the next bitmap, and the view keeps the old bytes (copy-before-write). The cut is
-   the same instant for every disk of the machine.
+   the same instant for every disk of the machine. QEMU switches the bitmaps a moment
+   before the view's filter is in place, so the frozen bitmap then takes in what the next
+   one holds: a write of that moment is in the view, and so in the cut.
 2. *read*: the frozen bitmap's dirty extents (``nbdinfo --map`` of the view's NBD export),
    and only their bytes, through a ``snapshot-access`` node on the backup's filter. Blocks of
    zeros travel as null data. The clean blocks are trimmed on that node at once, and each
@@ -62,6 +64,7 @@ from hotspare.extentlog import LogMeta
 from hotspare.extentlog.schema import MAX_EXTENT
 from hotspare.faults import crash_point
 from hotspare.machine import DiskSpec
+from hotspare.qemuimg import qemu_img
 from hotspare.store.base import Store
 
 READ = 4 << 20  # bytes per read of the view (a multiple of every block size)
@@ -226,8 +229,7 @@ class QemuTracker:
         path = self.daemon.view_dir / f"{spec.name}.fleece-{spec.size}.template"
         if not path.exists():
             tmp = path.with_suffix(".new")
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), str(spec.size)],
-                           check=True, capture_output=True, timeout=60)
+            qemu_img("create", "-q", "-f", "qcow2", str(tmp), str(spec.size), what=f"the view template {path}")
             os.replace(tmp, path)
         return str(path)
 
@@ -252,7 +254,7 @@ class QemuTracker:
         self.state_dir.update_hashes(state, blocks, UNSHIPPED)
         hashes: list[np.ndarray] = []
 
-        def extents() -> Iterator[tuple[int, int, bytes | None]]:
+        def extents() -> Iterator[tuple[int, int, memoryview | None]]:
             for ext in read_view(view, runs, spec.block_size, spec.size, release=view.discard):
                 self.budget.pace()
                 hashes.append(ext[3])
@@ -277,7 +279,12 @@ class QemuTracker:
         base, confirmed = state.last_seq + 1, 0  # extents [0, confirmed) are in uploaded logs
 
         def extents() -> Iterator[tuple[int, int, bytes | None]]:
+            start = 0
             for chunk in scan(view, work, spec.block_size, spec.size, max_run=MAX_EXTENT):
+                # Scanned (its changed blocks are copied out): a write there costs the view
+                # no copy from now on, however long the rest of the disk takes.
+                view.discard([(start, chunk.end - start)])
+                start = chunk.end
                 self.budget.pace()
                 w.read_bytes = chunk.end
                 for run in chunk.runs:
@@ -301,12 +308,12 @@ class QemuTracker:
         state.bitmap = w.next
         self.state_dir.save_meta(spec.name, state)
 
-    def _upload(self, w: DiskWork, extents: Iterator[tuple[int, int, bytes | None]], *, consistent: bool,
+    def _upload(self, w: DiskWork, extents: Iterator[tuple[int, int, bytes | memoryview | None]], *, consistent: bool,
                 before_upload: Callable[[], None] | None = None,
                 after_upload: Callable[[LogMeta], None] | None = None) -> None:
         spec, state = w.spec, w.state
 
-        def counted() -> Iterator[tuple[int, int, bytes | None]]:
+        def counted() -> Iterator[tuple[int, int, bytes | memoryview | None]]:
             for off, length, data in extents:
                 w.extents += 1
                 if data is None:
@@ -410,15 +417,16 @@ def _blocks_of(runs: list[tuple[int, int]], block_size: int) -> np.ndarray:
 
 def read_view(view: NbdReader, runs: list[tuple[int, int]], block_size: int, disk_size: int, *,
               release: Callable[[list[tuple[int, int]]], None] | None = None
-              ) -> Iterator[tuple[int, int, bytes | None, np.ndarray]]:
+              ) -> Iterator[tuple[int, int, memoryview | None, np.ndarray]]:
     """The extents of ``runs`` read from ``view``: (offset, length, data or None for zeros,
-    the xxh3 of each block). Consecutive blocks of one kind are one extent of at most
-    MAX_EXTENT bytes. Runs are read in batches of up to READ bytes, pipelined, however
-    scattered (random writes leave runs of one block), and zero detection and hashing are
-    per block over the batch, never per sector. ``release(ranges)`` runs after each batch
-    with one range, from the batch's first byte to its last: the daemon does one trim per
-    batch, not one per run (the caller has released the gaps between runs already, and a
-    second trim of them changes nothing)."""
+    the xxh3 of each block). ``data`` is a view of the read buffer, valid until the next
+    extent is taken (the log writer copies it once, into its row group). Consecutive blocks
+    of one kind are one extent of at most MAX_EXTENT bytes. Runs are read in batches of up
+    to READ bytes, pipelined, however scattered (random writes leave runs of one block), and
+    zero detection and hashing are per block over the batch, never per sector.
+    ``release(ranges)`` runs after each batch with one range, from the batch's first byte to
+    its last: the daemon does one trim per batch, not one per run (the caller has released
+    the gaps between runs already, and a second trim of them changes nothing)."""
     step = max(block_size, READ - READ % block_size)
     buf = bytearray(step)
     mv = memoryview(buf)
@@ -440,7 +448,7 @@ def read_view(view: NbdReader, runs: list[tuple[int, int]], block_size: int, dis
         brk = np.flatnonzero((zero[1:] != zero[:-1]) | (starts[1:] != starts[:-1] + block_size)) + 1
         for a, b in zip([0, *brk.tolist()], [*brk.tolist(), nb]):
             lo, length = a * block_size, int(starts[b - 1] + lengths[b - 1] - starts[a])
-            yield int(starts[a]), length, None if zero[a] else bytes(mv[lo:lo + length]), sums[a:b]
+            yield int(starts[a]), length, None if zero[a] else mv[lo:lo + length], sums[a:b]
 
 
 def _batches(runs: list[tuple[int, int]], disk_size: int, step: int) -> Iterator[list[tuple[int, int]]]:

@@ -183,9 +183,9 @@ class LocalStore(Store):
         except OSError as err:
             raise UsageError(f"{path}: cannot read local file ({err.strerror})") from err
         try:
-            same_fs = os.fstat(fd).st_dev == os.stat(directory).st_dev
-            if same_fs:
-                with self._errors(key, reading=False):
+            with self._errors(key, reading=False):
+                same_fs = os.fstat(fd).st_dev == os.stat(directory).st_dev
+                if same_fs:
                     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make it unlike other objects
                     os.fsync(fd)
         finally:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import time
 from abc import abstractmethod
 from collections.abc import Callable
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hotspare.errors import HotspareError
+from hotspare.qemuimg import qemu_img
 from hotspare.vm.host import NBD_PREFIX, HandleDisk, VmDisk, VmHandle, VmHost, VmSpec, nbd_export_of, nbd_socket_of
 from hotspare.vm.qemu.png import ppm_to_png
 from hotspare.qmp import QmpClient, QmpError
@@ -189,20 +188,6 @@ def disk_nodes(q: QmpClient) -> dict[str, dict[str, Any]]:
 def node_names(q: QmpClient) -> set[str]:
     """Every named node of the VM's block graph."""
     return {n["name"] for n in q.execute("x-debug-query-block-graph")["nodes"] if n.get("type") == "block-driver"}
-
-
-def qemu_img(*args: str, what: str, binary: str = "qemu-img", timeout: float = 120) -> str:
-    """Run qemu-img; its stdout, or a HotspareError naming ``what`` and qemu-img's message."""
-    exe = shutil.which(binary)
-    if exe is None:
-        raise HotspareError(f"{what}: {binary} is missing (Debian package qemu-utils)")
-    try:
-        proc = subprocess.run([exe, *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        raise HotspareError(f"{what}: qemu-img {args[0]} did not finish in {timeout:.0f} s") from err
-    if proc.returncode != 0:
-        raise HotspareError(f"{what}: qemu-img {args[0]} failed: {proc.stderr.strip()[-500:]}")
-    return proc.stdout
 
 
 def image_size(path: str | os.PathLike[str], fmt: str) -> int:

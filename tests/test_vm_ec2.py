@@ -38,7 +38,8 @@ from hotspare.vm.ec2.ebs import (  # noqa: E402
     upload_snapshot,
 )
 from hotspare.vm.ec2.ebs_points import PointSnapshot  # noqa: E402
-from hotspare.vm.ec2.host import TAG_VM, Ec2Host, Ec2HostConfig  # noqa: E402
+from hotspare.vm.ec2.host import Ec2Host, Ec2HostConfig  # noqa: E402
+from hotspare.vm.ec2.resources import TAG_VM  # noqa: E402
 from tests.fixtures_aws import REGION  # noqa: E402
 
 # 10.125 blocks: the last 512 KiB block is partial, as a disk's size need not be a multiple.

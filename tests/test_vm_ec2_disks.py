@@ -27,7 +27,8 @@ from hotspare.store.local import LocalStore  # noqa: E402
 from hotspare.vm import VmSpec  # noqa: E402
 from hotspare.vm.ec2.capture import Ec2DeltaCapture, final_capture  # noqa: E402
 from hotspare.vm.ec2.ebs import EBS_BLOCK, GIB  # noqa: E402
-from hotspare.vm.ec2.host import TAG_MACHINE, Ec2Host  # noqa: E402
+from hotspare.vm.ec2.host import Ec2Host  # noqa: E402
+from hotspare.vm.ec2.resources import TAG_MACHINE  # noqa: E402
 from hotspare.vm.host import VmDisk, ebs_snapshot_of  # noqa: E402
 from tests.test_vm_ebs_points import contents, rand  # noqa: E402
 from tests.test_vm_ec2 import random_blocks, tagged, write_image  # noqa: E402

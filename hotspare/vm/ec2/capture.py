@@ -62,7 +62,8 @@ from hotspare.vm.ec2.ebs import (
     read_block,
     wait_snapshot,
 )
-from hotspare.vm.ec2.host import TAG_DISK, TAG_ROLE, Ec2Host, tag_list
+from hotspare.vm.ec2.host import Ec2Host
+from hotspare.vm.ec2.resources import TAG_DISK, TAG_ROLE, tag_list
 from hotspare.vm.host import VmHandle, ebs_snapshot_of
 
 log = logging.getLogger(__name__)

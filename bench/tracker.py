@@ -244,23 +244,6 @@ class Timers:
 
         setattr(obj, name, timed)
 
-    def wrap_gen(self, obj, name: str, label: str) -> None:
-        orig = getattr(obj, name)
-
-        def timed(*a, **k):
-            it = orig(*a, **k)
-            while True:
-                t = time.perf_counter()
-                try:
-                    item = next(it)
-                except StopIteration:
-                    self.acc[label] += time.perf_counter() - t
-                    return
-                self.acc[label] += time.perf_counter() - t
-                yield item
-
-        setattr(obj, name, timed)
-
     def snapshot(self) -> dict[str, float]:
         return dict(self.acc)
 
@@ -269,8 +252,8 @@ STEPS = [  # label, what it is
     ("cycle", "Agent.cycle, all of it"),
     ("prepare", "  _prepare: state, catalog, store listing"),
     ("dirty?", "  _dirty: query-named-block-nodes"),
-    ("freeze", "  _freeze: qemu-img create fleece, blockdev-add, transaction, 2 exports"),
-    ("fleece create", "    of which qemu-img create (subprocess)"),
+    ("freeze", "  _freeze: fleece (a copy of a template), blockdev-add, transaction, 2 exports"),
+    ("fleece create", "    of which qemu-img create of the template (once per disk size)"),
     ("ship", "  _ship: map, read, log, upload, hash map"),
     ("nbdinfo", "    of which nbdinfo --map (subprocess)"),
     ("read view", "    of which read_view: NBD reads and trims, zero test, xxh3"),
@@ -305,40 +288,35 @@ def patch_module_timers(timers_of: Callable[[], Timers | None]) -> None:
     if _patched:
         return
     _patched = True
-    orig_runs, orig_read, orig_img = qemu_mod.dirty_runs, qemu_mod.read_view, qemu_mod.qemu_img
 
-    def dirty_runs(*a, **k):
-        t = time.perf_counter()
-        try:
-            return orig_runs(*a, **k)
-        finally:
-            if (tm := timers_of()) is not None:
-                tm.acc["nbdinfo"] += time.perf_counter() - t
-
-    def read_view(*a, **k):
-        it = orig_read(*a, **k)
-        while True:
+    def timed(fn: Callable, label: str) -> Callable:
+        def run(*a, **k):
             t = time.perf_counter()
             try:
-                item = next(it)
-            except StopIteration:
-                return
+                return fn(*a, **k)
             finally:
                 if (tm := timers_of()) is not None:
-                    tm.acc["read view"] += time.perf_counter() - t
-            yield item
+                    tm.acc[label] += time.perf_counter() - t
+        return run
 
-    def qemu_img(*a, **k):  # the view template, made once per disk size
-        t = time.perf_counter()
-        try:
-            return orig_img(*a, **k)
-        finally:
-            if (tm := timers_of()) is not None:
-                tm.acc["fleece create"] += time.perf_counter() - t
+    def timed_gen(fn: Callable, label: str) -> Callable:  # the time spent in each next()
+        def run(*a, **k):
+            it = fn(*a, **k)
+            while True:
+                t = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    if (tm := timers_of()) is not None:
+                        tm.acc[label] += time.perf_counter() - t
+                yield item
+        return run
 
-    qemu_mod.dirty_runs = dirty_runs
-    qemu_mod.read_view = read_view
-    qemu_mod.qemu_img = qemu_img
+    qemu_mod.dirty_runs = timed(qemu_mod.dirty_runs, "nbdinfo")
+    qemu_mod.read_view = timed_gen(qemu_mod.read_view, "read view")
+    qemu_mod.qemu_img = timed(qemu_mod.qemu_img, "fleece create")
 
 
 _current_timers: Timers | None = None

@@ -48,6 +48,12 @@ from hotspare.qmp import QmpClient, QmpError, QmpSession
 from hotspare.unixsocket import SUN_PATH_MAX
 
 BITMAP_PREFIX = "hs-"
+# The view is read one copy-before-write cluster per NBD request (the fleece's qcow2
+# cluster, and block-copy's). QEMU 7.2's snapshot-access serves a read that spans a cluster
+# the filter has copied and one it has not from the live disk, so the copied cluster's
+# bytes would be the write's, not the cut's (measured: the cut then held a write made after
+# it). A read within one cluster is served from one side, the right one.
+VIEW_READ = 64 << 10
 
 
 class DaemonError(HotspareError):
@@ -119,7 +125,7 @@ class StorageDaemon(QmpSession):
     @contextmanager
     def open_view(self, disk: str) -> Iterator[NbdReader]:
         """Where the tracker reads the view's bytes, and trims what it is done with."""
-        with NbdReader(self.nbd_socket, f"snap-{disk}") as reader:
+        with NbdReader(self.nbd_socket, f"snap-{disk}", max_read=VIEW_READ) as reader:
             yield reader
 
     def node_names(self) -> set[str]:

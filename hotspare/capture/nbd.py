@@ -48,10 +48,12 @@ class NbdError(HotspareError):
 class NbdReader:
     """Reads an export at ``socket_path`` named ``export``; use as a context manager."""
 
-    def __init__(self, socket_path: str | os.PathLike[str], export: str = "", *, timeout: float = 60.0) -> None:
+    def __init__(self, socket_path: str | os.PathLike[str], export: str = "", *, timeout: float = 60.0,
+                 max_read: int = MAX_READ) -> None:
         self.path = os.fspath(socket_path)
         self.export = export
         self.timeout = timeout
+        self.max_read = min(max_read, MAX_READ)  # bytes per NBD read request at most
         self.size = 0
         self.can_trim = False
         self._sock: socket.socket | None = None
@@ -103,22 +105,21 @@ class NbdReader:
 
     def readinto(self, buf: memoryview, offset: int) -> int:
         """Fill ``buf`` with the export's bytes at ``offset``; returns len(buf)."""
-        n = len(buf)
-        self.readv(buf, [(offset + at, min(MAX_READ, n - at)) for at in range(0, n, MAX_READ)])
-        return n
+        self.readv(buf, [(offset, len(buf))])
+        return len(buf)
 
     def readv(self, buf: memoryview, ranges: list[tuple[int, int]]) -> None:
-        """Read the (offset, length) ranges, each of at most :data:`MAX_READ` bytes, into
-        ``buf`` one after another, pipelined: one round trip for a batch of scattered blocks
-        instead of one each."""
+        """Read the (offset, length) ranges into ``buf`` one after another, as requests of
+        at most ``max_read`` bytes, pipelined: one round trip for a batch of scattered
+        blocks instead of one each."""
         if sum(n for _, n in ranges) > len(buf):
             raise ValueError("the reads do not fit the buffer")
+        step = self.max_read
+        ranges = [(off + at, min(step, n - at)) for off, n in ranges for at in range(0, n, step)]
         at = 0
         sent: dict[int, tuple[int, int, int]] = {}  # handle -> (offset, position in buf, length)
         for i in range(0, len(ranges), READ_BATCH):
             for off, n in ranges[i:i + READ_BATCH]:
-                if n > MAX_READ:
-                    raise ValueError(f"a read of {n} bytes is over {MAX_READ}")
                 self._handle += 1
                 sent[self._handle] = (off, at, n)
                 at += n

@@ -11,9 +11,11 @@ A cycle, for all disks of the machine at once:
    one holds: a write of that moment is in the view, and so in the cut.
 2. *read*: the frozen bitmap's dirty extents (``nbdinfo --map`` of the view's NBD export),
    and only their bytes, through a ``snapshot-access`` node on the backup's filter. Blocks of
-   zeros travel as null data. The clean blocks are trimmed on that node at once, and each
-   read is trimmed once read: the filter then stops copying a block's old bytes before a
-   write, so a write costs a copy only while its block is dirty in the cut and not yet read.
+   zeros travel as null data, read one copy-before-write cluster per NBD request
+   (:data:`~hotspare.capture.daemon.VIEW_READ`). The clean blocks are trimmed on that node
+   at once, and each read is trimmed once read: the filter then stops copying a block's old
+   bytes before a write, so a write costs a copy only while its block is dirty in the cut
+   and not yet read.
 3. *ship*: extent logs whose last one is the cycle's cut, marked consistent, uploaded
    create-only; then the hash map entries of the shipped blocks and the state.
 4. *release*: only now are the view and the frozen bitmap dropped.
@@ -54,7 +56,7 @@ import numpy as np
 import xxhash
 
 from hotspare.capture.budget import CpuBudget
-from hotspare.capture.daemon import DaemonError, StorageDaemon, node
+from hotspare.capture.daemon import VIEW_READ, DaemonError, StorageDaemon, node
 from hotspare.capture.nbd import NbdReader
 from hotspare.capture.scan import scan
 from hotspare.capture.state import UNSHIPPED, DiskState, StateDir
@@ -229,7 +231,8 @@ class QemuTracker:
         path = self.daemon.view_dir / f"{spec.name}.fleece-{spec.size}.template"
         if not path.exists():
             tmp = path.with_suffix(".new")
-            qemu_img("create", "-q", "-f", "qcow2", str(tmp), str(spec.size), what=f"the view template {path}")
+            qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={VIEW_READ}", str(tmp), str(spec.size),
+                     what=f"the view template {path}")
             os.replace(tmp, path)
         return str(path)
 

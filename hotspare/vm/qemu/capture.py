@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from hotspare.capture.daemon import DaemonError, Bitmap, bitmap_number
+from hotspare.capture.daemon import VIEW_READ, DaemonError, Bitmap, bitmap_number
 from hotspare.capture.nbd import NbdReader
 from hotspare.capture.qemu import DiskWork, QemuTracker
 from hotspare.capture.state import DiskState, StateDir
@@ -130,7 +130,7 @@ class VmBlockLayer(QmpSession):
         # Reading and uploading need no QMP: let other clients (a flow's status queries, the
         # streams' progress) in meanwhile; the release reconnects.
         self.close()
-        with NbdReader(self.workdir / NBD_SOCKET, f"snap-{disk}") as reader:
+        with NbdReader(self.workdir / NBD_SOCKET, f"snap-{disk}", max_read=VIEW_READ) as reader:
             yield reader
 
     def pid(self) -> int | None:
